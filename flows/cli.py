@@ -1,0 +1,142 @@
+"""``pics``: the command line. Each command loads params.yaml, applies overrides, runs a flow.
+
+Options named on a command are shorthands for ``--set section.key=value``; ``--set`` wins last.
+Imports of the flows are lazy so that ``pics --help`` stays fast.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+import flows  # noqa: F401  (sets the offline environment before Prefect is imported)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+SetOpt = typer.Option(None, "--set", help="Override a parameter: section.key=value (repeatable).")
+ParamsOpt = typer.Option(None, "--params", help="params.yaml to read (default: the repository's).")
+
+
+def _overrides(section: str, named: dict, extra: Optional[list[str]]) -> list[str]:
+    out = [f"{section}.{k}={v}" for k, v in named.items() if v is not None]
+    return out + list(extra or [])
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(str(e), fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command("make-sample")
+def make_sample(
+    out: Optional[Path] = typer.Option(None, help="Output folder for the generated dataset."),
+    num_images: Optional[int] = typer.Option(None, help="Number of images to render."),
+    set_: Optional[list[str]] = SetOpt,
+    params: Optional[Path] = ParamsOpt,
+):
+    """Render the embedded LVIS-format dataset (objects that occlude and touch)."""
+    from flows.make_sample import make_sample_flow
+    from tasks.params import ParamsError
+
+    try:
+        make_sample_flow(overrides=_overrides("make_sample", {"out": out, "num_images": num_images}, set_),
+                         params_file=str(params) if params else None)
+    except ParamsError as e:
+        _fail(e)
+
+
+@app.command()
+def decompose(
+    annotations: Optional[Path] = typer.Option(None, help="LVIS v1/v0.5 or COCO instances JSON."),
+    images: Optional[Path] = typer.Option(None, help="Image root folder."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (shards/, quarantine.parquet, manifest.json)."),
+    set_: Optional[list[str]] = SetOpt,
+    params: Optional[Path] = ParamsOpt,
+):
+    """Mine interacting object groups and write training shards."""
+    from flows.decompose import decompose_flow
+    from tasks.params import ParamsError
+
+    named = {"annotations": annotations, "images": images, "out": out}
+    try:
+        decompose_flow(overrides=_overrides("decompose", named, set_), params_file=str(params) if params else None)
+    except ParamsError as e:
+        _fail(e)
+
+
+@app.command("show-samples")
+def show_samples(
+    samples: Path = typer.Argument(..., help="A decompose output folder."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write (default: DIR/samples.png)."),
+    n: int = typer.Option(8, help="Number of samples to draw."),
+):
+    """Draw a grid of decomposed samples: target, masked background, patches, region masks."""
+    from tasks.decompose.visualize import write_sample_grid
+
+    path = write_sample_grid(samples, out, n=n)
+    typer.echo(str(path))
+
+
+@app.command("import-webdataset")
+def import_webdataset(
+    tars: list[Path] = typer.Argument(..., help="Reference WebDataset .tar shards."),
+    out: Path = typer.Option(..., help="Output folder in our shard schema."),
+    set_: Optional[list[str]] = SetOpt,
+    params: Optional[Path] = ParamsOpt,
+):
+    """Import the reference implementation's tar shards (bg.jpg, obj0.png, mask0.png, ...)."""
+    from flows.decompose import import_webdataset_flow
+    from tasks.params import ParamsError
+
+    try:
+        import_webdataset_flow(tars=[str(t) for t in tars], out=str(out), overrides=list(set_ or []),
+                               params_file=str(params) if params else None)
+    except ParamsError as e:
+        _fail(e)
+
+
+@app.command("render-priors")
+def render_priors(
+    samples: Optional[Path] = typer.Option(None, help="A decompose output folder."),
+    out: Optional[Path] = typer.Option(None, help="Output folder for prior shards."),
+    set_: Optional[list[str]] = SetOpt,
+    params: Optional[Path] = ParamsOpt,
+):
+    """Reconstruct each object in 3D and render K views (multi-view shape priors)."""
+    from flows.render_priors import render_priors_flow
+    from tasks.params import ParamsError
+
+    try:
+        render_priors_flow(overrides=_overrides("render_priors", {"samples": samples, "out": out}, set_),
+                           params_file=str(params) if params else None)
+    except ParamsError as e:
+        _fail(e)
+
+
+@app.command()
+def train(set_: Optional[list[str]] = SetOpt, params: Optional[Path] = ParamsOpt):
+    """Train the PICS model with Ray Train."""
+    from flows.train import train_flow
+    from tasks.params import ParamsError
+
+    try:
+        train_flow(overrides=list(set_ or []), params_file=str(params) if params else None)
+    except ParamsError as e:
+        _fail(e)
+
+
+@app.command()
+def evaluate(set_: Optional[list[str]] = SetOpt, params: Optional[Path] = ParamsOpt):
+    """Evaluate a checkpoint on the test split: metrics, baselines, report."""
+    from flows.evaluate import evaluate_flow
+    from tasks.params import ParamsError
+
+    try:
+        evaluate_flow(overrides=list(set_ or []), params_file=str(params) if params else None)
+    except ParamsError as e:
+        _fail(e)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,178 @@
+"""The one typed schema over ``params.yaml``.
+
+Every stage reads its section from here. Unknown keys and bad values are rejected with a message
+that names the dotted key (``decompose.area_ratio: ...``), so a typo in params.yaml or in a
+``--set key=value`` override fails before any work starts.
+
+Each stage owns one section class below; add fields there, with a default and a one-line reason.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayParams(Section):
+    address: str | None = None  # None: start a local Ray; "auto" or "ray://host:10001" for a cluster
+    num_cpus: int | None = Field(None, ge=1)  # local Ray only; None lets Ray count the cores
+    object_store_mb: int = Field(500, ge=100)
+    storage_path: str | None = None  # shared path (NFS, s3://...) that multi-node checkpoints need
+
+
+class MakeSampleParams(Section):
+    out: str = "data/sample"
+    num_images: int = Field(160, ge=1)
+    width: int = Field(320, ge=64)
+    height: int = Field(240, ge=64)
+    min_objects: int = Field(2, ge=2)
+    max_objects: int = Field(4, ge=2)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _objects_range(self):
+        if self.max_objects < self.min_objects:
+            raise ValueError("max_objects must be >= min_objects")
+        return self
+
+
+class DecomposeParams(Section):
+    annotations: str = "data/sample/annotations.json"
+    images: str = "data/sample/images"
+    out: str = "data/decomposed"
+    pairing: Literal["reference", "interaction"] = "interaction"
+    area_ratio: float = Field(0.02, ge=0.0, lt=1.0)
+    pairs_per_image: int = Field(1, ge=1)
+    group_size: int = Field(2, ge=2, le=4)  # 2: pairs; 3-4: groups for the N-object model
+    contact_px: int = Field(2, ge=0)  # silhouettes within this many pixels count as touching
+    containment_tol_px: float = Field(2.0, ge=0.0)
+    patch_size: int = Field(224, ge=32)
+    patch_pad: tuple[float, float] = (1.1, 1.4)
+    box_expand: tuple[float, float] = (1.1, 1.2)
+    train_resolution: int = Field(512, ge=32)
+    test_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    shard_size: int = Field(256, ge=1)
+    num_workers: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class RenderPriorsParams(Section):
+    samples: str = "data/decomposed"
+    out: str = "data/priors"
+    num_views: int = Field(6, ge=1)
+    elevation_deg: float = 15.0
+    resolution: int = Field(224, ge=16)
+    platform: Literal["egl", "osmesa"] = "egl"
+    reconstructor: str = "builtin"
+    reconstructor_weights: str | None = None
+    shard_size: int = Field(256, ge=1)
+    num_workers: int = Field(2, ge=1)
+
+
+class ModelParams(Section):
+    preset: Literal["tiny", "sd15", "sd21"] = "tiny"
+    stable_diffusion_path: str | None = None  # local diffusers-format SD folder (sd15/sd21)
+    dinov2_path: str | None = None  # local DINOv2 weights (sd15/sd21)
+    object_encoder: Literal["mobilenetv2", "dinov2", "small"] = "mobilenetv2"
+    use_shape_prior: bool = True
+    tau: float = Field(0.5, gt=0.0)
+    expert_mode: Literal["sparse", "dense"] = "sparse"
+
+
+class TrainParams(Section):
+    out: str = "data/train"
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-4, gt=0.0)
+    seed: int = 0
+
+
+class EvaluateParams(Section):
+    checkpoint: str = "data/train/final"
+    out: str = "data/evaluate"
+    steps: int = Field(20, ge=1)
+    guidance: float = Field(3.0, ge=0.0)
+    scheduler: Literal["ddim", "dpmsolver++"] = "ddim"
+    seed: int = 0
+
+
+class Params(Section):
+    ray: RayParams = RayParams()
+    make_sample: MakeSampleParams = MakeSampleParams()
+    decompose: DecomposeParams = DecomposeParams()
+    render_priors: RenderPriorsParams = RenderPriorsParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+class ParamsError(ValueError):
+    """params.yaml or an override is invalid; the message names the file and the dotted key."""
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"decompose.area_ratio=0.05"`` -> (["decompose", "area_ratio"], 0.05); values parse as YAML."""
+    if "=" not in item:
+        raise ParamsError(f"override {item!r}: expected key=value, e.g. decompose.area_ratio=0.05")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ParamsError(f"override {item!r}: empty key")
+    return path, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = data
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"override {item!r}: {p} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
+    """Read params.yaml (or ``path``), apply ``key=value`` overrides, validate everything."""
+    path = Path(path) if path else DEFAULT_PARAMS
+    if path.exists():
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ParamsError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ParamsError(f"{path}: top level must be a mapping of sections")
+    else:
+        data = {}
+    data = apply_overrides(data, overrides)
+    try:
+        return Params.model_validate(data)
+    except ValidationError as e:
+        raise ParamsError(_format_errors(e, str(path))) from None
+
+
+def resolve_path(p: str | Path, root: Path = REPO_ROOT) -> Path:
+    """Paths in params.yaml are relative to the repository root."""
+    p = Path(p).expanduser()
+    return p if p.is_absolute() else root / p

@@ -1,0 +1,54 @@
+"""Process-wide settings that keep Prefect, Ray and DVC offline, quiet and inside the project.
+
+Call :func:`configure_environment` before Prefect, Ray or OpenGL is imported (``flows/__init__``
+does). Values the user already exported win: everything here is a default.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def configure_environment(root: Path | None = None) -> None:
+    root = Path(root or REPO_ROOT)
+    defaults = {
+        # Prefect: project-local home, no telemetry, patient start-up of the temporary server.
+        "PREFECT_HOME": str(root / ".prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
+        # Ray: no usage stats, no auth token in ~/.ray, socket paths short enough (< 107 bytes).
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_TMPDIR": str(Path(tempfile.gettempdir()) / f"pics-ray-{os.getuid()}"),
+        "RAY_DEDUP_LOGS": "0",
+        # DVC: no analytics process phoning home.
+        "DVC_NO_ANALYTICS": "1",
+        # Headless GL: EGL works on Mesa llvmpipe and on NVIDIA; pyglet has no display here.
+        "PYOPENGL_PLATFORM": "egl",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, object_store_mb: int = 500):
+    """Connect to ``address`` (a cluster) or start a local Ray once per process; returns ray."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    configure_environment()
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": True, "ignore_reinit_error": True}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["num_cpus"] = num_cpus
+        kwargs["object_store_memory"] = object_store_mb * 1024 * 1024
+        kwargs["_temp_dir"] = os.environ["RAY_TMPDIR"]
+    ray.init(**kwargs)
+    return ray
