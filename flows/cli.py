@@ -138,5 +138,35 @@ def evaluate(set_: Optional[list[str]] = SetOpt, params: Optional[Path] = Params
         _fail(e)
 
 
+@app.command()
+def pipeline(
+    set_: Optional[list[str]] = SetOpt,
+    name: Optional[str] = typer.Option(None, help="DVC experiment name."),
+    in_workspace: bool = typer.Option(False, help="Run in the workspace instead of a temporary copy."),
+):
+    """Run the whole pipeline as one DVC experiment (`dvc exp run -S ...`)."""
+    import yaml
+
+    from flows.pipeline import pipeline_flow
+    from tasks.params import ParamsError
+
+    overrides = {}
+    for s in set_ or []:
+        k, _, v = s.partition("=")
+        overrides[k] = yaml.safe_load(v)
+    try:
+        pipeline_flow(overrides=overrides, experiment_name=name, temp=not in_workspace)
+    except ParamsError as e:
+        _fail(e)
+
+
+@app.command()
+def serve(only: Optional[list[str]] = typer.Argument(None, help="Deployment names (default: all).")):
+    """Serve every stage and the pipeline as Prefect deployments from this process."""
+    from flows.serve import serve_all
+
+    serve_all(only or None)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,159 @@
+"""The whole pipeline as one flow: a DVC experiment whose ``-S`` overrides are the run's parameters.
+
+``dvc repro`` and a deployment run share one code path: dvc.yaml calls the stage flows, and this
+flow only asks DVC to run dvc.yaml as an experiment. Every deployment run therefore lands in
+``dvc exp show`` with its params, metrics, data and checkpoint versions. DVC allows one command at
+a time per repository, so runs queue on a file lock instead of failing on DVC's lock.
+
+    python -m flows.pipeline --set decompose.area_ratio=0.05 --name my-exp
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+import flows  # noqa: F401
+from tasks.params import REPO_ROOT, load_params
+
+_EXP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def override_strings(overrides: dict[str, Any] | None) -> list[str]:
+    """{"decompose.area_ratio": 0.05} -> ["decompose.area_ratio=0.05"]; values as JSON, a YAML subset."""
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in (overrides or {}).items()]
+
+
+def dvc_lock(repo: Path) -> FileLock:
+    """The lock every DVC command of ours takes on ``repo`` (DVC's own lock fails instead of waiting)."""
+    (repo / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
+    return FileLock(str(repo / ".dvc" / "tmp" / "pics-dvc.lock"))
+
+
+def run_dvc(repo: Path, args: list[str], logger=None, timeout: float | None = None) -> str:
+    """Run one DVC command under the repo lock, streaming its output to the logger."""
+    cmd = [sys.executable, "-m", "dvc", *args]
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    # The stages call `python -m flows.<stage>`: this interpreter's bin first on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    lines: list[str] = []
+    with dvc_lock(repo):
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        assert proc.stdout is not None
+        start = time.monotonic()
+        for line in proc.stdout:
+            lines.append(line)
+            if logger:
+                logger.info(line.rstrip())
+            if timeout and time.monotonic() - start > timeout:
+                proc.kill()
+                raise TimeoutError(f"dvc {' '.join(args)} ran past {timeout} s")
+        rc = proc.wait()
+    out = "".join(lines)
+    if rc != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed with exit code {rc}:\n{out[-4000:]}")
+    return out
+
+
+def experiment_record(repo: Path, name: str) -> dict:
+    """The experiment's params and metrics as ``dvc exp show --json`` reports them."""
+    rows = json.loads(run_dvc(repo, ["exp", "show", "--json", "--no-fetch"]))
+    for row in rows:
+        for exp in row.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("name") == name:
+                    data = rev.get("data") or {}
+                    return {
+                        "rev": rev.get("rev"),
+                        "params": {f: v.get("data", {}) for f, v in (data.get("params") or {}).items()},
+                        "metrics": {f: v.get("data", {}) for f, v in (data.get("metrics") or {}).items()},
+                    }
+    raise LookupError(f"experiment {name!r} not found in `dvc exp show` of {repo}")
+
+
+@flow(name="pipeline")
+def pipeline_flow(
+    overrides: dict[str, Any] | None = None,
+    experiment_name: str | None = None,
+    repo: str | None = None,
+    temp: bool = True,
+) -> dict:
+    """Run make_sample -> decompose -> render_priors -> train -> evaluate as one DVC experiment.
+
+    overrides: dotted params.yaml keys and their values, e.g. {"train.steps": 50, "ray.address": "auto"};
+        validated against the schema before DVC starts.
+    experiment_name: the DVC experiment's name (default: pipeline-<flow run id>).
+    repo: the DVC repository (default: this checkout).
+    temp: run in DVC's temporary workspace so the checkout's params.yaml is left alone.
+    """
+    logger = get_run_logger()
+    repo_path = Path(repo).resolve() if repo else REPO_ROOT
+    sets = override_strings(overrides)
+    load_params(repo_path / "params.yaml", sets)  # a bad key fails here, before any stage runs
+
+    if experiment_name is None:
+        from prefect.runtime import flow_run
+
+        experiment_name = f"pipeline-{str(flow_run.id or 'local')[:8]}"
+    if not _EXP_NAME.match(experiment_name):
+        raise ValueError(f"experiment_name {experiment_name!r}: use letters, digits, '.', '_' and '-'")
+
+    args = ["exp", "run", "--name", experiment_name]
+    if temp:
+        args.append("--temp")
+    for s in sets:
+        args += ["-S", s]
+    logger.info("dvc %s", " ".join(args))
+    run_dvc(repo_path, args, logger)
+    record = experiment_record(repo_path, experiment_name)
+    rows = [
+        {"file": f, "metric": k, "value": v}
+        for f, m in record["metrics"].items()
+        for k, v in _flatten(m).items()
+    ]
+    create_table_artifact(rows or [{"file": "-", "metric": "-", "value": "-"}],
+                          key="pipeline-metrics", description=f"DVC experiment {experiment_name}")
+    return {"experiment": experiment_name, **record}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    import yaml
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value")
+    ap.add_argument("--name", default=None, help="experiment name")
+    ap.add_argument("--in-workspace", action="store_true", help="run in the workspace, not a temp copy")
+    a = ap.parse_args(argv)
+    overrides = {}
+    for s in a.sets:
+        k, _, v = s.partition("=")
+        overrides[k] = yaml.safe_load(v)
+    result = pipeline_flow(overrides=overrides, experiment_name=a.name, temp=not a.in_workspace)
+    print(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
