@@ -60,9 +60,11 @@ class DecomposeParams(Section):
     box_expand: tuple[float, float] = (1.1, 1.2)
     train_resolution: int = Field(512, ge=32)
     test_fraction: float = Field(0.2, ge=0.0, le=1.0)
-    shard_size: int = Field(256, ge=1)
-    num_workers: int = Field(2, ge=1)
+    shard_size: int = Field(256, ge=1)  # images per shard: the unit of work, of resume and of a Prefect task
+    num_workers: int = Field(2, ge=1)  # shards in flight at once (Ray tasks of one CPU each)
     seed: int = 0
+    png_compression: int = Field(1, ge=0, le=9)  # zlib level of patch/mask PNGs: 1 is ~3x faster than 6, ~10% larger
+    grid_samples: int = Field(8, ge=0)  # samples drawn in the flow's picture (samples.png/html); 0: none
 
 
 class RenderPriorsParams(Section):
@@ -91,9 +93,49 @@ class ModelParams(Section):
 class TrainParams(Section):
     out: str = "data/train"
     steps: int = Field(300, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1)  # global: split evenly over num_workers
     lr: float = Field(1e-4, gt=0.0)
     seed: int = 0
+    # Ray Train
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: FSDP for sd21 (GPU), DDP otherwise
+    max_failures: int = Field(2, ge=0)  # worker-group restarts from the newest checkpoint
+    resume: bool = True  # False: discard this run's earlier checkpoints and start over
+    # optimisation
+    warmup_steps: int = Field(20, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    weight_decay: float = Field(0.01, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    trainable: str = "reference"  # PICSModel.set_trainable spec: the design notes' trained set
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    mask_weight: float = Field(0.0, ge=0.0)  # extra loss weight inside the object boxes
+    ema_decay: float | None = Field(0.999, gt=0.0, lt=1.0)  # None: no EMA
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on GPU only
+    grad_checkpointing: bool = False
+    compile: bool = False
+    # data
+    augment: bool = True  # flip / colour / rotation of pics_model.data.AugmentConfig
+    rotation_deg: float = Field(30.0, ge=0.0, le=180.0)  # paper: U(-pi/6, pi/6)
+    loader_workers: int = Field(0, ge=0)  # torch DataLoader processes per worker
+    # the tiny preset's autoencoder is fitted on the training images before PICS training
+    autoencoder_steps: int = Field(300, ge=0)
+    autoencoder_lr: float = Field(2e-3, gt=0.0)
+    # cadence and outputs
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_every: int = Field(0, ge=0)  # 0: held-out loss at the start and the end only
+    heldout_samples: int = Field(16, ge=1)
+    sample_every: int = Field(100, ge=0)  # 0: no sample composites
+    sample_count: int = Field(4, ge=1)
+    sample_steps: int = Field(10, ge=1)
+    peak_tflops: float | None = Field(None, gt=0.0)  # per worker, for MFU; None: measured/known
+    # test hook: one worker fails once after this step (raise, or exit = a killed process)
+    fail_at_step: int | None = Field(None, ge=1)
+    fail_rank: int = Field(0, ge=0)
+    fail_mode: Literal["raise", "exit"] = "raise"
 
 
 class EvaluateParams(Section):

@@ -1,0 +1,106 @@
+"""Shard rows -> model batches: decode (tasks.shards), attach priors, build_item + collate.
+
+A row that fails to decode or build is not fatal: it is replaced by another row of the same
+batch (the batch keeps its size, so DDP ranks stay in step) and recorded for the quarantine table.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from tasks.schema import object_key
+from tasks.train.data import PriorStore, shard_files
+
+
+def decode_view(png: bytes) -> np.ndarray:
+    """A prior view (PNG RGBA, transparent where no surface) over white, as uint8 [V,V,3]."""
+    im = Image.open(io.BytesIO(png))
+    if im.mode in ("RGBA", "LA", "P"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    return np.asarray(im.convert("RGB"))
+
+
+class BatchBuilder:
+    """Callable ``(rows, rngs) -> (batch, quarantine_records)`` used by ``StepBatches``."""
+
+    def __init__(self, resolution: int, augment: dict | None, priors: PriorStore | None,
+                 object_size: int | None = None):
+        from pics_model.data import AugmentConfig
+
+        self.resolution = resolution
+        self.augment = AugmentConfig(**augment) if augment is not None else None
+        self.priors = priors
+        self.object_size = object_size
+
+    def sample(self, row: dict) -> dict:
+        from tasks.shards import decode_sample
+
+        sample = decode_sample(row)
+        if self.priors is not None:
+            keys = [object_key(p, m) for p, m in zip(row["patches"], row["patch_masks"])]
+            views = [self.priors.views(k) for k in keys]
+            # all-or-nothing per sample: build_item takes one [N,K,V,V,3] array or none
+            if all(v is not None for v in views):
+                sample["priors"] = np.stack([np.stack([decode_view(b) for b in v]) for v in views])
+            else:
+                sample["priors"] = None
+        return sample
+
+    def item(self, row: dict, seed: int | None = None, rng: np.random.Generator | None = None,
+             augment: bool = True) -> dict:
+        from pics_model.data import build_item
+
+        if rng is None and seed is not None:
+            rng = np.random.default_rng(seed)
+        return build_item(self.sample(row), self.resolution, rng, self.augment if augment else None,
+                          object_size=self.object_size, source=row.get("sample_id"))
+
+    def __call__(self, rows: list[dict], rngs: list[np.random.Generator]):
+        from pics_model.data import collate
+
+        items, bad = [], []
+        for row, rng in zip(rows, rngs):
+            try:
+                items.append(self.item(row, rng=rng))
+            except Exception as e:  # noqa: BLE001 - any bad row goes to quarantine, the run goes on
+                bad.append({"stage": "train", "reason": "bad_sample", "detail": f"{type(e).__name__}: {e}",
+                            "source": "", "item_key": str(row.get("sample_id", "")),
+                            "image_id": row.get("image_id"), "annotation_id": None})
+        if not items:
+            raise RuntimeError(f"every sample of a batch failed to build: {[b['detail'] for b in bad][:3]}")
+        while len(items) < len(rows):
+            items.append(items[len(items) % max(1, len(rows) - len(bad))])
+        return collate(items), bad
+
+
+def rows_of_split(shards_dir: str | Path, split: str, limit: int | None = None) -> Iterator[dict]:
+    """Rows of ``split`` in shard order (file name, row), at most ``limit``."""
+    n = 0
+    for f in shard_files(shards_dir):
+        table = pq.read_table(f)
+        for row in table.to_pylist():
+            if row["split"] != split:
+                continue
+            yield row
+            n += 1
+            if limit is not None and n >= limit:
+                return
+
+
+def heldout_items(spec, builder: BatchBuilder) -> list[dict]:
+    """The fixed held-out set: the first ``heldout_samples`` test rows, no augmentation, each as a
+    batch of one (so its noise and timestep depend only on its position, not on the world size).
+    Falls back to training rows when the shards have no test split."""
+    from pics_model.data import collate
+
+    rows = list(rows_of_split(spec.shards_dir, "test", spec.heldout_samples))
+    if not rows:
+        rows = list(rows_of_split(spec.shards_dir, "train", spec.heldout_samples))
+    return [collate([builder.item(r, seed=i, augment=False)]) for i, r in enumerate(rows)]
