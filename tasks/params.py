@@ -37,6 +37,13 @@ class MakeSampleParams(Section):
     min_objects: int = Field(2, ge=2)
     max_objects: int = Field(4, ge=2)
     seed: int = 0
+    image_format: Literal["jpg", "png"] = "jpg"  # jpg like COCO/LVIS; png for lossless pixels
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    segmentation: Literal["polygon", "rle"] = "polygon"  # polygon like LVIS (exact, holes bridged)
+    min_visible_pixels: int = Field(20, ge=1)  # fewer visible pixels: no annotation, reason recorded
+    shadows: bool = True  # directional shadows: objects visibly rest on what they touch
+    chunk_size: int = Field(40, ge=1)  # images per Prefect task / Ray task
+    num_workers: int = Field(1, ge=1)  # >1: chunks fan out over Ray (pays off for big runs only)
 
     @model_validator(mode="after")
     def _objects_range(self):

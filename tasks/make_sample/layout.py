@@ -1,0 +1,258 @@
+"""Scene composition: objects that rest on the ground or on each other, touching, seen by a camera.
+
+Placement works on height maps (the z-buffer of an orthographic view from above and from below,
+rendered once per object): dropping an object at a grid position lands it on the highest surface
+under its footprint, so it rests on the ground or on another object without interpenetrating.
+Sliding an object towards an anchor until it would have to climb gives lateral contact. The
+camera direction is drawn first so that "in front of" and "behind" mean something.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import trimesh
+
+from tasks.make_sample.renderer import Renderer
+from tasks.make_sample.shapes import CATEGORIES, Category, Shape, random_color
+from tasks.make_sample.textures import texture
+
+PITCH = 0.01  # height-map cell, scene units (about 1 px at the default camera distance)
+WORLD_CELLS = 400  # the world height map covers 4 x 4 units around the origin
+LOCAL_CELLS = 96  # one object's height maps: 0.96 x 0.96 units, larger than any footprint
+
+
+@dataclass
+class Placed:
+    category: Category
+    shape: Shape
+    pose: np.ndarray  # (4, 4) local -> world
+    center: np.ndarray  # (2,) world height-map cell of the footprint centre
+    radius: float  # footprint radius, cells
+    flat_top: bool
+    mode: str  # how it was placed: first, stack, front, behind, side
+
+
+@dataclass
+class SceneSpec:
+    objects: list[Placed]
+    camera_pose: np.ndarray
+    yfov: float
+    ground: np.ndarray  # texture (S, S, 3) uint8
+    ground_tile: float  # scene units per texture repeat
+    wall: np.ndarray | None  # texture, or None for an open horizon
+    wall_tile: float
+    wall_distance: float
+    center: np.ndarray  # (3,) the cluster centre the camera looks at
+    bg_color: np.ndarray
+    ambient: np.ndarray
+    sun_pose: np.ndarray
+    sun_color: np.ndarray
+    sun_intensity: float
+    info: dict = field(default_factory=dict)
+
+
+def _rot_z(a: float) -> np.ndarray:
+    c, s = np.cos(a), np.sin(a)
+    return np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+
+
+def _look_at(eye: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Camera pose (OpenGL convention: looks along -z, y up) with world z up."""
+    f = target - eye
+    f /= np.linalg.norm(f)
+    right = np.cross(f, [0.0, 0.0, 1.0])
+    right /= np.linalg.norm(right)
+    up = np.cross(right, f)
+    pose = np.eye(4)
+    pose[:3, 0], pose[:3, 1], pose[:3, 2], pose[:3, 3] = right, up, -f, eye
+    return pose
+
+
+def _orient(shape: Shape, rng: np.random.Generator, lying: bool) -> trimesh.Trimesh:
+    """Copy of the mesh: optionally on its side, spun about z, centred on the z axis, on z = 0."""
+    m = shape.mesh.copy()
+    if lying:
+        m.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 2, [1, 0, 0]))
+    m.apply_transform(_rot_z(rng.uniform(0, 2 * np.pi)))
+    lo, hi = m.bounds
+    m.apply_translation([-(lo[0] + hi[0]) / 2, -(lo[1] + hi[1]) / 2, -lo[2]])
+    return m
+
+
+class HeightField:
+    """The top surface of everything placed so far (ground = 0) on the world grid."""
+
+    def __init__(self):
+        self.top = np.zeros((WORLD_CELLS, WORLD_CELLS))
+        self.half = LOCAL_CELLS // 2
+
+    def clamp(self, c: np.ndarray) -> np.ndarray:
+        return np.clip(np.round(c).astype(int), self.half, WORLD_CELLS - self.half)
+
+    def window(self, c: np.ndarray) -> np.ndarray:
+        i, j = c
+        return self.top[i - self.half:i + self.half, j - self.half:j + self.half]
+
+    def rest(self, c: np.ndarray, bottom: np.ndarray) -> float:
+        """Height at which an object with this bottom map comes to rest at cell ``c``."""
+        gap = self.window(c) - bottom
+        return max(0.0, float(np.nanmax(gap)))
+
+    def add(self, c: np.ndarray, top: np.ndarray, z: float) -> None:
+        w = self.window(c)
+        w[...] = np.fmax(w, top + z)
+
+
+def _translation(c: np.ndarray) -> np.ndarray:
+    """World xy of an object whose local map is centred on world cell ``c`` (row = y, col = x)."""
+    return (c[::-1] - WORLD_CELLS / 2) * PITCH
+
+
+def place_objects(rng: np.random.Generator, renderer: Renderer, n: int, view_dir: np.ndarray) -> list[Placed]:
+    """``view_dir``: horizontal unit vector from the scene towards the camera."""
+    field_ = HeightField()
+    placed: list[Placed] = []
+    origin = np.array([WORLD_CELLS / 2, WORLD_CELLS / 2])
+    for k in range(n):
+        cat = CATEGORIES[rng.integers(len(CATEGORIES))]
+        shape = cat.build(rng)
+        mesh = _orient(shape, rng, lying=rng.uniform() < cat.p_lying)
+        top, bottom = renderer.heightmaps(mesh, LOCAL_CELLS, PITCH)
+        foot = ~np.isnan(bottom)
+        ii, jj = np.nonzero(foot)
+        radius = float(np.hypot(ii - LOCAL_CELLS / 2, jj - LOCAL_CELLS / 2).max()) if len(ii) else 1.0
+        hmax = np.nanmax(top)
+        flat_top = bool(np.mean(top[foot] > hmax - 0.01) > 0.3)
+        mode = "first"
+        if k == 0:
+            c = field_.clamp(origin + rng.normal(0, 5, 2))
+        else:
+            anchor = placed[rng.integers(len(placed))]
+            can_stack = (anchor.flat_top and radius < anchor.radius * 1.3) or (
+                anchor.category.name == "bowl" and radius < anchor.radius * 0.75)
+            mode = rng.choice(["stack", "front", "behind", "side"], p=[0.3, 0.3, 0.2, 0.2])
+            if mode == "stack" and not can_stack:
+                mode = "front" if rng.uniform() < 0.5 else "side"
+            if mode == "stack":
+                c = field_.clamp(anchor.center + rng.normal(0, 0.25 * anchor.radius, 2))
+            else:
+                base = {"front": 0.0, "behind": np.pi, "side": np.pi / 2 * rng.choice([-1, 1])}[mode]
+                ang = base + rng.uniform(-0.6, 0.6)
+                cs, sn = np.cos(ang), np.sin(ang)
+                d = np.array([cs * view_dir[0] - sn * view_dir[1], sn * view_dir[0] + cs * view_dir[1]])
+                d_cells = d[::-1]  # (x, y) -> (row = y, col = x)
+                t_far = int(anchor.radius + radius + 3)
+                while t_far < WORLD_CELLS // 2 and field_.rest(field_.clamp(anchor.center + t_far * d_cells), bottom) > 1e-3:
+                    t_far += 4  # the start is blocked by a third object: start further out
+                c = field_.clamp(anchor.center + t_far * d_cells)
+                # slide in from far until the object would have to climb: it touches what it met
+                for t in range(t_far, -1, -1):
+                    cand = field_.clamp(anchor.center + t * d_cells)
+                    if field_.rest(cand, bottom) > 1e-3:
+                        break
+                    c = cand
+                if rng.uniform() < 0.15:  # sometimes near but not touching
+                    c = field_.clamp(c + rng.integers(2, 10) * d_cells)
+        z = field_.rest(c, bottom)
+        field_.add(c, top, z)
+        pose = np.eye(4)
+        pose[:2, 3] = _translation(c)
+        pose[2, 3] = z
+        placed.append(Placed(category=cat, shape=Shape(mesh, shape.colors, shape.metallic, shape.roughness,
+                                                       shape.smooth),
+                             pose=pose, center=c.astype(float), radius=radius, flat_top=flat_top, mode=str(mode)))
+    return placed
+
+
+def compose_scene(rng: np.random.Generator, renderer: Renderer, n_objects: int, aspect: float) -> SceneSpec:
+    azimuth = rng.uniform(0, 2 * np.pi)
+    view_dir = np.array([np.cos(azimuth), np.sin(azimuth)])
+    objects = place_objects(rng, renderer, n_objects, view_dir)
+
+    corners = np.concatenate([trimesh.transform_points(o.shape.mesh.bounding_box.vertices, o.pose)
+                              for o in objects])
+    center = (corners.min(0) + corners.max(0)) / 2
+    center[2] *= rng.uniform(0.6, 1.0)
+    radius = float(np.linalg.norm(corners - center, axis=1).max())
+    yfov = np.deg2rad(rng.uniform(38, 58))
+    hfov = 2 * np.arctan(np.tan(yfov / 2) * aspect)
+    dist = radius / np.sin(min(yfov, hfov) / 2) * rng.uniform(0.85, 1.2)
+    elev = np.deg2rad(rng.uniform(8, 42))
+    eye = center + dist * np.array([np.cos(elev) * view_dir[0], np.cos(elev) * view_dir[1], np.sin(elev)])
+    target = center + rng.normal(0, 0.03 * radius, 3)
+    camera_pose = _look_at(eye, target)
+
+    sun_az, sun_el = rng.uniform(0, 2 * np.pi), np.deg2rad(rng.uniform(30, 75))
+    sun_dir = -np.array([np.cos(sun_el) * np.cos(sun_az), np.cos(sun_el) * np.sin(sun_az), np.sin(sun_el)])
+    sun_pose = _look_at(np.zeros(3) - sun_dir, np.zeros(3))
+    tint = np.array([1.0, 1.0, 1.0]) - rng.uniform(0, 0.25, 3)
+    has_wall = rng.uniform() < 0.75
+    return SceneSpec(
+        objects=objects,
+        camera_pose=camera_pose,
+        yfov=float(yfov),
+        ground=texture(rng),
+        ground_tile=float(rng.uniform(0.4, 2.0)),
+        wall=texture(rng) if has_wall else None,
+        wall_tile=float(rng.uniform(0.5, 3.0)),
+        wall_distance=float(radius + rng.uniform(0.2, 1.5)),
+        center=center,
+        bg_color=random_color(rng, sat=(0.1, 0.5), val=(0.6, 1.0)),
+        ambient=np.full(3, rng.uniform(0.3, 0.6)) * tint,
+        sun_pose=sun_pose,
+        sun_color=tint,
+        sun_intensity=float(rng.uniform(2.0, 4.5)),
+        info={"view_dir": view_dir},
+    )
+
+
+def _grid(pyrender, origin: np.ndarray, du: np.ndarray, dv: np.ndarray, tex: np.ndarray, tile: float, n: int = 8):
+    """A textured flat rectangle ``origin + s du + t dv`` as an n x n grid of quads."""
+    s, t = np.meshgrid(np.linspace(0, 1, n + 1), np.linspace(0, 1, n + 1))
+    s, t = s.ravel(), t.ravel()
+    pos = origin + s[:, None] * du + t[:, None] * dv
+    uv = np.stack([s * np.linalg.norm(du), t * np.linalg.norm(dv)], 1) / tile
+    normal = np.cross(du, dv)
+    normal /= np.linalg.norm(normal)
+    k = np.arange(n * n) + np.repeat(np.arange(n), n)  # lower-left vertex of each cell
+    faces = np.concatenate([np.stack([k, k + 1, k + n + 2], 1), np.stack([k, k + n + 2, k + n + 1], 1)])
+    mat = pyrender.MetallicRoughnessMaterial(
+        baseColorTexture=pyrender.Texture(source=tex, source_channels="RGB"),
+        metallicFactor=0.0, roughnessFactor=0.9, alphaMode="OPAQUE", doubleSided=True)
+    prim = pyrender.Primitive(positions=pos.astype(np.float32), normals=np.tile(normal, (len(pos), 1)).astype(np.float32),
+                              texcoord_0=uv.astype(np.float32), indices=faces, material=mat)
+    return pyrender.Mesh([prim])
+
+
+def build_scene(pyrender, spec: SceneSpec, width: int, height: int):
+    """The pyrender scene of a spec; returns (scene, object nodes in spec order)."""
+    scene = pyrender.Scene(bg_color=np.append(spec.bg_color, 1.0), ambient_light=spec.ambient)
+    nodes = []
+    for o in spec.objects:
+        m, s = o.shape.mesh, o.shape
+        mat = pyrender.MetallicRoughnessMaterial(baseColorFactor=[1.0, 1.0, 1.0, 1.0], metallicFactor=s.metallic,
+                                                 roughnessFactor=s.roughness, alphaMode="OPAQUE",
+                                                 doubleSided=True)
+        prim = pyrender.Primitive(positions=m.vertices.astype(np.float32),
+                                  normals=m.vertex_normals.astype(np.float32),
+                                  color_0=s.colors, indices=m.faces, material=mat)
+        nodes.append(scene.add(pyrender.Mesh([prim]), pose=o.pose))
+
+    # ground: a textured square under the cluster, as a grid: big triangles shade unevenly in llvmpipe
+    g = 4.0
+    cx, cy = spec.center[:2]
+    scene.add(_grid(pyrender, np.array([cx - g, cy - g, 0.0]), np.array([2 * g, 0, 0]), np.array([0, 2 * g, 0]),
+                    spec.ground, spec.ground_tile))
+    if spec.wall is not None:
+        v = spec.info["view_dir"]
+        back = spec.center[:2] - v * spec.wall_distance
+        side = np.array([-v[1], v[0]])
+        w = 6.0
+        scene.add(_grid(pyrender, np.array([*(back - w * side), 0.0]), np.array([*(2 * w * side), 0.0]),
+                        np.array([0, 0, 4.0]), spec.wall, spec.wall_tile))
+
+    cam = pyrender.PerspectiveCamera(yfov=spec.yfov, aspectRatio=width / height, znear=0.05, zfar=30.0)
+    scene.add(cam, pose=spec.camera_pose)
+    scene.add(pyrender.DirectionalLight(color=spec.sun_color, intensity=spec.sun_intensity), pose=spec.sun_pose)
+    return scene, nodes

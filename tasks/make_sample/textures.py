@@ -1,0 +1,50 @@
+"""Procedural textures for the ground and the backdrop: checker, planks, tiles, blotches, plain.
+
+Pure numpy + PIL from a seeded generator, so the same seed gives the same pixels everywhere.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from tasks.make_sample.shapes import _contrast, random_color
+
+
+def _noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Smooth, tileable value noise in [0, 1]: a random grid, repeated 3 x 3, upsampled
+    bicubically, middle tile kept (so the ground repeats without seams)."""
+    small = (rng.uniform(size=(cells, cells)) * 255).astype(np.uint8)
+    big = Image.fromarray(np.tile(small, (3, 3))).resize((3 * size, 3 * size), Image.BICUBIC)
+    return np.asarray(big, np.float32)[size:2 * size, size:2 * size] / 255.0
+
+
+def texture(rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """One random tileable-looking texture, (size, size, 3) uint8."""
+    a = random_color(rng, sat=(0.1, 0.7), val=(0.3, 0.95))
+    b = _contrast(rng, a) * 0.6 + a * 0.4
+    kind = rng.choice(["checker", "planks", "tiles", "blotches", "plain"], p=[0.2, 0.25, 0.2, 0.2, 0.15])
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    grain = _noise(rng, size, 32)[..., None]
+    if kind == "checker":
+        n = int(rng.integers(2, 6))
+        m = ((np.floor(xx * n) + np.floor(yy * n)) % 2)[..., None]
+        img = m * a + (1 - m) * b
+    elif kind == "planks":
+        n = int(rng.integers(3, 8))
+        row = np.floor(yy * n).astype(int)
+        tone = rng.uniform(0.8, 1.15, size=n)[row][..., None]
+        streak = _noise(rng, size, 8)[..., None] * 0.25
+        wood = np.array([0.55, 0.38, 0.22]) * rng.uniform(0.7, 1.3) if rng.uniform() < 0.6 else a
+        img = wood * tone * (0.85 + streak)
+        img[(yy * n % 1.0) < 0.03] *= 0.55  # gaps between planks
+    elif kind == "tiles":
+        n = int(rng.integers(2, 6))
+        grout = ((xx * n % 1.0) < 0.05) | ((yy * n % 1.0) < 0.05)
+        img = np.where(grout[..., None], b * 0.7, a)
+    elif kind == "blotches":
+        m = _noise(rng, size, int(rng.integers(4, 10)))[..., None]
+        img = m * a + (1 - m) * b
+    else:
+        img = np.broadcast_to(a, (size, size, 3)).astype(np.float64)
+    img = img * (0.9 + 0.2 * grain)
+    return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
