@@ -56,12 +56,13 @@ def decompose(
 ):
     """Mine interacting object groups and write training shards."""
     from flows.decompose import decompose_flow
+    from tasks.decompose.inputs import InputError
     from tasks.params import ParamsError
 
     named = {"annotations": annotations, "images": images, "out": out}
     try:
         decompose_flow(overrides=_overrides("decompose", named, set_), params_file=str(params) if params else None)
-    except ParamsError as e:
+    except (ParamsError, InputError) as e:
         _fail(e)
 
 

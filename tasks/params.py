@@ -60,7 +60,7 @@ class DecomposeParams(Section):
     area_ratio: float = Field(0.02, ge=0.0, lt=1.0)
     pairs_per_image: int = Field(1, ge=1)
     group_size: int = Field(2, ge=2, le=4)  # 2: pairs; 3-4: groups for the N-object model
-    contact_px: int = Field(2, ge=0)  # silhouettes within this many pixels count as touching
+    contact_px: int = Field(2, ge=0)  # silhouettes at most this many pixels apart count as touching
     duplicate_mask_iou: float = Field(0.5, gt=0.0, le=1.0)  # interaction: higher mask IoU = one object labelled twice
     containment_tol_px: float = Field(2.0, ge=0.0)
     patch_size: int = Field(224, ge=32)

@@ -6,8 +6,9 @@ Two rules produce scored candidate pairs (i < j over the object list):
   neither box contains the other (with ``tol`` px slack). Boxes are xyxy throughout; the reference
   code compared an xyxy box with an xywh one.
 - ``interaction``: silhouettes overlap or touch. Score = contact length, the number of boundary
-  pixels of either mask within ``contact_px`` of the other mask (overlapping masks have their
-  boundaries inside each other, so overlap counts too). Containment is allowed: a cat lying on a
+  pixels of either mask separated from the other mask by at most ``contact_px`` background pixels
+  (0: only adjacent or overlapping pixels; overlapping masks have their boundaries inside each
+  other, so overlap counts too). Containment is allowed: a cat lying on a
   couch, whose box sits inside the couch's box, is exactly the interaction we want.
 
 Groups: for size 2, the top-scoring pairs; for size g > 2, each object with >= g-1 partners is
@@ -68,10 +69,12 @@ def _boundary(m: np.ndarray) -> np.ndarray:
 
 
 def contact_length(mask_a: np.ndarray, box_a, mask_b: np.ndarray, box_b, contact_px: int) -> int:
-    """Boundary pixels of either mask within ``contact_px`` of the other (full-size uint8 {0,1} masks).
+    """Boundary pixels of either mask at most ``contact_px`` background pixels away from the other
+    (full-size uint8 {0,1} masks; boxes are their tight xyxy boxes).
 
-    Only the intersection of the two boxes, each grown by contact_px + 2, can hold such pixels, so
-    the morphology runs on that crop.
+    Such pixels lie within contact_px + 1 (centre distance) of the other mask, so only the
+    intersection of the two boxes, each grown by that plus a pixel of erosion context, can hold
+    them: the morphology runs on that crop.
     """
     return contact_and_overlap(mask_a, box_a, mask_b, box_b, contact_px)[0]
 
@@ -79,7 +82,7 @@ def contact_length(mask_a: np.ndarray, box_a, mask_b: np.ndarray, box_b, contact
 def contact_and_overlap(mask_a: np.ndarray, box_a, mask_b: np.ndarray, box_b, contact_px: int) -> tuple[int, int]:
     """(contact length, overlapping pixels) of two masks whose tight xyxy boxes are given."""
     h, w = mask_a.shape
-    g = contact_px + 2
+    g = contact_px + 3
     x0 = max(int(np.floor(max(box_a[0], box_b[0]))) - g, 0)
     y0 = max(int(np.floor(max(box_a[1], box_b[1]))) - g, 0)
     x1 = min(int(np.ceil(min(box_a[2], box_b[2]))) + g, w)
@@ -90,17 +93,14 @@ def contact_and_overlap(mask_a: np.ndarray, box_a, mask_b: np.ndarray, box_b, co
     b = mask_b[y0:y1, x0:x1]
     if not a.any() or not b.any():
         return 0, 0
-    if contact_px > 0:
-        near_a, near_b = cv2.dilate(a, _disk(contact_px)), cv2.dilate(b, _disk(contact_px))
-    else:
-        near_a, near_b = a, b
+    near_a, near_b = cv2.dilate(a, _disk(contact_px + 1)), cv2.dilate(b, _disk(contact_px + 1))
     touch = (_boundary(a) & near_b) | (_boundary(b) & near_a)
     return int(np.count_nonzero(touch)), int(np.count_nonzero(a & b))
 
 
 def interaction_pairs(boxes: np.ndarray, areas: np.ndarray, get_mask: Callable[[int], np.ndarray],
                       contact_px: int, duplicate_iou: float = 1.0) -> list[tuple[int, int, float]]:
-    """[(i, j, contact length)] for i < j whose silhouettes overlap or come within ``contact_px``.
+    """[(i, j, contact length)] for i < j whose silhouettes overlap, touch or have a gap <= ``contact_px``.
 
     ``boxes`` are the masks' tight boxes and ``areas`` their pixel counts. Pairs whose mask IoU
     exceeds ``duplicate_iou`` are left out: visible silhouettes of two real objects barely
@@ -109,7 +109,8 @@ def interaction_pairs(boxes: np.ndarray, areas: np.ndarray, get_mask: Callable[[
     n = len(boxes)
     if n < 2:
         return []
-    grown = boxes + np.array([-contact_px - 1, -contact_px - 1, contact_px + 1, contact_px + 1], dtype=boxes.dtype)
+    r = contact_px + 2
+    grown = boxes + np.array([-r, -r, r, r], dtype=boxes.dtype)
     near = box_iou(grown, grown) > 0
     out = []
     for i, j in zip(*np.nonzero(np.triu(near, k=1))):

@@ -76,3 +76,67 @@ def write_synthetic_lvis(out: str | Path, n_images: int = 20, width: int = 640, 
     ann_path.write_text(json.dumps({"info": {"description": "synthetic"}, "images": images, "annotations": anns,
                                     "categories": CATEGORIES, "licenses": []}))
     return ann_path, img_dir
+
+
+def rect(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
+    """A rectangle (xyxy) as an LVIS polygon segmentation."""
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+def write_dataset(out: str | Path, images: list[dict], fmt: str = "lvis_v1", categories: list[dict] | None = None,
+                  image_ext: str = "png", seed: int = 0) -> tuple[Path, Path]:
+    """Write a small hand-specified dataset; returns (annotation file, image root).
+
+    ``images``: ``{"id", "width", "height", "objects": [ann fields...], "file": True}``. Each object
+    needs ``segmentation`` and may give ``category_id`` (default 1), ``iscrowd``, ``area``, ``bbox``,
+    ``id`` or any extra field; area and bbox default to pycocotools' values for the segmentation.
+    The image is noise with each valid object filled in its own colour; ``"file": False`` writes
+    no image file. ``fmt``: ``lvis_v1`` (coco_url only), ``lvis_v0.5`` (COCO-2014 file_name) or ``coco``.
+    """
+    from tasks.decompose.masks import MaskError, to_rle
+
+    out = Path(out)
+    img_dir = out / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    recs, anns = [], []
+    next_id = 1
+    for spec in images:
+        iid, w, h = spec["id"], spec["width"], spec["height"]
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for obj in spec.get("objects", []):
+            ann = {k: v for k, v in obj.items()}
+            ann.setdefault("id", next_id)
+            next_id = max(next_id, ann["id"]) + 1
+            ann.setdefault("image_id", iid)
+            ann.setdefault("category_id", 1)
+            if fmt == "coco":
+                ann.setdefault("iscrowd", 0)
+            try:
+                rle, m = to_rle(ann["segmentation"], h, w)
+                m = mask_utils.decode(rle) if m is None else m
+                ann.setdefault("area", float(mask_utils.area(rle)))
+                ann.setdefault("bbox", [float(v) for v in mask_utils.toBbox(rle)])
+                img[m.astype(bool)] = rng.integers(0, 256, 3, dtype=np.uint8)
+            except MaskError:
+                ann.setdefault("area", 0.0)
+                ann.setdefault("bbox", [0.0, 0.0, 0.0, 0.0])
+            anns.append(ann)
+        name = f"{iid:012d}.{image_ext}"
+        if spec.get("file", True):
+            code = cv2.IMWRITE_JPEG_QUALITY if image_ext == "jpg" else cv2.IMWRITE_PNG_COMPRESSION
+            cv2.imwrite(str(img_dir / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [code, 95 if image_ext == "jpg" else 1])
+        rec = {"id": iid, "width": w, "height": h}
+        if fmt == "lvis_v1":
+            rec["coco_url"] = f"http://images.cocodataset.org/train2017/{name}"
+        elif fmt == "lvis_v0.5":
+            rec["file_name"] = f"COCO_train2014_{name}"
+            rec["coco_url"] = f"http://images.cocodataset.org/train2017/{name}"
+        else:
+            rec["file_name"] = name
+        recs.append(rec)
+    cats = categories or (CATEGORIES if fmt.startswith("lvis") else
+                          [{"id": c["id"], "name": c["name"], "supercategory": "thing"} for c in CATEGORIES])
+    ann_path = out / "annotations.json"
+    ann_path.write_text(json.dumps({"images": recs, "annotations": anns, "categories": cats}))
+    return ann_path, img_dir
