@@ -1,0 +1,315 @@
+"""Typed configuration of the PICS network and its presets.
+
+`PICSConfig` is the one source of truth for building, saving and reloading a `PICSModel`: it is
+serialised next to the weights (`config.json`) by `save_pretrained`. Sub-configs mirror the
+diffusers constructors they feed (`UNetConfig.to_diffusers()` -> `UNet2DConditionModel(**...)`).
+
+Presets (`get_preset`):
+  * ``tiny``  - CPU, seconds per step: 64 px, VAE f=4 (16x16x4 latents), a 2-level UNet and its
+                ControlNet (10 interaction blocks), the real ImageNet MobileNetV2 as object encoder.
+  * ``sd21``  - the paper's layout: SD 2.1-base UNet/VAE (context 1024, f=8, 512 px, 23 ITBs per
+                forward), DINOv2 ViT-g/14 object tokens (CLS + 256 patches, 1536-d) -> 1024.
+  * ``sd15``  - the same with the SD 1.5 UNet (context 768).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class VAEConfig(_Cfg):
+    """`diffusers.AutoencoderKL` constructor arguments; f = 2 ** (len(block_out_channels) - 1)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 4
+    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",) * 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 512
+    # SD's value; a tiny VAE fitted by the train stage should be recalibrated
+    # (PICSModel.calibrate_vae_scaling) so latents have unit variance.
+    scaling_factor: float = 0.18215
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class UNetConfig(_Cfg):
+    """`diffusers.UNet2DConditionModel` constructor arguments (the subset SD uses)."""
+
+    sample_size: int = 64
+    in_channels: int = 4
+    out_channels: int = 4
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    # diffusers' historical naming: this is the number of heads per level (SD 2.x: head dim 64)
+    attention_head_dim: int | tuple[int, ...] = (5, 10, 20, 20)
+    cross_attention_dim: int = 1024
+    use_linear_projection: bool = True
+    norm_num_groups: int = 32
+    upcast_attention: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    act_fn: str = "silu"
+
+    def to_diffusers(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    @classmethod
+    def from_diffusers(cls, cfg: Mapping[str, Any]) -> "UNetConfig":
+        """Keep the fields we model from a diffusers unet/config.json; reject layouts we can't wrap."""
+        unsupported = {k: cfg.get(k) for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type")
+                       if cfg.get(k) is not None}
+        if unsupported:
+            raise ValueError(f"unet config: unsupported conditioning for PICS: {unsupported}")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in cls.model_fields})
+
+
+class ControlNetConfig(_Cfg):
+    conditioning_channels: int = 4  # masked background RGB + mask channel
+    # one entry per VAE downsampling level (+1) so the image-resolution hint lands on the latent grid
+    conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
+    conditioning_scale: float = 1.0
+
+
+class DinoV2Arch(_Cfg):
+    """Architecture of a DINOv2 ViT (torch-hub layout); defaults are ViT-g/14."""
+
+    embed_dim: int = 1536
+    depth: int = 40
+    num_heads: int = 24
+    patch_size: int = 14
+    mlp_ratio: float = 4.0
+    ffn: Literal["mlp", "swiglu"] = "swiglu"
+    num_register_tokens: int = 0
+    pos_embed_size: int = 518  # pretraining resolution: 37 x 37 position grid
+    interpolate_offset: float = 0.1
+    interpolate_antialias: bool = False
+
+
+class ObjectEncoderConfig(_Cfg):
+    kind: Literal["dinov2", "mobilenetv2", "small"] = "dinov2"
+    image_size: int = 224  # P': objects (and prior views) are resized to this before encoding
+    weights_path: str | None = None  # DINOv2: hub .pth/.safetensors or an HF-format folder
+    dinov2: DinoV2Arch = DinoV2Arch()
+    small_channels: tuple[int, ...] = (32, 64, 128)  # 'small' trainable CNN
+    train_backbone: bool = False  # 'small' always trains; pretrained backbones stay frozen by default
+
+    @model_validator(mode="after")
+    def _size(self):
+        if self.kind == "mobilenetv2" and self.image_size % 32:
+            raise ValueError("object_encoder.image_size must be a multiple of 32 for mobilenetv2")
+        if self.kind == "dinov2" and self.image_size % self.dinov2.patch_size:
+            raise ValueError("object_encoder.image_size must be a multiple of the DINOv2 patch size")
+        return self
+
+
+class ShapeEncoderConfig(_Cfg):
+    enabled: bool = True  # the ablation switch (paper Table: single-view vs multi-view prior)
+    num_views: int = 6  # K rendered views (traces of the reference show K = 6)
+    hidden_dim: int = 256
+    view_size: int | None = None  # views are encoded at this size (None: object_encoder.image_size)
+
+
+class ITBConfig(_Cfg):
+    tau: float = Field(0.5, gt=0.0)  # alpha-blend temperature (reference: 0.5)
+    expert_mode: Literal["sparse", "dense"] = "sparse"
+    max_objects: int = Field(4, ge=1)
+    mask_threshold: float = Field(0.5, gt=0.0, le=1.0)  # token joins a region if >= this share is covered
+
+
+class SchedulerConfig(_Cfg):
+    """`diffusers.DDPMScheduler` arguments (SD 2.1-base / 1.5 training schedule)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    clip_sample: bool = False
+    set_alpha_to_one: bool = False
+    steps_offset: int = 1
+
+
+class ObjectiveConfig(_Cfg):
+    """Training objective knobs (design notes: AnyDoor's still-image timestep schedule)."""
+
+    high_t_prob: float = Field(0.3, ge=0.0, le=1.0)  # P(t ~ U[0, T)); else t ~ U[0, low_t_max)
+    low_t_max: int = 500
+    cond_drop_prob: float = Field(0.1, ge=0.0, le=1.0)  # objects -> zero image, for guidance
+
+
+class PICSConfig(_Cfg):
+    preset: str = "custom"
+    resolution: int = 512  # R: square training/inference resolution in pixels
+    box_expand: float = Field(1.15, ge=1.0)  # inference box expansion: midpoint of training U[1.1, 1.2)
+    vae: VAEConfig = VAEConfig()
+    unet: UNetConfig = UNetConfig()
+    controlnet: ControlNetConfig = ControlNetConfig()
+    object_encoder: ObjectEncoderConfig = ObjectEncoderConfig()
+    shape_encoder: ShapeEncoderConfig = ShapeEncoderConfig()
+    itb: ITBConfig = ITBConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    stable_diffusion_path: str | None = None  # local diffusers-format SD folder (unet/, vae/, scheduler/)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        f = self.vae.downsample_factor
+        if self.resolution % (f * 2 ** (len(self.unet.block_out_channels) - 1)):
+            raise ValueError(f"resolution {self.resolution} must be divisible by the VAE factor {f} "
+                             f"times the UNet downsampling {2 ** (len(self.unet.block_out_channels) - 1)}")
+        if len(self.controlnet.conditioning_embedding_out_channels) != len(self.vae.block_out_channels):
+            raise ValueError("controlnet.conditioning_embedding_out_channels needs one entry per VAE level "
+                             f"({len(self.vae.block_out_channels)}) so the hint lands on the latent grid")
+        if self.unet.in_channels != self.vae.latent_channels:
+            raise ValueError("unet.in_channels must equal vae.latent_channels")
+        return self
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.vae.downsample_factor
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PICSConfig":
+        return cls.model_validate_json(text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PICSConfig":
+        path = Path(path)
+        try:
+            return cls.from_json(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a valid PICS config: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# presets
+
+def _tiny() -> PICSConfig:
+    return PICSConfig(
+        preset="tiny",
+        resolution=64,
+        vae=VAEConfig(
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(32, 64, 64),  # f = 4: 64 px -> 16 x 16 latents
+            layers_per_block=1,
+            norm_num_groups=16,
+            sample_size=64,
+            scaling_factor=1.0,
+        ),
+        unet=UNetConfig(
+            sample_size=16,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            attention_head_dim=4,  # 4 heads
+            cross_attention_dim=64,
+            norm_num_groups=8,
+        ),
+        controlnet=ControlNetConfig(conditioning_embedding_out_channels=(16, 32, 32)),
+        object_encoder=ObjectEncoderConfig(kind="mobilenetv2", image_size=96),
+        shape_encoder=ShapeEncoderConfig(hidden_dim=64, view_size=64),
+    )
+
+
+def _sd21() -> PICSConfig:
+    return PICSConfig(preset="sd21", resolution=512)
+
+
+def _sd15() -> PICSConfig:
+    return PICSConfig(
+        preset="sd15",
+        resolution=512,
+        unet=UNetConfig(attention_head_dim=8, cross_attention_dim=768, use_linear_projection=False),
+    )
+
+
+PRESETS = {"tiny": _tiny, "sd21": _sd21, "sd15": _sd15}
+_SECTIONS = ("vae", "unet", "controlnet", "object_encoder", "shape_encoder", "itb", "scheduler", "objective")
+
+
+def _merge(base: dict, upd: Mapping) -> dict:
+    out = dict(base)
+    for k, v in upd.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def get_preset(name: str, **overrides: Any) -> PICSConfig:
+    """A preset config with overrides.
+
+    An override is a top-level field (``resolution=128``), a whole or partial section as a dict
+    (``itb={"tau": 0.3}``), or a leaf name that is unique across sections (``tau=0.3``,
+    ``expert_mode="dense"``, ``num_views=4``). Unknown or ambiguous names raise ``ValueError``.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    data = PRESETS[name]().model_dump()
+    for key, value in overrides.items():
+        if key in PICSConfig.model_fields:
+            data = _merge(data, {key: value}) if isinstance(value, Mapping) else {**data, key: value}
+            continue
+        owners = [s for s in _SECTIONS if key in data[s]]
+        if len(owners) != 1:
+            why = "ambiguous between " + ", ".join(owners) if owners else "unknown"
+            raise ValueError(f"get_preset({name!r}): override {key!r} is {why}")
+        data[owners[0]][key] = value
+    return PICSConfig.model_validate(data)
+
+
+def config_from_model_params(params: Mapping[str, Any]) -> PICSConfig:
+    """Map the `model:` section of params.yaml (tasks.params.ModelParams, as a dict) to a config.
+
+    Kept here (not in tasks/) so the library stays importable without the pipeline code.
+    Unknown keys raise, so a field added to ModelParams without a mapping here is noticed.
+    """
+    p = {k: v for k, v in dict(params).items() if v is not None}
+    name = p.pop("preset", "tiny")
+    over: dict[str, Any] = {}
+    for key in ("tau", "expert_mode", "max_objects", "stable_diffusion_path", "box_expand", "resolution"):
+        if key in p:
+            over[key] = p.pop(key)
+    if "use_shape_prior" in p:
+        over["shape_encoder"] = {"enabled": bool(p.pop("use_shape_prior"))}
+    if "cond_drop_prob" in p:
+        over["objective"] = {"cond_drop_prob": p.pop("cond_drop_prob")}
+    oe: dict[str, Any] = {}
+    if "object_encoder" in p:
+        kind = p.pop("object_encoder")
+        base = PRESETS[name]().object_encoder if name in PRESETS else ObjectEncoderConfig()
+        if kind != base.kind:  # each backbone has its own input-size constraint
+            oe["image_size"] = {"dinov2": 224, "mobilenetv2": 96, "small": 64}[kind]
+        oe["kind"] = kind
+    if "dinov2_path" in p:
+        oe["weights_path"] = p.pop("dinov2_path")
+    if oe:
+        over["object_encoder"] = oe
+    if p:
+        raise ValueError(f"model params: no mapping to PICSConfig for {sorted(p)}")
+    return get_preset(name, **over)
+
+
+def dump(cfg: PICSConfig) -> dict:
+    return json.loads(cfg.to_json())

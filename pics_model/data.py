@@ -1,0 +1,273 @@
+"""Turn one decoded sample into model tensors, and batch them.
+
+The same geometry is used at training (`build_item`) and inference (`PICSPipeline` calls
+`build_item` too), so boxes, hint and routing masks can never drift apart between the two.
+
+Geometry: the image is padded to a centred square of side S = max(H, W) (black padding) and
+resized to R. A box in source pixels maps to ``(x + left) * R / S``. Routing masks and the hint's
+mask channel use the *expanded* boxes (design notes: the reference's "overlap" is the
+intersection of the expanded boxes, not of the silhouettes).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "AugmentConfig", "rotate_object", "augment_object", "expand_boxes", "tight_box_from_mask",
+    "square_geometry", "rasterize_boxes", "build_item", "collate",
+]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Object-side augmentation, applied identically to a patch, its mask and its prior views.
+
+    Defaults: the reference's probabilities; the rotation range is the paper's U(-pi/6, pi/6)
+    (the reference code used +-15 deg).
+    """
+
+    flip_p: float = 0.2
+    color_p: float = 0.3
+    brightness: float = 0.1  # additive, as a fraction of full range
+    contrast: float = 0.1  # multiplicative around the mean
+    rotate_p: float = 0.5
+    rotate_max_deg: float = math.degrees(math.pi / 6)
+
+
+def _check(cond: bool, source: str | None, field: str, msg: str) -> None:
+    if not cond:
+        where = f"{source}: " if source else ""
+        raise ValueError(f"{where}sample field {field!r}: {msg}")
+
+
+def rotate_object(patch: np.ndarray, mask: np.ndarray | None, priors: np.ndarray | None,
+                  angle_deg: float) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """In-plane rotation about the centre, counter-clockwise, same canvas size.
+
+    patch [P,P,3] uint8 and priors [K,R,R,3] uint8 are refilled with white (the object patches'
+    background); mask [P,P] uint8 is refilled with 0. Bilinear for images, nearest for the mask.
+    """
+    out = np.asarray(Image.fromarray(patch).rotate(angle_deg, Image.Resampling.BILINEAR,
+                                                   fillcolor=(255, 255, 255)))
+    m = None if mask is None else np.asarray(
+        Image.fromarray(mask).rotate(angle_deg, Image.Resampling.NEAREST, fillcolor=0))
+    pr = None if priors is None else np.stack([
+        np.asarray(Image.fromarray(v).rotate(angle_deg, Image.Resampling.BILINEAR, fillcolor=(255, 255, 255)))
+        for v in priors])
+    return out, m, pr
+
+
+def augment_object(patch, mask, priors, rng: np.random.Generator, cfg: AugmentConfig):
+    """Random flip / brightness-contrast / rotation, one draw shared by patch, mask and priors."""
+    if rng.random() < cfg.flip_p:
+        patch = patch[:, ::-1].copy()
+        mask = None if mask is None else mask[:, ::-1].copy()
+        priors = None if priors is None else priors[:, :, ::-1].copy()
+    if rng.random() < cfg.color_p:
+        b = rng.uniform(-cfg.brightness, cfg.brightness) * 255.0
+        c = 1.0 + rng.uniform(-cfg.contrast, cfg.contrast)
+
+        def bc(x):
+            xf = x.astype(np.float32)
+            return np.clip((xf - xf.mean()) * c + xf.mean() + b, 0, 255).astype(np.uint8)
+        patch = bc(patch)
+        priors = None if priors is None else np.stack([bc(v) for v in priors])
+    if rng.random() < cfg.rotate_p:
+        patch, mask, priors = rotate_object(patch, mask, priors,
+                                            float(rng.uniform(-cfg.rotate_max_deg, cfg.rotate_max_deg)))
+    return patch, mask, priors
+
+
+def expand_boxes(boxes: np.ndarray, factor: float | np.ndarray, width: int, height: int) -> np.ndarray:
+    """Scale xyxy boxes about their centres by ``factor`` (scalar or per box), clipped to the image.
+
+    The decompose stage draws factor ~ U[1.1, 1.2) per box; inference uses the midpoint 1.15.
+    """
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    f = np.broadcast_to(np.asarray(factor, np.float32), (len(b),))[:, None]
+    c = (b[:, :2] + b[:, 2:]) / 2
+    half = (b[:, 2:] - b[:, :2]) / 2 * f
+    out = np.concatenate([c - half, c + half], 1)
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, width)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, height)
+    return out
+
+
+def tight_box_from_mask(mask: np.ndarray) -> np.ndarray:
+    """xyxy (exclusive max) box of a non-empty [H,W] mask."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        raise ValueError("empty object mask: no box")
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+
+
+def square_geometry(height: int, width: int) -> tuple[int, int, int]:
+    """(S, top, left): the centred square pad of an H x W image."""
+    s = max(height, width)
+    return s, (s - height) // 2, (s - width) // 2
+
+
+def rasterize_boxes(boxes: np.ndarray, size: int) -> np.ndarray:
+    """[N,4] xyxy boxes in pixel units of a size x size grid -> [N,size,size] float32 0/1.
+
+    A pixel belongs to a box when its centre is inside; a box too small to hold a pixel centre
+    still gets the pixel under its centre, so no object silently loses its region.
+    """
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    centres = np.arange(size, dtype=np.float32) + 0.5
+    inx = (centres[None] >= b[:, 0:1]) & (centres[None] < b[:, 2:3])
+    iny = (centres[None] >= b[:, 1:2]) & (centres[None] < b[:, 3:4])
+    m = (iny[:, :, None] & inx[:, None, :]).astype(np.float32)
+    for i in np.nonzero(m.reshape(len(b), -1).sum(1) == 0)[0]:
+        cx = int(np.clip((b[i, 0] + b[i, 2]) / 2, 0, size - 1))
+        cy = int(np.clip((b[i, 1] + b[i, 3]) / 2, 0, size - 1))
+        m[i, cy, cx] = 1.0
+    return m
+
+
+def _resize_rgb(img: np.ndarray, size: int) -> np.ndarray:
+    if img.shape[0] == size and img.shape[1] == size:
+        return img
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def _to_unit(img: np.ndarray) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).float().div_(255.0).movedim(-1, -3)
+
+
+def build_item(sample: dict, resolution: int, rng: np.random.Generator | None,
+               augment: AugmentConfig | None = None, object_size: int | None = None,
+               source: str | None = None) -> dict[str, torch.Tensor]:
+    """One decoded sample -> tensors for `PICSModel.training_loss` / the pipeline.
+
+    sample: {"image": uint8 [H,W,3], "boxes_expanded": float [N,4] xyxy source px,
+             "patches": uint8 [N,P,P,3] (white background), "patch_masks": uint8 [N,P,P] (255 inside;
+             optional), "priors": uint8 [N,K,V,V,3] or None (optional)}
+    resolution: R. rng/augment: object augmentation (both needed; None -> deterministic).
+    object_size: P' for "objects"/"priors" (default: keep P; the model resizes to its encoder size).
+    source: a file/sample name to put in error messages.
+
+    Returns: "target" [3,R,R] in [-1,1]; "hint" [4,R,R] (RGB in [-1,1] with every expanded box
+    set to 0, then the mask channel: 1 in the union of boxes, 0 background, -1 square padding);
+    "objects" [N,3,P',P'] in [0,1]; "routing_masks" [N,R,R] 0/1; "valid" [R,R] (1 inside the
+    original image); "boxes" [N,4] expanded boxes in R px; "crop" [4] = the image's xyxy in R px;
+    "priors" [N,K,3,P',P'] in [0,1] when the sample has priors.
+    """
+    img = sample.get("image")
+    _check(isinstance(img, np.ndarray) and img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8,
+           source, "image", f"expected uint8 [H,W,3], got {getattr(img, 'dtype', type(img))} "
+                            f"{getattr(img, 'shape', '')}")
+    h, w = img.shape[:2]
+    boxes = np.asarray(sample.get("boxes_expanded"), dtype=np.float32)
+    _check(boxes.ndim == 2 and boxes.shape[1] == 4 and len(boxes) >= 1, source, "boxes_expanded",
+           f"expected float [N,4] xyxy with N >= 1, got shape {boxes.shape}")
+    _check(bool(np.isfinite(boxes).all()), source, "boxes_expanded", "non-finite coordinates")
+    boxes = boxes.copy()
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+    _check(bool(((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()), source, "boxes_expanded",
+           f"empty box after clipping to the {w}x{h} image: {boxes.tolist()}")
+    n = len(boxes)
+    patches = sample.get("patches")
+    _check(isinstance(patches, np.ndarray) and patches.dtype == np.uint8 and patches.ndim == 4
+           and patches.shape[0] == n and patches.shape[3] == 3 and patches.shape[1] == patches.shape[2],
+           source, "patches", f"expected uint8 [N={n},P,P,3], got {getattr(patches, 'dtype', type(patches))} "
+                              f"{getattr(patches, 'shape', '')}")
+    pmasks = sample.get("patch_masks")
+    if pmasks is not None:
+        _check(isinstance(pmasks, np.ndarray) and pmasks.shape == patches.shape[:3], source, "patch_masks",
+               f"expected [N,P,P] = {patches.shape[:3]}, got {getattr(pmasks, 'shape', type(pmasks))}")
+    priors = sample.get("priors")
+    if priors is not None:
+        _check(isinstance(priors, np.ndarray) and priors.dtype == np.uint8 and priors.ndim == 5
+               and priors.shape[0] == n and priors.shape[4] == 3, source, "priors",
+               f"expected uint8 [N={n},K,V,V,3], got {getattr(priors, 'dtype', type(priors))} "
+               f"{getattr(priors, 'shape', '')}")
+
+    r = int(resolution)
+    s, top, left = square_geometry(h, w)
+    canvas = np.zeros((s, s, 3), np.uint8)
+    canvas[top:top + h, left:left + w] = img
+    target = _to_unit(_resize_rgb(canvas, r)) * 2.0 - 1.0
+
+    scale = r / s
+    boxes_r = (boxes + np.array([left, top, left, top], np.float32)) * scale
+    routing = rasterize_boxes(boxes_r, r)
+    crop = np.array([left, top, left + w, top + h], np.float32) * scale
+    valid = rasterize_boxes(crop[None], r)[0]
+    union = routing.max(0)
+    mask_ch = np.where(valid > 0, union, -1.0).astype(np.float32)
+    hint_rgb = target * torch.from_numpy(1.0 - union)[None]
+    hint = torch.cat([hint_rgb, torch.from_numpy(mask_ch)[None]], 0)
+
+    size = object_size or patches.shape[1]
+    objs, pri = [], []
+    for i in range(n):
+        p = patches[i]
+        m = None if pmasks is None else pmasks[i]
+        pr = None if priors is None else priors[i]
+        if rng is not None and augment is not None:
+            p, m, pr = augment_object(p, m, pr, rng, augment)
+        objs.append(_to_unit(_resize_rgb(p, size)))
+        if pr is not None:
+            pri.append(_to_unit(np.stack([_resize_rgb(v, size) for v in pr])))
+    out = {
+        "target": target.contiguous(),
+        "hint": hint.contiguous(),
+        "objects": torch.stack(objs),
+        "routing_masks": torch.from_numpy(routing),
+        "valid": torch.from_numpy(valid),
+        "boxes": torch.from_numpy(boxes_r),
+        "crop": torch.from_numpy(crop),
+    }
+    if pri:
+        out["priors"] = torch.stack(pri)
+    return out
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack items; pad the object axis to the largest N with zeros and mark it in "object_valid".
+
+    Batch: target [B,3,R,R], hint [B,4,R,R], valid [B,R,R], crop [B,4], objects [B,N,3,P,P],
+    routing_masks [B,N,R,R], boxes [B,N,4], object_valid [B,N] bool; when any item has priors:
+    priors [B,N,K,3,P,P] (zeros where absent) and prior_valid [B,N] bool.
+    """
+    if not items:
+        raise ValueError("collate: empty batch")
+    b = len(items)
+    n = max(it["objects"].shape[0] for it in items)
+    out = {k: torch.stack([it[k] for it in items]) for k in ("target", "hint", "valid", "crop")}
+    obj0 = items[0]["objects"]
+    objects = obj0.new_zeros((b, n) + tuple(obj0.shape[1:]))
+    routing = items[0]["routing_masks"].new_zeros((b, n) + tuple(items[0]["routing_masks"].shape[1:]))
+    boxes = torch.zeros(b, n, 4)
+    valid = torch.zeros(b, n, dtype=torch.bool)
+    for i, it in enumerate(items):
+        k = it["objects"].shape[0]
+        if it["objects"].shape[1:] != obj0.shape[1:]:
+            raise ValueError(f"collate: item {i} objects {tuple(it['objects'].shape)} vs {tuple(obj0.shape)}")
+        objects[i, :k] = it["objects"]
+        routing[i, :k] = it["routing_masks"]
+        boxes[i, :k] = it["boxes"]
+        valid[i, :k] = True
+    out.update(objects=objects, routing_masks=routing, boxes=boxes, object_valid=valid)
+    with_priors = [it for it in items if "priors" in it]
+    if with_priors:
+        shape = with_priors[0]["priors"].shape[1:]
+        if any(it["priors"].shape[1:] != shape for it in with_priors):
+            raise ValueError("collate: items disagree on the priors' shape [K,3,P,P]")
+        priors = torch.zeros((b, n) + tuple(shape))
+        pvalid = torch.zeros(b, n, dtype=torch.bool)
+        for i, it in enumerate(items):
+            if "priors" in it:
+                k = it["priors"].shape[0]
+                priors[i, :k] = it["priors"]
+                pvalid[i, :k] = True
+        out.update(priors=priors, prior_valid=pvalid)
+    return out
