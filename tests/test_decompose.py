@@ -19,7 +19,7 @@ from tasks import shards
 from tasks.decompose import webdataset
 from tasks.decompose.inputs import InputError
 from tasks.decompose.pipeline import prepare, run_serial
-from tasks.decompose.synthetic import rect, write_dataset, write_synthetic_lvis
+from tasks.decompose.synthetic import rect, write_dataset, write_reference_tar, write_synthetic_lvis
 from tasks.decompose.visualize import HEADER, TILE, write_sample_grid
 from tasks.params import DecomposeParams
 
@@ -287,44 +287,9 @@ def test_shard_helpers(decomposed, tmp_path):
 
 # -- WebDataset importer ---------------------------------------------------------------------------
 
-def _png(arr) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _reference_tar(path, n_good=2):
-    """A tar like the reference's: bg.jpg, objK.png (crop on white), maskK.png (full size)."""
-    rng = np.random.default_rng(0)
-    expect = {}
-    with tarfile.open(path, "w") as tf:
-        def add(name, data):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-
-        for k in range(n_good + 1):
-            key = f"lvis/{k:06d}"
-            bg = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(bg).save(buf, format="JPEG")
-            add(f"{key}.bg.jpg", buf.getvalue())
-            masks = []
-            for j, (x0, y0, x1, y1) in enumerate([(10, 10, 60, 70), (40, 30, 110, 80)]):
-                m = np.zeros((90, 120), np.uint8)
-                m[y0:y1, x0:x1] = 255
-                crop = np.where(m[y0:y1, x0:x1, None] > 0, bg[y0:y1, x0:x1], 255).astype(np.uint8)
-                add(f"{key}.obj{j}.png", _png(crop))
-                if not (k == n_good and j == 1):  # the last sample lacks mask1
-                    add(f"{key}.mask{j}.png", _png(m))
-                masks.append(m // 255)
-            expect[key] = (buf.getvalue(), masks)
-    return expect
-
-
 def test_webdataset_import(tmp_path):
     tar = tmp_path / "lvis-000000.tar"
-    expect = _reference_tar(tar)
+    expect = write_reference_tar(tar)
     out = tmp_path / "out"
     res = webdataset.import_tar(str(tar), str(out), 0, params())
     m = webdataset.finalize(out, [res], params(), [str(tar)])

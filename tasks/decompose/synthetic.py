@@ -140,3 +140,44 @@ def write_dataset(out: str | Path, images: list[dict], fmt: str = "lvis_v1", cat
     ann_path = out / "annotations.json"
     ann_path.write_text(json.dumps({"images": recs, "annotations": anns, "categories": cats}))
     return ann_path, img_dir
+
+
+def write_reference_tar(path: str | Path, n_good: int = 2, seed: int = 0) -> dict[str, tuple[bytes, list[np.ndarray]]]:
+    """A tar laid out like the reference's WebDataset shards (``bg.jpg``, ``objK.png`` = the object
+    cropped to its box on white, ``maskK.png`` = full-size mask), with ``n_good`` complete samples
+    and one more that lacks ``mask1.png``. Returns key -> (bg.jpg bytes, [mask0, mask1] in {0, 1})."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    def png(arr) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        return buf.getvalue()
+
+    rng = np.random.default_rng(seed)
+    expect = {}
+    with tarfile.open(path, "w") as tf:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+        for k in range(n_good + 1):
+            key = f"lvis/{k:06d}"
+            bg = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(bg).save(buf, format="JPEG")
+            add(f"{key}.bg.jpg", buf.getvalue())
+            masks = []
+            for j, (x0, y0, x1, y1) in enumerate([(10, 10, 60, 70), (40, 30, 110, 80)]):
+                m = np.zeros((90, 120), np.uint8)
+                m[y0:y1, x0:x1] = 255
+                crop = np.where(m[y0:y1, x0:x1, None] > 0, bg[y0:y1, x0:x1], 255).astype(np.uint8)
+                add(f"{key}.obj{j}.png", png(crop))
+                if not (k == n_good and j == 1):
+                    add(f"{key}.mask{j}.png", png(m))
+                masks.append(m // 255)
+            expect[key] = (buf.getvalue(), masks)
+    return expect
