@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,13 +15,14 @@ import numpy as np
 from PIL import Image
 
 from tasks.make_sample.annotate import bbox_xywh, depth_order, encode_rle, segmentation
-from tasks.make_sample.layout import build_scene, compose_scene
+from tasks.make_sample.layout import build_scene, compose_scene, reframe
 from tasks.make_sample.renderer import get_renderer
 from tasks.make_sample.shapes import CATEGORIES
 from tasks.params import MakeSampleParams
 
 ANNOTATIONS = "annotations.json"
 IMAGES = "images"
+CAMERA_ATTEMPTS = 4  # a hidden object gets up to 3 higher cameras before it is left out
 
 
 def file_name(index: int, fmt: str) -> str:
@@ -36,19 +38,43 @@ def _encode_image(rgb: np.ndarray, p: MakeSampleParams) -> bytes:
     return buf.getvalue()
 
 
-def render_image(p: MakeSampleParams, index: int, images_dir: Path) -> dict:
-    """Render image ``index``, write it under ``images_dir``; return its image record, its
-    annotations (ids still local to the image) and the objects left out with their reason."""
+def render_views(p: MakeSampleParams, index: int):
+    """Compose and render image ``index``: (scene spec, views, seconds spent composing).
+
+    A hidden object (fewer than ``min_visible_pixels`` visible) gets up to three higher cameras;
+    the view showing most objects wins."""
     renderer = get_renderer(p.width, p.height)
+    t0 = time.perf_counter()
     rng = np.random.default_rng(np.random.SeedSequence([p.seed, index]))
     n = int(rng.integers(p.min_objects, p.max_objects + 1))
-    spec = compose_scene(rng, renderer, n, p.width / p.height)
-    scene, nodes = build_scene(renderer.pyrender, spec, p.width, p.height)
-    views = renderer.render(scene, nodes, p.width, p.height, shadows=p.shadows)
+    aspect = p.width / p.height
+    spec = compose_scene(rng, renderer, n, aspect)
+    t_layout = time.perf_counter() - t0
+    best = None
+    for attempt in range(CAMERA_ATTEMPTS):
+        if attempt:
+            reframe(rng, spec, aspect)
+        scene, nodes = build_scene(renderer.pyrender, spec, p.width, p.height)
+        labels = renderer.labels(scene, nodes, p.width, p.height)
+        shown = int(sum((labels == k + 1).sum() >= p.min_visible_pixels for k in range(n)))
+        if best is None or shown > best[0]:
+            best = (shown, spec.camera_pose, spec.yfov, spec.info["view_dir"], scene, nodes, labels)
+        if shown == n:
+            break
+    _, spec.camera_pose, spec.yfov, spec.info["view_dir"], scene, nodes, labels = best
+    views = renderer.render(scene, nodes, p.width, p.height, shadows=p.shadows, labels=labels)
+    return spec, views, t_layout
 
-    name = file_name(index, p.image_format)
-    (images_dir / name).write_bytes(_encode_image(views.rgb, p))
 
+def render_image(p: MakeSampleParams, index: int, images_dir: Path) -> dict:
+    """Render image ``index``, write it under ``images_dir``; return its image record, its
+    annotations (ids still local to the image), the objects left out with their reason, and
+    where the time went (not part of the dataset)."""
+    t0 = time.perf_counter()
+    spec, views, t_layout = render_views(p, index)
+    t_render = time.perf_counter() - t0 - t_layout
+
+    t1 = time.perf_counter()
     kept, omitted = [], []
     for k, obj in enumerate(spec.objects):
         vis = int((views.labels == k + 1).sum())
@@ -57,8 +83,8 @@ def render_image(p: MakeSampleParams, index: int, images_dir: Path) -> dict:
             kept.append(k)
             continue
         reason = "out_of_frame" if amo == 0 else ("fully_hidden" if vis == 0 else "too_few_visible_pixels")
-        omitted.append({"image_id": index + 1, "category_id": obj.category.id, "reason": reason,
-                        "visible_pixels": vis, "amodal_pixels": amo})
+        omitted.append({"image_id": index + 1, "object_index": k, "category_id": obj.category.id,
+                        "reason": reason, "visible_pixels": vis, "amodal_pixels": amo})
 
     ranks = depth_order(views.amodal[kept], views.depth[kept]) if kept else []
     anns, formats = [], Counter()
@@ -70,7 +96,7 @@ def render_image(p: MakeSampleParams, index: int, images_dir: Path) -> dict:
         # who covers part of this object: the labels seen inside its amodal silhouette
         cover = sorted({int(v) - 1 for v in np.unique(views.labels[amodal]) if v and v != k + 1})
         anns.append({
-            "local": k,
+            "object_index": k,
             "category_id": spec.objects[k].category.id,
             "segmentation": segm,
             "area": float(vis.sum()),
@@ -84,9 +110,15 @@ def render_image(p: MakeSampleParams, index: int, images_dir: Path) -> dict:
             "occluded_by_local": [c for c in cover if c in kept],
             "placement": spec.objects[k].mode,
         })
+    t_annotate = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    name = file_name(index, p.image_format)
+    (images_dir / name).write_bytes(_encode_image(views.rgb, p))
     image = {"id": index + 1, "width": p.width, "height": p.height, "file_name": name,
              "coco_url": f"{IMAGES}/{name}", "license": 1, "not_exhaustive_category_ids": []}
-    return {"image": image, "annotations": anns, "omitted": omitted, "formats": dict(formats)}
+    timing = {"layout": t_layout, "render": t_render, "annotate": t_annotate, "encode_write": time.perf_counter() - t2}
+    return {"image": image, "annotations": anns, "omitted": omitted, "formats": dict(formats), "timing": timing}
 
 
 def render_images(p: MakeSampleParams, indices: list[int], images_dir: str | Path) -> list[dict]:
@@ -109,11 +141,11 @@ def assemble(p: MakeSampleParams, results: list[dict]) -> dict:
     img_count, inst_count = Counter(), Counter()
     next_id = 1
     for res in results:
-        local_to_id = {a["local"]: next_id + i for i, a in enumerate(res["annotations"])}
+        local_to_id = {a["object_index"]: next_id + i for i, a in enumerate(res["annotations"])}
         present = set()
         for a in res["annotations"]:
-            rec = {"id": local_to_id[a["local"]], "image_id": res["image"]["id"]}
-            rec.update({k: v for k, v in a.items() if k not in ("local", "occluded_by_local")})
+            rec = {"id": local_to_id[a["object_index"]], "image_id": res["image"]["id"]}
+            rec.update({k: v for k, v in a.items() if k != "occluded_by_local"})
             rec["occluded_by"] = [local_to_id[c] for c in a["occluded_by_local"]]
             annotations.append(rec)
             present.add(a["category_id"])
@@ -134,7 +166,9 @@ def assemble(p: MakeSampleParams, results: list[dict]) -> dict:
         formats.update(res["formats"])
     info = {"description": "pics embedded sample: procedurally rendered objects that rest on, touch "
                            "and occlude each other (trimesh + pyrender)",
-            "version": "1.0", "seed": p.seed, "params": p.model_dump(mode="json"),
+            "version": "1.0", "seed": p.seed,
+            # what shapes the data, not where or how fast it was made: same data, same bytes
+            "params": p.model_dump(mode="json", exclude={"out", "chunk_size", "num_workers"}),
             "segmentation_formats": dict(sorted(formats.items())),
             "omitted_objects": dict(sorted(Counter(o["reason"] for o in omitted).items()))}
     return {"info": info,

@@ -17,9 +17,10 @@ from tasks.make_sample.renderer import Renderer
 from tasks.make_sample.shapes import CATEGORIES, Category, Shape, random_color
 from tasks.make_sample.textures import texture
 
-PITCH = 0.01  # height-map cell, scene units (about 1 px at the default camera distance)
-WORLD_CELLS = 400  # the world height map covers 4 x 4 units around the origin
-LOCAL_CELLS = 96  # one object's height maps: 0.96 x 0.96 units, larger than any footprint
+PITCH = 0.005  # height-map cell, scene units (under 1 px at the default camera distance)
+WORLD_CELLS = 800  # the world height map covers 4 x 4 units around the origin
+CONTACT_GAP = 1e-4  # scene units between resting surfaces (far below a pixel)
+LOCAL_CELLS = 192  # one object's height maps: 0.96 x 0.96 units, larger than any footprint
 
 
 @dataclass
@@ -126,7 +127,7 @@ def place_objects(rng: np.random.Generator, renderer: Renderer, n: int, view_dir
         flat_top = bool(np.mean(top[foot] > hmax - 0.01) > 0.3)
         mode = "first"
         if k == 0:
-            c = field_.clamp(origin + rng.normal(0, 5, 2))
+            c = field_.clamp(origin + rng.normal(0, 0.05 / PITCH, 2))
         else:
             anchor = placed[rng.integers(len(placed))]
             can_stack = (anchor.flat_top and radius < anchor.radius * 1.3) or (
@@ -142,9 +143,9 @@ def place_objects(rng: np.random.Generator, renderer: Renderer, n: int, view_dir
                 cs, sn = np.cos(ang), np.sin(ang)
                 d = np.array([cs * view_dir[0] - sn * view_dir[1], sn * view_dir[0] + cs * view_dir[1]])
                 d_cells = d[::-1]  # (x, y) -> (row = y, col = x)
-                t_far = int(anchor.radius + radius + 3)
+                t_far = int(anchor.radius + radius + 0.03 / PITCH)
                 while t_far < WORLD_CELLS // 2 and field_.rest(field_.clamp(anchor.center + t_far * d_cells), bottom) > 1e-3:
-                    t_far += 4  # the start is blocked by a third object: start further out
+                    t_far += int(0.04 / PITCH)  # the start is blocked by a third object: start further out
                 c = field_.clamp(anchor.center + t_far * d_cells)
                 # slide in from far until the object would have to climb: it touches what it met
                 for t in range(t_far, -1, -1):
@@ -152,9 +153,11 @@ def place_objects(rng: np.random.Generator, renderer: Renderer, n: int, view_dir
                     if field_.rest(cand, bottom) > 1e-3:
                         break
                     c = cand
-                if rng.uniform() < 0.15:  # sometimes near but not touching
-                    c = field_.clamp(c + rng.integers(2, 10) * d_cells)
-        z = field_.rest(c, bottom)
+                if k > 1 and rng.uniform() < 0.1:  # sometimes near but not touching (never the first pair)
+                    c = field_.clamp(c + rng.uniform(0.01, 0.05) / PITCH * d_cells)
+        # 0.1 mm above its support: coplanar faces would z-fight, and which one wins then depends
+        # on pyrender's draw order, which follows set iteration (not reproducible between runs)
+        z = field_.rest(c, bottom) + CONTACT_GAP
         field_.add(c, top, z)
         pose = np.eye(4)
         pose[:2, 3] = _translation(c)
@@ -165,11 +168,9 @@ def place_objects(rng: np.random.Generator, renderer: Renderer, n: int, view_dir
     return placed
 
 
-def compose_scene(rng: np.random.Generator, renderer: Renderer, n_objects: int, aspect: float) -> SceneSpec:
-    azimuth = rng.uniform(0, 2 * np.pi)
-    view_dir = np.array([np.cos(azimuth), np.sin(azimuth)])
-    objects = place_objects(rng, renderer, n_objects, view_dir)
-
+def _frame(rng: np.random.Generator, objects: list[Placed], view_dir: np.ndarray, aspect: float,
+           elevation_deg: tuple[float, float]) -> tuple[np.ndarray, float, np.ndarray, float]:
+    """A camera on ``view_dir``'s side that sees the whole cluster: (pose, yfov, centre, radius)."""
     corners = np.concatenate([trimesh.transform_points(o.shape.mesh.bounding_box.vertices, o.pose)
                               for o in objects])
     center = (corners.min(0) + corners.max(0)) / 2
@@ -178,10 +179,17 @@ def compose_scene(rng: np.random.Generator, renderer: Renderer, n_objects: int, 
     yfov = np.deg2rad(rng.uniform(38, 58))
     hfov = 2 * np.arctan(np.tan(yfov / 2) * aspect)
     dist = radius / np.sin(min(yfov, hfov) / 2) * rng.uniform(0.85, 1.2)
-    elev = np.deg2rad(rng.uniform(8, 42))
+    elev = np.deg2rad(rng.uniform(*elevation_deg))
     eye = center + dist * np.array([np.cos(elev) * view_dir[0], np.cos(elev) * view_dir[1], np.sin(elev)])
     target = center + rng.normal(0, 0.03 * radius, 3)
-    camera_pose = _look_at(eye, target)
+    return _look_at(eye, target), float(yfov), center, radius
+
+
+def compose_scene(rng: np.random.Generator, renderer: Renderer, n_objects: int, aspect: float) -> SceneSpec:
+    azimuth = rng.uniform(0, 2 * np.pi)
+    view_dir = np.array([np.cos(azimuth), np.sin(azimuth)])
+    objects = place_objects(rng, renderer, n_objects, view_dir)
+    camera_pose, yfov, center, radius = _frame(rng, objects, view_dir, aspect, (8, 42))
 
     sun_az, sun_el = rng.uniform(0, 2 * np.pi), np.deg2rad(rng.uniform(30, 75))
     sun_dir = -np.array([np.cos(sun_el) * np.cos(sun_az), np.cos(sun_el) * np.sin(sun_az), np.sin(sun_el)])
@@ -191,7 +199,7 @@ def compose_scene(rng: np.random.Generator, renderer: Renderer, n_objects: int, 
     return SceneSpec(
         objects=objects,
         camera_pose=camera_pose,
-        yfov=float(yfov),
+        yfov=yfov,
         ground=texture(rng),
         ground_tile=float(rng.uniform(0.4, 2.0)),
         wall=texture(rng) if has_wall else None,
@@ -203,8 +211,19 @@ def compose_scene(rng: np.random.Generator, renderer: Renderer, n_objects: int, 
         sun_pose=sun_pose,
         sun_color=tint,
         sun_intensity=float(rng.uniform(2.0, 4.5)),
-        info={"view_dir": view_dir},
+        info={"view_dir": view_dir, "azimuth": azimuth, "reframed": 0},
     )
+
+
+def reframe(rng: np.random.Generator, spec: SceneSpec, aspect: float) -> None:
+    """Another, higher camera for a scene where an object is hidden: a look from above the
+    occluder. The backdrop turns with the camera; objects, lights and textures stay."""
+    k = spec.info["reframed"] = spec.info["reframed"] + 1
+    az = spec.info["azimuth"] + rng.uniform(-0.5, 0.5)
+    view_dir = np.array([np.cos(az), np.sin(az)])
+    lo = min(20.0 + 12.0 * k, 60.0)
+    spec.camera_pose, spec.yfov, _, _ = _frame(rng, spec.objects, view_dir, aspect, (lo, lo + 15.0))
+    spec.info["view_dir"] = view_dir
 
 
 def _grid(pyrender, origin: np.ndarray, du: np.ndarray, dv: np.ndarray, tex: np.ndarray, tile: float, n: int = 8):
@@ -232,8 +251,7 @@ def build_scene(pyrender, spec: SceneSpec, width: int, height: int):
     for o in spec.objects:
         m, s = o.shape.mesh, o.shape
         mat = pyrender.MetallicRoughnessMaterial(baseColorFactor=[1.0, 1.0, 1.0, 1.0], metallicFactor=s.metallic,
-                                                 roughnessFactor=s.roughness, alphaMode="OPAQUE",
-                                                 doubleSided=True)
+                                                 roughnessFactor=s.roughness, alphaMode="OPAQUE")
         prim = pyrender.Primitive(positions=m.vertices.astype(np.float32),
                                   normals=m.vertex_normals.astype(np.float32),
                                   color_0=s.colors, indices=m.faces, material=mat)
@@ -249,7 +267,8 @@ def build_scene(pyrender, spec: SceneSpec, width: int, height: int):
         back = spec.center[:2] - v * spec.wall_distance
         side = np.array([-v[1], v[0]])
         w = 6.0
-        scene.add(_grid(pyrender, np.array([*(back - w * side), 0.0]), np.array([*(2 * w * side), 0.0]),
+        # the wall starts below the ground so the ground hides its foot: no shared, z-fighting edge
+        scene.add(_grid(pyrender, np.array([*(back - w * side), -0.05]), np.array([*(2 * w * side), 0.0]),
                         np.array([0, 0, 4.0]), spec.wall, spec.wall_tile))
 
     cam = pyrender.PerspectiveCamera(yfov=spec.yfov, aspectRatio=width / height, znear=0.05, zfar=30.0)
