@@ -85,8 +85,9 @@ def ann_mask(ann: dict, h: int, w: int) -> tuple[dict, int, np.ndarray | None]:
 
 
 def decode(rle: dict) -> np.ndarray:
-    """uint8 [h, w] in {0, 1}, C-contiguous."""
-    return np.ascontiguousarray(mask_utils.decode(rle))
+    """uint8 [h, w] in {0, 1}, in pycocotools' Fortran order (copying it costs as much as decoding;
+    callers make small crops contiguous where OpenCV needs them)."""
+    return mask_utils.decode(rle)
 
 
 def rle_string(rle: dict) -> str:

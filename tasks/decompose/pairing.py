@@ -89,8 +89,8 @@ def contact_and_overlap(mask_a: np.ndarray, box_a, mask_b: np.ndarray, box_b, co
     y1 = min(int(np.ceil(min(box_a[3], box_b[3]))) + g, h)
     if x1 <= x0 or y1 <= y0:
         return 0, 0
-    a = mask_a[y0:y1, x0:x1]
-    b = mask_b[y0:y1, x0:x1]
+    a = np.ascontiguousarray(mask_a[y0:y1, x0:x1])
+    b = np.ascontiguousarray(mask_b[y0:y1, x0:x1])
     if not a.any() or not b.any():
         return 0, 0
     near_a, near_b = cv2.dilate(a, _disk(contact_px + 1)), cv2.dilate(b, _disk(contact_px + 1))

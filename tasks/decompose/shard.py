@@ -297,6 +297,7 @@ def process_shard(work: ShardWork, ctx: ShardContext) -> dict:
     import cv2
 
     cv2.setNumThreads(1)  # one core per Ray task; OpenCV's own threads would fight the other workers
+    cpu0 = time.process_time()
     timers = Timers()
     rows: list[dict] = []
     qrecs: list[QuarantineRecord] = []
@@ -335,4 +336,5 @@ def process_shard(work: ShardWork, ctx: ShardContext) -> dict:
             "quarantine": [asdict(r) for r in qrecs],
         }
         atomic.write_json(out / PROGRESS_DIR / f"{work.name}.json", record)
-    return {**record, "timings": timers.t}
+    # CPU seconds spent: a per-core rate that other processes on a shared machine do not distort
+    return {**record, "timings": timers.t, "cpu_s": time.process_time() - cpu0}
