@@ -180,6 +180,9 @@ class PICSConfig(_Cfg):
                              f"({len(self.vae.block_out_channels)}) so the hint lands on the latent grid")
         if self.unet.in_channels != self.vae.latent_channels:
             raise ValueError("unet.in_channels must equal vae.latent_channels")
+        vs, oe = self.shape_encoder.view_size, self.object_encoder
+        if vs and oe.kind == "dinov2" and vs % oe.dinov2.patch_size:
+            raise ValueError("shape_encoder.view_size must be a multiple of the DINOv2 patch size")
         return self
 
     @property

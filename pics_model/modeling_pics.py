@@ -325,56 +325,69 @@ class PICSModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def flops_per_sample(self, resolution: int | None = None, training: bool = True, num_objects: int = 2,
-                         overlap: float = 0.33, expert_mode: str | None = None, with_priors: bool = False) -> dict:
-        """FLOPs for one sample, counted by `torch.utils.flop_counter.FlopCounterMode` on a meta-device
-        copy (no memory, no compute): UNet + ControlNet forward (+ backward over the `reference`
-        trainable set when `training`), VAE encode and object encoding forward.
+                         overlap: float = 0.33, expert_mode: str | None = None, with_priors: bool = False,
+                         device: str = "meta") -> dict:
+        """FLOPs for one sample, counted by `torch.utils.flop_counter.FlopCounterMode` (2 per MAC):
+        UNet + ControlNet forward (+ backward over the `reference` trainable set when `training`),
+        VAE encode and object encoding forward. On the default meta device nothing is allocated or
+        computed (slow-ish Python dispatch, fine for the SD presets); ``device="cpu"`` counts on a
+        real copy (quicker for the tiny preset).
 
         Layout: `num_objects` equal square boxes in a row, neighbours sharing `overlap` of a box
         width (default 0.33 -> ~11% of the image in overlaps with 2 objects, as in the issue's
         profile), so the sparse count reflects that overlap fraction.
-        Returns {"denoiser", "vae_encode", "object_encoder", "total"} in FLOPs (2 per MAC).
+        Returns {"denoiser", "vae_encode", "object_encoder", "total"}.
         """
+        import copy
+
+        import numpy as np
         from torch.utils.flop_counter import FlopCounterMode
+
+        from .data import rasterize_boxes
 
         cfg = self.config.model_copy(deep=True)
         r = resolution or cfg.resolution
         cfg.resolution = r
         mode = expert_mode or cfg.itb.expert_mode
-        with torch.device("meta"):
-            meta = PICSModel(cfg, load_pretrained=False)
+        if device == "meta":
+            with torch.device("meta"):
+                net = PICSModel(cfg, load_pretrained=False)
+        else:
+            net = copy.deepcopy(self).to(device)
+            net.config = cfg
         if training:
-            meta.set_trainable("reference")
+            net.set_trainable("reference")
         lat = r // cfg.vae.downsample_factor
         n = num_objects
         side = r / (n - (n - 1) * overlap + 0.5)
-        boxes = [(side * (0.25 + i * (1 - overlap)), r * 0.3, side * (1.25 + i * (1 - overlap)), r * 0.3 + side)
-                 for i in range(n)]
-        from .data import rasterize_boxes
-        masks = torch.from_numpy(rasterize_boxes(__import__("numpy").array(boxes, dtype="float32"), r))[None]
+        boxes = np.array([(side * (0.25 + i * (1 - overlap)), r * 0.3, side * (1.25 + i * (1 - overlap)),
+                           r * 0.3 + side) for i in range(n)], np.float32)
+        masks = torch.from_numpy(rasterize_boxes(boxes, r))[None]
         s_obj = cfg.object_encoder.image_size
         out = {}
-        with torch.device("meta"):
+        with torch.device(device):
             objects = torch.zeros(1, n, 3, s_obj, s_obj)
-            codes = meta.encode_objects(objects)
+            priors = torch.zeros(1, n, cfg.shape_encoder.num_views, 3, s_obj, s_obj) if with_priors else None
+            with torch.no_grad():
+                codes = net.encode_objects(objects)
             counter = FlopCounterMode(display=False)
-            with counter:
-                meta.encode_objects(objects, torch.zeros(1, n, cfg.shape_encoder.num_views, 3, s_obj, s_obj)
-                                    if with_priors else None)
+            with counter, torch.no_grad():
+                net.encode_objects(objects, priors)
             out["object_encoder"] = counter.get_total_flops()
             counter = FlopCounterMode(display=False)
-            with counter:
-                meta.vae.encode(torch.zeros(1, 3, r, r))
+            with counter, torch.no_grad():
+                net.vae.encode(torch.zeros(1, 3, r, r))
             out["vae_encode"] = counter.get_total_flops()
-        ctx = RoutingContext(codes, masks, mode=mode, threshold=cfg.itb.mask_threshold)
+        ctx = RoutingContext(codes, masks.to(codes.device) if device != "meta" else masks, mode=mode,
+                             threshold=cfg.itb.mask_threshold)
         ctx.precompute([(lat >> i) ** 2 for i in range(len(cfg.unet.block_out_channels))])
-        ctx = ctx.to("meta")
-        with torch.device("meta"):
+        ctx = ctx.to(device)
+        with torch.device(device):
             noisy = torch.zeros(1, cfg.unet.in_channels, lat, lat)
             hint = torch.zeros(1, cfg.controlnet.conditioning_channels, r, r)
             counter = FlopCounterMode(display=False)
-            with counter:
-                pred = meta.denoise(noisy, torch.zeros(1, dtype=torch.long), hint, ctx)
+            with counter, torch.set_grad_enabled(training):
+                pred = net.denoise(noisy, torch.zeros(1, dtype=torch.long), hint, ctx)
                 if training:
                     pred.float().pow(2).mean().backward()
             out["denoiser"] = counter.get_total_flops()

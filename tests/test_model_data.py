@@ -1,0 +1,97 @@
+"""Item building: geometry of target/hint/routing masks, object augmentation, collate."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pics_model.data import (
+    AugmentConfig, augment_object, build_item, collate, expand_boxes, rasterize_boxes, rotate_object,
+    tight_box_from_mask,
+)
+from pics_model.testing import synthetic_sample
+
+
+def test_build_item_geometry():
+    rng = np.random.default_rng(0)
+    s = synthetic_sample(rng, n=2, height=48, width=80, views=3)
+    s["boxes_expanded"] = np.array([[0, 0, 40, 24], [20, 12, 80, 48]], np.float32)
+    it = build_item(s, 64, None)
+    assert it["target"].shape == (3, 64, 64) and it["hint"].shape == (4, 64, 64)
+    assert it["objects"].shape == (2, 3, 64, 64) and it["priors"].shape == (2, 3, 3, 64, 64)
+    assert it["target"].min() >= -1 and it["target"].max() <= 1
+    assert 0 <= it["objects"].min() and it["objects"].max() <= 1
+    # 80x48 -> centred in an 80x80 square (16 px bands top and bottom) -> 64: scale 0.8
+    top = 16 * 0.8
+    assert torch.allclose(it["crop"], torch.tensor([0, top, 64, top + 48 * 0.8]))
+    assert torch.allclose(it["boxes"][0], torch.tensor([0, top, 32, top + 24 * 0.8]))
+    valid, mask = it["valid"], it["hint"][3]
+    assert valid[:12].sum() == 0 and valid[13:51].all() and valid[52:].sum() == 0
+    assert (mask[valid == 0] == -1).all()  # square padding
+    union = it["routing_masks"].amax(0)
+    assert (mask[(valid == 1) & (union == 1)] == 1).all() and (mask[(valid == 1) & (union == 0)] == 0).all()
+    # every expanded box is zeroed in the hint's RGB, the rest is the target
+    assert (it["hint"][:3][:, union == 1] == 0).all()
+    assert torch.equal(it["hint"][:3][:, union == 0], it["target"][:, union == 0])
+    # the two boxes overlap
+    assert (it["routing_masks"].sum(0) == 2).any()
+
+
+def test_build_item_errors_name_the_field():
+    rng = np.random.default_rng(0)
+    s = synthetic_sample(rng)
+    with pytest.raises(ValueError, match="shard-7.parquet: sample field 'patches'"):
+        build_item({**s, "patches": s["patches"][:1]}, 64, None, source="shard-7.parquet")
+    with pytest.raises(ValueError, match="'boxes_expanded'.*empty box"):
+        build_item({**s, "boxes_expanded": np.array([[10, 10, 10, 30], [0, 0, 5, 5]], np.float32)}, 64, None)
+    with pytest.raises(ValueError, match="'image'"):
+        build_item({**s, "image": s["image"].astype(np.float32)}, 64, None)
+
+
+def test_rotate_object_refills_white_and_moves_mask_with_patch():
+    patch = np.full((33, 33, 3), 255, np.uint8)
+    mask = np.zeros((33, 33), np.uint8)
+    patch[2:8, 14:19] = (200, 10, 10)  # a red bar near the top
+    mask[2:8, 14:19] = 255
+    priors = np.full((2, 33, 33, 3), 255, np.uint8)
+    priors[:, 2:8, 14:19] = (10, 200, 10)
+    p, m, pr = rotate_object(patch, mask, priors, 90.0)  # counter-clockwise: top -> left
+    assert m[14:19, 2:8].min() == 255 and m[2:8, 14:19].max() == 0
+    assert (p[m > 0] == (200, 10, 10)).all() and (pr[:, m > 0] == (10, 200, 10)).all()
+    # corners rotated in from outside the canvas are white, mask zero
+    p, m, _ = rotate_object(np.zeros((33, 33, 3), np.uint8), np.full((33, 33), 255, np.uint8), None, 45.0)
+    assert (p[0, 0] == 255).all() and m[0, 0] == 0 and (p[16, 16] == 0).all()
+
+
+def test_augmentation_is_shared_by_patch_mask_and_priors():
+    rng = np.random.default_rng(3)
+    s = synthetic_sample(rng, n=1, views=2, view_size=64)
+    s["priors"][0] = s["patches"][0]  # priors identical to the patch ...
+    cfg = AugmentConfig(flip_p=1.0, color_p=0.0, rotate_p=1.0)
+    p, m, pr = augment_object(s["patches"][0], s["patch_masks"][0], s["priors"][0], rng, cfg)
+    assert (pr == p).all()  # ... stay identical after the shared flip + rotation
+    # outside the rotated mask: white background / refill (bilinear blends a 1-px rim)
+    assert (p[m == 0] > 200).all(-1).mean() > 0.95
+    assert not (p == s["patches"][0]).all()
+    assert math.isclose(AugmentConfig().rotate_max_deg, 30.0)  # the paper's pi/6
+
+
+def test_expand_and_rasterize():
+    b = expand_boxes(np.array([[10, 10, 30, 50]]), 1.2, 100, 52)
+    assert np.allclose(b, [[8, 6, 32, 52]])  # height clipped to the image
+    assert np.allclose(tight_box_from_mask(np.pad(np.ones((3, 4)), ((2, 0), (5, 0)))), [5, 2, 9, 5])
+    m = rasterize_boxes(np.array([[0, 0, 2, 2], [3.1, 3.1, 3.2, 3.2]]), 4)
+    assert m[0].sum() == 4 and m[1].sum() == 1  # a box holding no pixel centre keeps one pixel
+
+
+def test_collate_pads_objects_and_priors():
+    rng = np.random.default_rng(1)
+    a = build_item(synthetic_sample(rng, n=2, views=2), 32, None, object_size=32)
+    b = build_item(synthetic_sample(rng, n=3, views=None), 32, None, object_size=32)
+    batch = collate([a, b])
+    assert batch["objects"].shape == (2, 3, 3, 32, 32) and batch["routing_masks"].shape == (2, 3, 32, 32)
+    assert batch["object_valid"].tolist() == [[True, True, False], [True, True, True]]
+    assert batch["prior_valid"].tolist() == [[True, True, False], [False, False, False]]
+    assert batch["objects"][0, 2].abs().sum() == 0 and batch["routing_masks"][0, 2].sum() == 0

@@ -1,0 +1,97 @@
+"""Object encoders: the real MobileNetV2 weights, DINOv2 loaders (hub vs HF layout), no pickle."""
+from __future__ import annotations
+
+import importlib.resources
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pics_model.config import DinoV2Arch, ObjectEncoderConfig
+from pics_model.dinov2 import DinoV2ViT, load_dinov2_weights, read_state_dict
+from pics_model.object_encoder import MOBILENET_WEIGHTS, ObjectEncoder
+
+ARCH = DinoV2Arch(embed_dim=32, depth=2, num_heads=4, pos_embed_size=56, ffn="swiglu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_mobilenet_encoder_uses_the_shipped_imagenet_weights():
+    enc = ObjectEncoder(ObjectEncoderConfig(kind="mobilenetv2", image_size=96), context_dim=64)
+    path = importlib.resources.files(MOBILENET_WEIGHTS[0]) / MOBILENET_WEIGHTS[1]
+    shipped = torch.load(str(path), map_location="cpu", weights_only=True)
+    ours = enc.backbone.features.state_dict()
+    assert torch.equal(ours["0.0.weight"], shipped["features.0.0.weight"])
+    assert torch.equal(ours["18.1.running_var"], shipped["features.18.1.running_var"])
+    assert not any(p.requires_grad for p in enc.backbone.parameters())
+    enc.train()
+    assert not enc.backbone.training  # frozen BatchNorm statistics stay fixed
+    codes = enc(torch.rand(3, 3, 64, 64))  # resized to 96 -> 3x3 map + pooled token
+    assert codes.shape == (3, 10, 64)
+
+
+def _hf_layout(sd: dict) -> dict:
+    """Our (torch-hub) DINOv2 keys -> transformers' Dinov2Model keys, for the loader test."""
+    out = {"embeddings.cls_token": sd["cls_token"], "embeddings.mask_token": sd["mask_token"][0:1].reshape(1, -1),
+           "embeddings.position_embeddings": sd["pos_embed"],
+           "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+           "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+           "layernorm.weight": sd["norm.weight"], "layernorm.bias": sd["norm.bias"]}
+    names = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.output.dense",
+             "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1",
+             "mlp.w12": "mlp.weights_in", "mlp.w3": "mlp.weights_out"}
+    for i in range(ARCH.depth):
+        for ours, hf in names.items():
+            for k, v in sd.items():
+                if k.startswith(f"blocks.{i}.{ours}"):
+                    out[f"encoder.layer.{i}.{hf}{k[len(f'blocks.{i}.{ours}'):]}"] = v
+        for kind in ("weight", "bias"):
+            q, k_, v_ = sd[f"blocks.{i}.attn.qkv.{kind}"].chunk(3, 0)
+            for name, t in (("query", q), ("key", k_), ("value", v_)):
+                out[f"encoder.layer.{i}.attention.attention.{name}.{kind}"] = t.contiguous()
+    return out
+
+
+def test_dinov2_hub_and_hf_layouts_load_the_same_network(tmp_path):
+    torch.manual_seed(0)
+    src = DinoV2ViT(ARCH)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    torch.save(sd, tmp_path / "dinov2_hub.pth")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file(_hf_layout(sd), hf / "model.safetensors")
+    (hf / "config.json").write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                "patch_size": 14, "image_size": 56, "mlp_ratio": 4.0,
+                                                "use_swiglu_ffn": True}))
+    a, b = DinoV2ViT(ARCH), DinoV2ViT(ARCH)
+    load_dinov2_weights(a, tmp_path / "dinov2_hub.pth")
+    load_dinov2_weights(b, hf)
+    x = torch.randn(2, 3, 28, 42)  # not the pretraining grid: position embeddings are interpolated
+    with torch.no_grad():
+        ya, yb, ys = a(x), b(x), src(x)
+    assert ya.shape == (2, 1 + 2 * 3, 32)
+    assert torch.equal(ya, ys) and torch.allclose(ya, yb, atol=1e-6)
+    with pytest.raises(ValueError, match="does not match"):
+        load_dinov2_weights(DinoV2ViT(ARCH.model_copy(update={"depth": 3})), hf)
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"state_dict": {"w": Evil()}}, f)
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        read_state_dict(tmp_path / "evil.pth")

@@ -1,0 +1,173 @@
+"""The Interaction Transformer Block on its own: vanilla equivalence, dense == sparse, order
+invariance, alpha behaviour, background identity, gradients."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers.models.attention import BasicTransformerBlock
+
+from pics_model.interaction_block import InteractionTransformerBlock, RoutingContext, build_plan
+
+C, CTX, HEADS, L = 32, 24, 4, 5
+H = W = 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny ops: OpenMP threads only add sync overhead (and thrash on a loaded 2-core box)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _block(seed=0):
+    torch.manual_seed(seed)
+    return BasicTransformerBlock(C, HEADS, C // HEADS, cross_attention_dim=CTX)
+
+
+def _trained_like(itb: InteractionTransformerBlock, seed=1):
+    """Move the zero-initialised parameters off zero, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in itb.new_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return itb
+
+
+def _layout(b=2, n=3):
+    m = torch.zeros(b, n, H, W)
+    m[:, 0, 0:5, 0:5] = 1
+    m[:, 1, 3:8, 3:8] = 1
+    if n > 2:
+        m[:, 2, 2:6, 1:4] = 1
+    if n > 3:
+        m[:, 3, 4:8, 0:6] = 1
+    return m
+
+
+def _run(itb, x, codes, masks, valid=None, mode="sparse", tau=None, sink=None):
+    ctx = RoutingContext(codes, masks, valid, mode=mode, tau=tau, alpha_sink=sink)
+    return itb(x, cross_attention_kwargs={"pics_routing": ctx})
+
+
+def test_no_routing_is_the_vanilla_block():
+    vanilla = _block()
+    itb = InteractionTransformerBlock(copy.deepcopy(vanilla))
+    x, ctx = torch.randn(2, H * W, C), torch.randn(2, L, CTX)
+    assert torch.equal(itb(x, encoder_hidden_states=ctx), vanilla(x, encoder_hidden_states=ctx))
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_untrained_itb_equals_vanilla_block(mode):
+    vanilla = _block()
+    itb = InteractionTransformerBlock(copy.deepcopy(vanilla))
+    x, code = torch.randn(2, H * W, C), torch.randn(2, 1, L, CTX)
+    # one object covering every token: the ITB is the vanilla block
+    out = _run(itb, x, code, torch.ones(2, 1, H, W), mode=mode)
+    assert torch.allclose(out, vanilla(x, encoder_hidden_states=code[:, 0]), atol=1e-6)
+    # three overlapping objects sharing one code, union = everything: untrained overlap expert is
+    # the alpha-weighted vanilla cross-attention, i.e. vanilla again
+    masks = torch.ones(2, 3, H, W)
+    masks[:, 0, :, 5:] = 0
+    masks[:, 1, :3] = 0
+    out = _run(itb, x, code.expand(2, 3, L, CTX), masks, mode=mode)
+    assert torch.allclose(out, vanilla(x, encoder_hidden_states=code[:, 0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_dense_equals_sparse(n):
+    itb = _trained_like(InteractionTransformerBlock(_block()))
+    x = torch.randn(2, H * W, C, requires_grad=True)
+    codes = torch.randn(2, n, L, CTX)
+    masks = _layout(2, n)
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[1, -1] = False  # a padding object in the second sample
+    sinks = {"sparse": [], "dense": []}
+    outs, grads = {}, {}
+    for mode in ("sparse", "dense"):
+        out = _run(itb, x, codes, masks, valid, mode, sink=sinks[mode])
+        (gx,) = torch.autograd.grad(out.square().sum(), x)
+        outs[mode], grads[mode] = out, gx
+    assert torch.allclose(outs["sparse"], outs["dense"], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(grads["sparse"], grads["dense"], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(sinks["sparse"][0][1], sinks["dense"][0][1], atol=1e-6)
+
+
+def test_dense_equals_sparse_without_overlap_and_without_objects():
+    itb = _trained_like(InteractionTransformerBlock(_block()))
+    x, codes = torch.randn(2, H * W, C), torch.randn(2, 2, L, CTX)
+    disjoint = torch.zeros(2, 2, H, W)
+    disjoint[:, 0, :3] = 1
+    disjoint[:, 1, 5:] = 1
+    for masks in (disjoint, torch.zeros(2, 2, H, W)):
+        assert torch.allclose(_run(itb, x, codes, masks, mode="sparse"), _run(itb, x, codes, masks, mode="dense"),
+                              atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_order_invariance(mode):
+    itb = _trained_like(InteractionTransformerBlock(_block()))
+    x, codes, masks = torch.randn(2, H * W, C), torch.randn(2, 3, L, CTX), _layout(2, 3)
+    ref = _run(itb, x, codes, masks, mode=mode)
+    for perm in ([1, 0, 2], [2, 1, 0], [1, 2, 0]):
+        assert torch.allclose(_run(itb, x, codes[:, perm], masks[:, perm], mode=mode), ref, atol=1e-5)
+    # and the result does depend on the objects (the test above can fail)
+    assert not torch.allclose(_run(itb, x, codes.flip(0), masks, mode=mode), ref, atol=1e-3)
+
+
+def test_alpha_in_unit_interval_and_sharper_as_tau_falls():
+    itb = _trained_like(InteractionTransformerBlock(_block()), seed=3)
+    x, codes, masks = torch.randn(2, H * W, C), torch.randn(2, 3, L, CTX) * 3, _layout(2, 3)
+    plan = build_plan(masks, H * W)
+    entropies = []
+    for tau in (2.0, 0.5, 0.1, 0.02):
+        sink = []
+        _run(itb, x, codes, masks, tau=tau, sink=sink)
+        w = sink[0][1]  # [B,N,T]
+        assert w.min() >= 0 and w.max() <= 1
+        ov = plan.ov
+        cover = plan.m.float()
+        # weights are a distribution over the covering objects at covered tokens, zero elsewhere
+        assert torch.allclose(w.sum(1)[cover.sum(1) > 0], torch.ones(()), atol=1e-5)
+        assert (w[cover == 0] == 0).all()
+        a = w.permute(0, 2, 1)[ov]  # [overlap tokens, N]
+        entropies.append(float(-(a.clamp_min(1e-12).log() * a).sum(-1).mean()))
+    assert all(e1 > e2 for e1, e2 in zip(entropies, entropies[1:])), entropies
+    assert entropies[-1] < 0.2 * entropies[0]
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_background_tokens_untouched_by_experts(mode):
+    itb = _trained_like(InteractionTransformerBlock(_block()))
+    x, masks = torch.randn(2, H * W, C), _layout(2, 2)
+    bg = (build_plan(masks, H * W).m.sum(1) == 0)  # [B,T]
+    assert bg.any()
+    h = x + itb.attn1(itb.norm1(x))
+    delta = itb.experts(h, RoutingContext(torch.randn(2, 2, L, CTX), masks, mode=mode))
+    assert (delta[bg] == 0).all() and (delta[~bg].abs().sum(-1) > 0).all()
+    # background rows of the block output do not depend on the objects at all
+    a = _run(itb, x, torch.randn(2, 2, L, CTX), masks, mode=mode)
+    b = _run(itb, x, torch.randn(2, 2, L, CTX), masks, mode=mode)
+    assert torch.equal(a[bg], b[bg]) and not torch.allclose(a[~bg], b[~bg])
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_every_new_parameter_gets_gradient(mode):
+    itb = InteractionTransformerBlock(_block())
+    x, codes, masks = torch.randn(2, H * W, C), torch.randn(2, 2, L, CTX), _layout(2, 2)
+    opt = torch.optim.SGD(list(itb.new_parameters()), lr=0.1)
+    for _ in range(2):  # after one update the zero-initialised back-attention opens the gate path
+        opt.zero_grad()
+        _run(itb, x, codes, masks, mode=mode).square().mean().backward()
+        opt.step()
+    for name, p in itb.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_rejects_unsupported_blocks():
+    blk = BasicTransformerBlock(C, HEADS, C // HEADS, cross_attention_dim=None)
+    with pytest.raises(ValueError, match="layer_norm blocks"):
+        InteractionTransformerBlock(blk)

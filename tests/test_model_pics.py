@@ -1,0 +1,163 @@
+"""PICSModel on the tiny preset: structure, training loss, gradient reach, save/load, presets."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pics_model.config import PICSConfig, config_from_model_params, get_preset
+from pics_model.data import build_item, collate
+from pics_model.interaction_block import InteractionTransformerBlock
+from pics_model.modeling_pics import PICSModel
+from pics_model.testing import synthetic_sample
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return PICSModel(get_preset("tiny"))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    big_overlap = np.array([[0, 0, 56, 46], [24, 4, 80, 48], [10, 10, 40, 40]], np.float32)
+    items = [build_item(synthetic_sample(rng, n=n, views=2, boxes=big_overlap[:n]), 64, None) for n in (2, 3)]
+    return collate(items)
+
+
+def test_every_transformer_block_is_an_itb(tiny):
+    from diffusers.models.attention import BasicTransformerBlock
+    assert not any(isinstance(m, BasicTransformerBlock) for m in tiny.modules())
+    assert len(tiny.itb_blocks()) == 10  # UNet 7 + ControlNet 3
+    assert tiny.controlnet.controlnet_cond_embedding.conv_in.in_channels == 4
+    assert tiny.config.latent_size == 16
+
+
+def test_presets_match_the_paper_layout():
+    with torch.device("meta"):
+        sd21 = PICSModel(get_preset("sd21"))
+        sd15 = PICSModel(get_preset("sd15"))
+    assert len(sd21.itb_blocks()) == 23  # 16 in the UNet, 7 in the ControlNet
+    assert sd21.unet.config.cross_attention_dim == 1024 and sd15.unet.config.cross_attention_dim == 768
+    assert sd21.vae.config.block_out_channels == (128, 256, 512, 512) and sd21.config.latent_size == 64
+    assert sd21.object_encoder.backbone_dim == 1536  # DINOv2 ViT-g/14
+    assert sd21.object_encoder.projector.out_features == 1024
+    itb = sd21.unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    assert isinstance(itb, InteractionTransformerBlock) and itb.gate_q.out_features == 1024
+
+
+def test_config_overrides_and_params_mapping():
+    cfg = get_preset("tiny", tau=0.3, expert_mode="dense", itb={"max_objects": 3}, resolution=128)
+    assert (cfg.itb.tau, cfg.itb.expert_mode, cfg.itb.max_objects, cfg.resolution) == (0.3, "dense", 3, 128)
+    with pytest.raises(ValueError, match="unknown"):
+        get_preset("tiny", not_a_field=1)
+    with pytest.raises(ValueError, match="ambiguous"):
+        get_preset("tiny", block_out_channels=(8, 8))
+    assert PICSConfig.from_json(cfg.to_json()) == cfg
+    from tasks.params import ModelParams
+    mapped = config_from_model_params(ModelParams(tau=0.25, use_shape_prior=False).model_dump())
+    assert mapped.preset == "tiny" and mapped.itb.tau == 0.25 and not mapped.shape_encoder.enabled
+    with pytest.raises(ValueError, match="no mapping"):
+        config_from_model_params({"preset": "tiny", "typo": 1})
+
+
+def test_timestep_schedule(tiny):
+    t = tiny.sample_timesteps(40000, torch.Generator().manual_seed(0), "cpu")
+    assert t.min() >= 0 and t.max() <= 999
+    high = (t >= 500).float().mean().item()
+    assert abs(high - 0.3 * 0.5) < 0.01  # 30% from U[0,1000): half of those land in [500,1000)
+
+
+def test_training_loss_and_gradient_reach(tiny, batch):
+    params = tiny.set_trainable("reference")
+    names = {id(p): n for n, p in tiny.named_parameters()}
+    trainable = {names[id(p)] for p in params}
+    assert not any(n.startswith("vae.") for n in trainable)
+    assert not any(n.startswith("unet.down_blocks") and ".gate" not in n and ".back_" not in n for n in trainable)
+    assert any(n.startswith("unet.up_blocks") for n in trainable)
+    assert {n for n in trainable if n.startswith("object_encoder")} == {"object_encoder.projector.weight",
+                                                                       "object_encoder.projector.bias"}
+    itb_params = [p for blk in tiny.itb_blocks() for p in blk.parameters() if p.requires_grad]
+    assert all(p.requires_grad for blk in tiny.itb_blocks() for p in blk.new_parameters())
+    state = {k: v.clone() for k, v in tiny.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in tiny.named_parameters()}
+    tiny.train()
+    opt = torch.optim.SGD(params, lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    try:
+        # ControlNet ITBs sit behind two zero-initialised layers (the ControlNet's zero convs, then
+        # the back-attention's output): the second update opens the last of them
+        for _ in range(3):
+            opt.zero_grad()
+            loss, stats = tiny.training_loss(batch, g, mask_weight=1.0, cond_drop_prob=0.0)
+            assert torch.isfinite(loss) and stats["overlap_frac"] > 0 and stats["cond_dropped"] == 0
+            loss.backward()
+            opt.step()
+        dead = [names[id(p)] for p in itb_params if p.grad is None or p.grad.abs().sum() == 0]
+        assert not dead, dead[:5]
+        assert not any(p.grad is not None for n, p in tiny.named_parameters() if n.startswith("vae."))
+    finally:
+        tiny.load_state_dict(state)
+        for n, p in tiny.named_parameters():
+            p.requires_grad_(flags[n])
+        tiny.zero_grad(set_to_none=True)
+        tiny.eval()
+
+
+def test_prediction_types_and_cond_drop(tiny, batch):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        lv, _ = tiny.training_loss(batch, g, prediction_type="v_prediction")
+        _, st = tiny.training_loss(batch, g, cond_drop_prob=1.0)
+    assert torch.isfinite(lv) and st["cond_dropped"] == 2
+    with pytest.raises(ValueError, match="prediction_type"):
+        tiny.training_loss(batch, g, prediction_type="sample")
+
+
+def test_shape_encoder_starts_neutral_and_is_view_order_invariant(tiny, batch):
+    objs, pri, pv = batch["objects"], batch["priors"], batch["prior_valid"]
+    with torch.no_grad():
+        assert torch.equal(tiny.encode_objects(objs, pri, pv), tiny.encode_objects(objs))
+        tiny.shape_encoder.out.weight.normal_(0, 0.1)
+        a = tiny.encode_objects(objs, pri, pv)
+        b = tiny.encode_objects(objs, pri.flip(2), pv)
+        tiny.shape_encoder.out.weight.zero_()
+    assert not torch.allclose(a, tiny.encode_objects(objs)) and torch.allclose(a, b, atol=1e-5)
+
+
+def test_save_load_round_trip(tiny, batch, tmp_path):
+    with torch.no_grad():
+        for blk in tiny.itb_blocks():  # make the new parameters matter
+            blk.back_attn.to_out[0].weight.normal_(0, 0.02)
+    tiny.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = PICSModel.from_pretrained(tmp_path / "m")
+    assert loaded.config == tiny.config
+    sa, sb = tiny.state_dict(), loaded.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with torch.no_grad():
+        codes = tiny.encode_objects(batch["objects"])
+        args = (torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), batch["hint"], codes,
+                batch["routing_masks"], batch["object_valid"])
+        assert torch.equal(tiny(*args), loaded(*args))
+    with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
+        (tmp_path / "m" / "model.safetensors").unlink()
+        PICSModel.from_pretrained(tmp_path / "m")
+
+
+def test_flops_estimate(tiny):
+    sparse = tiny.flops_per_sample(expert_mode="sparse", device="cpu")
+    dense = tiny.flops_per_sample(expert_mode="dense", device="cpu")
+    infer = tiny.flops_per_sample(expert_mode="sparse", training=False, device="cpu")
+    assert 0 < sparse["denoiser"] < dense["denoiser"]
+    assert infer["denoiser"] < sparse["denoiser"]
+    assert sparse["total"] == sparse["denoiser"] + sparse["vae_encode"] + sparse["object_encoder"]
