@@ -1,0 +1,22 @@
+"""The real params.yaml, shrunk: what integration tests override so the whole pipeline takes
+about a minute on 2 cores. Same code paths, same classes; only counts and sizes change."""
+
+SHRUNK_OVERRIDES: dict = {
+    "make_sample.num_images": 10,
+    "decompose.train_resolution": 64,
+    "render_priors.num_views": 2,
+    "render_priors.resolution": 64,
+    "train.steps": 4,
+    "train.num_workers": 1,
+    "train.batch_size": 2,
+    "train.autoencoder_steps": 4,
+    "train.warmup_steps": 1,
+    "train.sample_every": 0,
+    "train.heldout_samples": 2,
+    "train.checkpoint_every": 2,
+    "evaluate.steps": 2,
+}
+
+
+def as_set_args(overrides: dict = SHRUNK_OVERRIDES) -> list[str]:
+    return [f"{k}={v}" for k, v in overrides.items()]
