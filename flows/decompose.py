@@ -25,23 +25,33 @@ from tasks.runtime import init_ray
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
 
 
+class Box:
+    """Opaque holder for task arguments: Prefect walks lists, dicts and dataclasses in task
+    parameters looking for futures, which for a shard of LVIS means millions of polygon numbers."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
 @task(name="decompose-prepare", **_TASK)
 def prepare_task(params: dict, annotations: str, images: str, out: str) -> pipeline.Plan:
     return pipeline.prepare(params, annotations, images, out)
 
 
 @task(name="decompose-shard", task_run_name="decompose-{name}", retries=1, **_TASK)
-def shard_task(name: str, work_ref, ctx_ref) -> dict:
+def shard_task(name: str, work: Box, ctx_ref) -> dict:
     import ray
 
     from tasks.decompose.runner import remote_process_shard
 
-    return ray.get(remote_process_shard().remote(work_ref, ctx_ref))
+    return ray.get(remote_process_shard().remote(work.value, ctx_ref))
 
 
 @task(name="decompose-finalize", **_TASK)
-def finalize_task(plan: pipeline.Plan, results: list[dict]) -> dict:
-    return pipeline.finalize(plan, results)
+def finalize_task(plan: Box, results: list[dict]) -> dict:
+    return pipeline.finalize(plan.value, results)
 
 
 def _run_shards(plan: pipeline.Plan, num_workers: int) -> list[dict]:
@@ -54,7 +64,7 @@ def _run_shards(plan: pipeline.Plan, num_workers: int) -> list[dict]:
     while todo or in_flight:
         while todo and len(in_flight) < num_workers:
             w = todo.pop(0)
-            in_flight.append(shard_task.submit(w.name, ray.put(w), ctx_ref))
+            in_flight.append(shard_task.submit(w.name, Box(w), ctx_ref))
         fut = next(as_completed(in_flight))
         in_flight.remove(fut)
         results.append(fut.result())  # raises: the flow fails, finished shards stay for the resume
@@ -97,7 +107,7 @@ def decompose_flow(overrides: list[str] | None = None, params_file: str | None =
     if plan.pending:
         init_ray(params.ray.address, params.ray.num_cpus, params.ray.object_store_mb)
         results = _run_shards(plan, p.num_workers)
-    manifest = finalize_task(plan, results)
+    manifest = finalize_task(Box(plan), results)
     grid = None
     if p.grid_samples:
         from tasks.decompose.visualize import write_sample_grid
@@ -149,7 +159,13 @@ def main(argv: list[str] | None = None) -> dict:
                     help="override a parameter, e.g. decompose.area_ratio=0.05 (repeatable)")
     ap.add_argument("--params", default=None, help="params.yaml to read (default: the repository's)")
     args = ap.parse_args(argv)
-    return decompose_flow(overrides=args.overrides, params_file=args.params)
+    from tasks.decompose.inputs import InputError
+    from tasks.params import ParamsError
+
+    try:
+        return decompose_flow(overrides=args.overrides, params_file=args.params)
+    except (ParamsError, InputError) as e:
+        raise SystemExit(f"decompose: {e}") from None
 
 
 if __name__ == "__main__":
