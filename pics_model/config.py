@@ -128,6 +128,9 @@ class ShapeEncoderConfig(_Cfg):
 
 
 class ITBConfig(_Cfg):
+    # False keeps diffusers' vanilla blocks, every token cross-attending to all objects' tokens
+    # (the "plain UNet + ControlNet" baseline of the benchmark, and an ablation)
+    enabled: bool = True
     tau: float = Field(0.5, gt=0.0)  # alpha-blend temperature (reference: 0.5)
     expert_mode: Literal["sparse", "dense"] = "sparse"
     max_objects: int = Field(4, ge=1)

@@ -67,8 +67,9 @@ class PICSModel(nn.Module):
         self.controlnet = ControlNetModel.from_unet(
             self.unet, conditioning_channels=config.controlnet.conditioning_channels,
             conditioning_embedding_out_channels=tuple(config.controlnet.conditioning_embedding_out_channels))
-        convert_to_itb(self.unet, tau=config.itb.tau)
-        convert_to_itb(self.controlnet, tau=config.itb.tau)
+        if config.itb.enabled:
+            convert_to_itb(self.unet, tau=config.itb.tau)
+            convert_to_itb(self.controlnet, tau=config.itb.tau)
         ctx_dim = config.unet.cross_attention_dim
         self.object_encoder = ObjectEncoder(config.object_encoder, ctx_dim, load_weights=load_pretrained)
         self.shape_encoder = ShapeEncoder(self.object_encoder.backbone_dim, ctx_dim, config.shape_encoder.hidden_dim) \
@@ -155,11 +156,21 @@ class PICSModel(nn.Module):
         ctx = self.routing(codes, routing_masks, object_valid, alpha_sink, expert_mode)
         return self.denoise(noisy_latents, timesteps, hint, ctx, conditioning_scale)
 
+    def token_counts(self, latent_hw: tuple[int, int]) -> list[int]:
+        """Token counts of the transformer blocks' grids (one per UNet level)."""
+        h, w = latent_hw
+        return [(h >> i) * (w >> i) for i in range(len(self.config.unet.block_out_channels))]
+
     def denoise(self, noisy_latents, timesteps, hint, ctx: RoutingContext, conditioning_scale=None):
         """The UNet + ControlNet pass for a prepared routing context."""
         codes = ctx.codes
-        ehs = codes.flatten(1, 2)  # only read by a block that gets no routing: all objects' tokens
-        kw = {ROUTING_KEY: ctx}
+        ehs = codes.flatten(1, 2)  # only read by vanilla blocks (itb.enabled False): all objects' tokens
+        kw = None
+        if self.config.itb.enabled:
+            # build every level's routing plan (host syncs) before the networks run, so a compiled
+            # UNet/ControlNet sees ready index tensors
+            ctx.precompute(self.token_counts(tuple(noisy_latents.shape[-2:])))
+            kw = {ROUTING_KEY: ctx}
         scale = self.config.controlnet.conditioning_scale if conditioning_scale is None else conditioning_scale
         down, mid = self.controlnet(noisy_latents, timesteps, encoder_hidden_states=ehs,
                                     controlnet_cond=hint.to(noisy_latents.dtype), conditioning_scale=scale,
@@ -325,71 +336,81 @@ class PICSModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def flops_per_sample(self, resolution: int | None = None, training: bool = True, num_objects: int = 2,
-                         overlap: float = 0.33, expert_mode: str | None = None, with_priors: bool = False,
+                         overlap: float = 0.46, expert_mode: str | None = None, with_priors: bool = False,
                          device: str = "meta") -> dict:
-        """FLOPs for one sample, counted by `torch.utils.flop_counter.FlopCounterMode` (2 per MAC):
-        UNet + ControlNet forward (+ backward over the `reference` trainable set when `training`),
-        VAE encode and object encoding forward. On the default meta device nothing is allocated or
-        computed (slow-ish Python dispatch, fine for the SD presets); ``device="cpu"`` counts on a
-        real copy (quicker for the tiny preset).
+        """See `flops_per_sample` (module level); ``device="cpu"`` counts on a real copy of this model."""
+        return flops_per_sample(self.config, resolution, training, num_objects, overlap, expert_mode, with_priors,
+                                device, model=self)
 
-        Layout: `num_objects` equal square boxes in a row, neighbours sharing `overlap` of a box
-        width (default 0.33 -> ~11% of the image in overlaps with 2 objects, as in the issue's
-        profile), so the sparse count reflects that overlap fraction.
-        Returns {"denoiser", "vae_encode", "object_encoder", "total"}.
-        """
-        import copy
 
-        import numpy as np
-        from torch.utils.flop_counter import FlopCounterMode
+def flops_per_sample(config: PICSConfig, resolution: int | None = None, training: bool = True,
+                     num_objects: int = 2, overlap: float = 0.46, expert_mode: str | None = None,
+                     with_priors: bool = False, device: str = "meta", model: PICSModel | None = None) -> dict:
+    """FLOPs for one sample, counted by `torch.utils.flop_counter.FlopCounterMode` (2 per MAC):
+    UNet + ControlNet forward (+ backward over the `reference` trainable set when `training`),
+    VAE encode and object encoding forward. On the default meta device nothing is allocated or
+    computed (slow-ish Python dispatch, fine for the SD presets); ``device="cpu"`` counts on a
+    real copy of `model` (quicker for the tiny preset).
 
-        from .data import rasterize_boxes
+    Layout: `num_objects` equal square boxes in a row, neighbours sharing `overlap` of a box
+    width (default 0.46 -> ~11% of the image in overlaps with 2 objects, as in the issue's
+    profile), so the sparse count reflects that overlap fraction.
+    Returns {"object_encoder", "vae_encode", "denoiser", "total"}.
+    """
+    import copy
 
-        cfg = self.config.model_copy(deep=True)
-        r = resolution or cfg.resolution
-        cfg.resolution = r
-        mode = expert_mode or cfg.itb.expert_mode
-        if device == "meta":
-            with torch.device("meta"):
-                net = PICSModel(cfg, load_pretrained=False)
-        else:
-            net = copy.deepcopy(self).to(device)
-            net.config = cfg
-        if training:
-            net.set_trainable("reference")
-        lat = r // cfg.vae.downsample_factor
-        n = num_objects
-        side = r / (n - (n - 1) * overlap + 0.5)
-        boxes = np.array([(side * (0.25 + i * (1 - overlap)), r * 0.3, side * (1.25 + i * (1 - overlap)),
-                           r * 0.3 + side) for i in range(n)], np.float32)
-        masks = torch.from_numpy(rasterize_boxes(boxes, r))[None]
-        s_obj = cfg.object_encoder.image_size
-        out = {}
-        with torch.device(device):
-            objects = torch.zeros(1, n, 3, s_obj, s_obj)
-            priors = torch.zeros(1, n, cfg.shape_encoder.num_views, 3, s_obj, s_obj) if with_priors else None
-            with torch.no_grad():
-                codes = net.encode_objects(objects)
-            counter = FlopCounterMode(display=False)
-            with counter, torch.no_grad():
-                net.encode_objects(objects, priors)
-            out["object_encoder"] = counter.get_total_flops()
-            counter = FlopCounterMode(display=False)
-            with counter, torch.no_grad():
-                net.vae.encode(torch.zeros(1, 3, r, r))
-            out["vae_encode"] = counter.get_total_flops()
-        ctx = RoutingContext(codes, masks.to(codes.device) if device != "meta" else masks, mode=mode,
-                             threshold=cfg.itb.mask_threshold)
-        ctx.precompute([(lat >> i) ** 2 for i in range(len(cfg.unet.block_out_channels))])
-        ctx = ctx.to(device)
-        with torch.device(device):
-            noisy = torch.zeros(1, cfg.unet.in_channels, lat, lat)
-            hint = torch.zeros(1, cfg.controlnet.conditioning_channels, r, r)
-            counter = FlopCounterMode(display=False)
-            with counter, torch.set_grad_enabled(training):
-                pred = net.denoise(noisy, torch.zeros(1, dtype=torch.long), hint, ctx)
-                if training:
-                    pred.float().pow(2).mean().backward()
-            out["denoiser"] = counter.get_total_flops()
-        out["total"] = sum(out.values())
-        return out
+    import numpy as np
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .data import rasterize_boxes
+
+    cfg = config.model_copy(deep=True)
+    r = resolution or cfg.resolution
+    cfg.resolution = r
+    mode = expert_mode or cfg.itb.expert_mode
+    cfg.itb.expert_mode = mode
+    if device == "meta" or model is None:
+        device = "meta"
+        with torch.device("meta"):
+            net = PICSModel(cfg, load_pretrained=False)
+    else:
+        net = copy.deepcopy(model).to(device)
+        net.config = cfg
+    if training:
+        net.set_trainable("reference")
+    lat = r // cfg.vae.downsample_factor
+    n = num_objects
+    side = r / (n - (n - 1) * overlap + 0.5)
+    boxes = np.array([(side * (0.25 + i * (1 - overlap)), r * 0.3, side * (1.25 + i * (1 - overlap)),
+                       r * 0.3 + side) for i in range(n)], np.float32)
+    masks = torch.from_numpy(rasterize_boxes(boxes, r))[None]
+    s_obj = cfg.object_encoder.image_size
+    out = {}
+    with torch.device(device):
+        objects = torch.zeros(1, n, 3, s_obj, s_obj)
+        priors = torch.zeros(1, n, cfg.shape_encoder.num_views, 3, s_obj, s_obj) if with_priors else None
+        with torch.no_grad():
+            codes = net.encode_objects(objects)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            net.encode_objects(objects, priors)
+        out["object_encoder"] = counter.get_total_flops()
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            net.vae.encode(torch.zeros(1, 3, r, r))
+        out["vae_encode"] = counter.get_total_flops()
+    ctx = RoutingContext(codes, masks.to(codes.device) if device != "meta" else masks, mode=mode,
+                         threshold=cfg.itb.mask_threshold)
+    ctx.precompute([(lat >> i) ** 2 for i in range(len(cfg.unet.block_out_channels))])
+    ctx = ctx.to(device)
+    with torch.device(device):
+        noisy = torch.zeros(1, cfg.unet.in_channels, lat, lat)
+        hint = torch.zeros(1, cfg.controlnet.conditioning_channels, r, r)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.set_grad_enabled(training):
+            pred = net.denoise(noisy, torch.zeros(1, dtype=torch.long), hint, ctx)
+            if training:
+                pred.float().pow(2).mean().backward()
+        out["denoiser"] = counter.get_total_flops()
+    out["total"] = sum(out.values())
+    return out

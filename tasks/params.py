@@ -92,10 +92,13 @@ class ModelParams(Section):
     preset: Literal["tiny", "sd15", "sd21"] = "tiny"
     stable_diffusion_path: str | None = None  # local diffusers-format SD folder (sd15/sd21)
     dinov2_path: str | None = None  # local DINOv2 weights (sd15/sd21)
-    object_encoder: Literal["mobilenetv2", "dinov2", "small"] = "mobilenetv2"
+    # None: the preset's own (tiny: mobilenetv2; sd15/sd21: dinov2)
+    object_encoder: Literal["mobilenetv2", "dinov2", "small"] | None = None
     use_shape_prior: bool = True
     tau: float = Field(0.5, gt=0.0)
     expert_mode: Literal["sparse", "dense"] = "sparse"
+    max_objects: int = Field(4, ge=1)  # objects per composite the model accepts (ITBs are general in N)
+    cond_drop_prob: float = Field(0.1, ge=0.0, le=1.0)  # objects -> zero image in training, for guidance
 
 
 class TrainParams(Section):
@@ -130,6 +133,7 @@ class TrainParams(Section):
     # the tiny preset's autoencoder is fitted on the training images before PICS training
     autoencoder_steps: int = Field(300, ge=0)
     autoencoder_lr: float = Field(2e-3, gt=0.0)
+    autoencoder_batch: int = Field(8, ge=1)
     # cadence and outputs
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
@@ -139,6 +143,7 @@ class TrainParams(Section):
     sample_every: int = Field(100, ge=0)  # 0: no sample composites
     sample_count: int = Field(4, ge=1)
     sample_steps: int = Field(10, ge=1)
+    sample_guidance: float = Field(3.0, ge=0.0)
     peak_tflops: float | None = Field(None, gt=0.0)  # per worker, for MFU; None: measured/known
     # test hook: one worker fails once after this step (raise, or exit = a killed process)
     fail_at_step: int | None = Field(None, ge=1)
