@@ -62,9 +62,13 @@ class BatchBuilder:
         return build_item(self.sample(row), self.resolution, rng, self.augment if augment else None,
                           object_size=self.object_size, source=row.get("sample_id"))
 
-    def __call__(self, rows: list[dict], rngs: list[np.random.Generator]):
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
         from pics_model.data import collate
 
+        return collate(items)
+
+    def __call__(self, rows: list[dict], rngs: list[np.random.Generator]):
         items, bad = [], []
         for row, rng in zip(rows, rngs):
             try:
@@ -77,7 +81,7 @@ class BatchBuilder:
             raise RuntimeError(f"every sample of a batch failed to build: {[b['detail'] for b in bad][:3]}")
         while len(items) < len(rows):
             items.append(items[len(items) % max(1, len(rows) - len(bad))])
-        return collate(items), bad
+        return self.collate(items), bad
 
 
 def rows_of_split(shards_dir: str | Path, split: str, limit: int | None = None) -> Iterator[dict]:
@@ -94,13 +98,11 @@ def rows_of_split(shards_dir: str | Path, split: str, limit: int | None = None) 
                 return
 
 
-def heldout_items(spec, builder: BatchBuilder) -> list[dict]:
+def heldout_items(spec, builder) -> list[dict]:
     """The fixed held-out set: the first ``heldout_samples`` test rows, no augmentation, each as a
     batch of one (so its noise and timestep depend only on its position, not on the world size).
     Falls back to training rows when the shards have no test split."""
-    from pics_model.data import collate
-
     rows = list(rows_of_split(spec.shards_dir, "test", spec.heldout_samples))
     if not rows:
         rows = list(rows_of_split(spec.shards_dir, "train", spec.heldout_samples))
-    return [collate([builder.item(r, seed=i, augment=False)]) for i, r in enumerate(rows)]
+    return [builder.collate([builder.item(r, seed=i, augment=False)]) for i, r in enumerate(rows)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import math
 import os
 import random
@@ -50,9 +51,9 @@ class LossModule(nn.Module):
         self.prediction_type = prediction_type
         self.mask_weight = mask_weight
 
-    def forward(self, batch: dict, generator: torch.Generator | None = None):
+    def forward(self, batch: dict, generator: torch.Generator | None = None, **kwargs):
         return self.model.training_loss(batch, generator=generator, prediction_type=self.prediction_type,
-                                        mask_weight=self.mask_weight)
+                                        mask_weight=self.mask_weight, **kwargs)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -136,6 +137,25 @@ def apply_speedups(model: nn.Module, spec: RunSpec) -> None:
             p.compile()
 
 
+def find_resume(reported: Path | None, run_dir: Path) -> tuple[ckpt.CheckpointState | None, str | None]:
+    """The newest committed checkpoint among Ray's latest reported one (``reported``) and a scan
+    of ``run_dir`` (which also finds checkpoints of a driver that died before Ray recorded them).
+    Folders without a valid marker are ignored. Returns (state, path) or (None, None)."""
+    best: tuple[int, str, ckpt.CheckpointState | None] | None = None
+    if reported is not None and ckpt.is_committed(reported):
+        state = ckpt.load_checkpoint(reported)
+        best = (state.step, str(reported), state)
+    scanned = ckpt.latest_committed(run_dir)
+    if scanned is not None:
+        step = int(ckpt.read_marker(scanned, verify=False)["step"])
+        if best is None or step > best[0]:
+            best = (step, str(scanned), None)
+    if best is None:
+        return None, None
+    step, path, state = best
+    return (state if state is not None else ckpt.load_checkpoint(path)), path
+
+
 class Trainer:
     """State and steps of one rank. Built inside the worker; nothing here is pickled."""
 
@@ -164,6 +184,9 @@ class Trainer:
         if not self.param_names:
             raise ValueError(f"train.trainable={spec.trainable!r} selects no parameters")
         apply_speedups(self.model, spec)
+        # held-out loss without conditioning dropout: it measures the conditional denoiser
+        accepts = inspect.signature(self.model.training_loss).parameters
+        self.eval_kwargs = {"cond_drop_prob": 0.0} if "cond_drop_prob" in accepts else {}
 
         self.history: dict[str, list] = {"train": [], "loss": [], "heldout": [], "events": [], "quarantine": []}
         state, resumed_from = self._find_resume()
@@ -201,26 +224,13 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def _find_resume(self) -> tuple[ckpt.CheckpointState | None, str | None]:
-        """Newest committed checkpoint: Ray's latest reported one, or a scan of the run folder
-        (which also finds checkpoints of an earlier driver that died before Ray recorded them)."""
         import ray.train
 
-        best: tuple[int, str, ckpt.CheckpointState | None] | None = None
         reported = ray.train.get_checkpoint()
-        if reported is not None:
-            with reported.as_directory() as d:
-                if ckpt.is_committed(d):  # an unmarked or partly copied folder is ignored
-                    state = ckpt.load_checkpoint(d)
-                    best = (state.step, reported.path, state)
-        scanned = ckpt.latest_committed(self.run_dir)
-        if scanned is not None:
-            step = int(ckpt.read_marker(scanned, verify=False)["step"])
-            if best is None or step > best[0]:
-                best = (step, str(scanned), None)
-        if best is None:
-            return None, None
-        step, path, state = best
-        return (state if state is not None else ckpt.load_checkpoint(path)), path
+        if reported is None:
+            return find_resume(None, self.run_dir)
+        with reported.as_directory() as d:  # a download when storage is remote
+            return find_resume(Path(d), self.run_dir)
 
     def _load_weights(self, state: ckpt.CheckpointState) -> None:
         own = self.model.state_dict()
@@ -294,7 +304,7 @@ class Trainer:
             item = items[min(i, len(items) - 1)]
             gen = torch.Generator(self.device).manual_seed(step_seed(self.spec.seed, -1, i, stream=1))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                loss, _ = eval_model(to_device(item, self.device), gen)
+                loss, _ = eval_model(to_device(item, self.device), gen, **self.eval_kwargs)
             if i < len(items):  # padding rounds keep FSDP's collectives in step; they do not count
                 total += torch.tensor([float(loss), 1.0], dtype=torch.float64)
         if self.world > 1:
@@ -415,15 +425,18 @@ class Trainer:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    from tasks.train.batches import BatchBuilder, heldout_items
-    from tasks.train.samples import SampleWriter
+    from tasks.train.batches import heldout_items
 
     spec = RunSpec.from_dict(config)
     trainer = Trainer(spec)
     priors = PriorStore(spec.priors_dir) if spec.priors_dir else None
-    builder = BatchBuilder(resolution=spec.resolution, augment=spec.augment, priors=priors,
+    builder = load_class(spec.batch_builder)(resolution=spec.resolution, augment=spec.augment, priors=priors,
                            object_size=spec.object_size)
     heldout = heldout_items(spec, builder)
-    samples = SampleWriter(spec, builder) if spec.sample_every and spec.strategy != "fsdp" else None
+    samples = None
+    if spec.sample_every and spec.strategy != "fsdp":  # FSDP: rank 0 alone cannot run the sharded model
+        from tasks.train.samples import SampleWriter
+
+        samples = SampleWriter(spec, builder, heldout)
     trainer.run(builder, heldout, samples)
     trainer.finish(heldout)

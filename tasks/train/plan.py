@@ -18,7 +18,7 @@ from tasks.train.data import DataError, scan_shards, shard_files
 # out of the run's identity, so changing them resumes the same run instead of starting over.
 OPERATIONAL_KEYS = {"out", "num_workers", "use_gpu", "cpus_per_worker", "max_failures", "resume",
                     "loader_workers", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
-                    "sample_count", "sample_steps", "peak_tflops", "fail_at_step", "fail_rank", "fail_mode",
+                    "sample_count", "sample_steps", "sample_guidance", "peak_tflops", "fail_at_step", "fail_rank", "fail_mode",
                     "eval_every"}
 
 

@@ -8,6 +8,7 @@ so all ranks start from the same weights and a restarted run starts from the sam
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -55,7 +56,8 @@ def prepare_init(plan: RunPlan, log=print) -> dict:
             test_x, info["autoencoder_heldout"] = train_x[:64], "train images (no test split)"
         log(f"[train] fitting the tiny autoencoder on {len(train_x)} training images ({t.autoencoder_steps} steps)")
         info["autoencoder"] = __import__("tasks.train.autoencoder", fromlist=["x"]).fit_autoencoder(
-            model.vae, train_x, test_x, steps=t.autoencoder_steps, lr=t.autoencoder_lr, seed=t.seed, log=log)
+            model.vae, train_x, test_x, steps=t.autoencoder_steps, lr=t.autoencoder_lr,
+            batch_size=t.autoencoder_batch, seed=t.seed, log=log)
         model.calibrate_vae_scaling(train_x)
         info["vae_scaling_factor"] = float(model.vae.config.scaling_factor)
         log(f"[train] autoencoder PSNR {info['autoencoder']['psnr_before']:.2f} -> "
@@ -112,7 +114,7 @@ def make_spec(plan: RunPlan, flops_per_sample: float | None, peak: float | None)
         resolution=plan.resolution, object_size=plan.object_size, augment=augment, loader_workers=t.loader_workers,
         log_every=t.log_every, checkpoint_every=t.checkpoint_every, eval_every=t.eval_every,
         sample_every=t.sample_every, heldout_samples=t.heldout_samples, sample_count=t.sample_count,
-        sample_steps=t.sample_steps, flops_per_sample=flops_per_sample, peak_flops_per_worker=peak,
+        sample_steps=t.sample_steps, sample_guidance=t.sample_guidance, flops_per_sample=flops_per_sample, peak_flops_per_worker=peak,
         fail_at_step=t.fail_at_step, fail_rank=t.fail_rank, fail_mode=t.fail_mode)
 
 
@@ -131,6 +133,8 @@ def fit(plan: RunPlan, spec: RunSpec, log=print) -> Path:
     if removed:
         log(f"[train] removed {len(removed)} uncommitted checkpoint folder(s) left by a killed run")
     t = p.train
+    # Ray Train's print patch echoes each worker print twice on the driver; plain stdout suffices.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec.to_dict(),

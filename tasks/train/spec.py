@@ -12,6 +12,7 @@ class RunSpec:
     shards_dir: str
     priors_dir: str | None
     model_class: str = "pics_model.modeling_pics:PICSModel"
+    batch_builder: str = "tasks.train.batches:BatchBuilder"  # (rows, rngs) -> (batch, quarantine)
     # schedule
     steps: int = 300
     global_batch: int = 8
@@ -45,6 +46,7 @@ class RunSpec:
     heldout_samples: int = 16
     sample_count: int = 4
     sample_steps: int = 10
+    sample_guidance: float = 3.0
     # cost accounting
     flops_per_sample: float | None = None  # training FLOPs of one sample (forward + backward)
     peak_flops_per_worker: float | None = None
