@@ -86,6 +86,17 @@ class RenderPriorsParams(Section):
     reconstructor_weights: str | None = None
     shard_size: int = Field(256, ge=1)
     num_workers: int = Field(2, ge=1)
+    yfov_deg: float = Field(30.0, gt=1.0, lt=120.0)  # narrow: little perspective bulge, front view ~ mask
+    grid_size: int = Field(64, ge=8)  # built-in reconstructor: cells on the patch's long side
+    thickness: float = Field(1.0, gt=0.0)  # built-in reconstructor: 1.0 inflates a disc into a ball
+    gl_threads: int = Field(1, ge=1)  # llvmpipe threads per worker (LP_NUM_THREADS); one worker per core
+    grid_objects: int = Field(4, ge=0)  # objects drawn in the flow's picture (priors.png); 0: none
+
+    @model_validator(mode="after")
+    def _elevation(self):
+        if not -89.0 <= self.elevation_deg <= 89.0:
+            raise ValueError("elevation_deg must be in [-89, 89]")
+        return self
 
 
 class ModelParams(Section):
