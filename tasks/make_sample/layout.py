@@ -244,9 +244,36 @@ def _grid(pyrender, origin: np.ndarray, du: np.ndarray, dv: np.ndarray, tex: np.
     return pyrender.Mesh([prim])
 
 
+def _adder(pyrender, scene):
+    """``scene.add`` with nodes that hash by insertion order.
+
+    pyrender keeps nodes in sets and draws opaque meshes in set order; with the default
+    identity hash that order follows memory addresses, so wherever two surfaces tie in the depth
+    buffer (the wall meeting the ground, a few MSAA samples) the pixel changes from run to run.
+    """
+
+    class OrderedNode(pyrender.Node):
+        def __init__(self, seq: int, **kw):
+            super().__init__(**kw)
+            self._seq = seq
+
+        def __hash__(self):
+            return self._seq
+
+    count = iter(range(1 << 30))
+
+    def add(obj, pose=None):
+        kind = {pyrender.Mesh: "mesh", pyrender.Camera: "camera", pyrender.Light: "light"}
+        key = next(v for k, v in kind.items() if isinstance(obj, k))
+        return scene.add_node(OrderedNode(next(count), matrix=pose, **{key: obj}))
+
+    return add
+
+
 def build_scene(pyrender, spec: SceneSpec, width: int, height: int):
     """The pyrender scene of a spec; returns (scene, object nodes in spec order)."""
     scene = pyrender.Scene(bg_color=np.append(spec.bg_color, 1.0), ambient_light=spec.ambient)
+    add = _adder(pyrender, scene)
     nodes = []
     for o in spec.objects:
         m, s = o.shape.mesh, o.shape
@@ -255,12 +282,12 @@ def build_scene(pyrender, spec: SceneSpec, width: int, height: int):
         prim = pyrender.Primitive(positions=m.vertices.astype(np.float32),
                                   normals=m.vertex_normals.astype(np.float32),
                                   color_0=s.colors, indices=m.faces, material=mat)
-        nodes.append(scene.add(pyrender.Mesh([prim]), pose=o.pose))
+        nodes.append(add(pyrender.Mesh([prim]), o.pose))
 
     # ground: a textured square under the cluster, as a grid: big triangles shade unevenly in llvmpipe
     g = 4.0
     cx, cy = spec.center[:2]
-    scene.add(_grid(pyrender, np.array([cx - g, cy - g, 0.0]), np.array([2 * g, 0, 0]), np.array([0, 2 * g, 0]),
+    add(_grid(pyrender, np.array([cx - g, cy - g, 0.0]), np.array([2 * g, 0, 0]), np.array([0, 2 * g, 0]),
                     spec.ground, spec.ground_tile))
     if spec.wall is not None:
         v = spec.info["view_dir"]
@@ -268,10 +295,10 @@ def build_scene(pyrender, spec: SceneSpec, width: int, height: int):
         side = np.array([-v[1], v[0]])
         w = 6.0
         # the wall starts below the ground so the ground hides its foot: no shared, z-fighting edge
-        scene.add(_grid(pyrender, np.array([*(back - w * side), -0.05]), np.array([*(2 * w * side), 0.0]),
+        add(_grid(pyrender, np.array([*(back - w * side), -0.05]), np.array([*(2 * w * side), 0.0]),
                         np.array([0, 0, 4.0]), spec.wall, spec.wall_tile))
 
     cam = pyrender.PerspectiveCamera(yfov=spec.yfov, aspectRatio=width / height, znear=0.05, zfar=30.0)
-    scene.add(cam, pose=spec.camera_pose)
-    scene.add(pyrender.DirectionalLight(color=spec.sun_color, intensity=spec.sun_intensity), pose=spec.sun_pose)
+    add(cam, spec.camera_pose)
+    add(pyrender.DirectionalLight(color=spec.sun_color, intensity=spec.sun_intensity), spec.sun_pose)
     return scene, nodes
