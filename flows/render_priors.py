@@ -142,12 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="override a parameter, e.g. render_priors.num_views=8 (repeatable)")
     ap.add_argument("--params", default=None, help="params.yaml to read (default: the repository's)")
     args = ap.parse_args(argv)
-    from pics_model.geometry import ReconstructorNotFoundError, WeightsNotFoundError
     from tasks.params import ParamsError
 
     try:
         return render_priors_flow(overrides=args.overrides, params_file=args.params)
-    except (ParamsError, ReconstructorNotFoundError, WeightsNotFoundError, FileNotFoundError) as e:
+    except ParamsError as e:  # bad params, missing samples, unknown plug-in, missing weights
         raise SystemExit(f"render_priors: {e}") from None
 
 

@@ -13,12 +13,12 @@ from .errors import (DegenerateMeshError, EmptyMaskError, GeometryError, Reconst
 from .inflate import InflateConfig, as_patch_and_mask, inflate
 from .registry import (Reconstructor, available_reconstructors, get_reconstructor, reconstruct,
                        register_reconstructor)
-from .renderer import MultiView, MultiViewRenderer, as_single_mesh, drop_renderer, get_renderer, look_at
+from .renderer import MultiView, MultiViewRenderer, mesh_parts, drop_renderer, get_renderer, look_at
 
 __all__ = [
     "DegenerateMeshError", "EmptyMaskError", "GeometryError", "ReconstructorNotFoundError",
     "RendererError", "WeightsNotFoundError", "InflateConfig", "as_patch_and_mask", "inflate",
     "Reconstructor", "available_reconstructors", "get_reconstructor", "reconstruct",
-    "register_reconstructor", "MultiView", "MultiViewRenderer", "as_single_mesh", "drop_renderer",
+    "register_reconstructor", "MultiView", "MultiViewRenderer", "mesh_parts", "drop_renderer",
     "get_renderer", "look_at",
 ]

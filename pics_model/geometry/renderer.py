@@ -15,6 +15,7 @@ at the object from +z (the front of a built-in reconstruction); azimuth turns ab
 """
 from __future__ import annotations
 
+import atexit
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,13 +55,21 @@ def look_at(eye: np.ndarray, target: np.ndarray, up=(0.0, 1.0, 0.0)) -> np.ndarr
     return pose
 
 
-def as_single_mesh(mesh) -> trimesh.Trimesh:
-    """A Trimesh from a Trimesh or a Scene (glTF): scene graph transforms applied, textures kept."""
+def mesh_parts(mesh) -> list[tuple[trimesh.Trimesh, np.ndarray]]:
+    """(geometry, 4x4 world transform) pairs of a Trimesh or a Scene (glTF). A scene is not
+    concatenated: that would pack its textures into one atlas (8192x4096 for CesiumMilkTruck,
+    seconds to build and upload); each part keeps its own texture."""
+    if isinstance(mesh, trimesh.Trimesh):
+        return [(mesh, np.eye(4))]
     if isinstance(mesh, trimesh.Scene):
-        mesh = mesh.to_mesh()
-    if not isinstance(mesh, trimesh.Trimesh):
-        raise TypeError(f"expected trimesh.Trimesh or Scene, got {type(mesh).__name__}")
-    return mesh
+        parts = []
+        for node in mesh.graph.nodes_geometry:
+            transform, name = mesh.graph[node]
+            g = mesh.geometry[name]
+            if isinstance(g, trimesh.Trimesh) and len(g.faces):
+                parts.append((g, np.asarray(transform, float)))
+        return parts
+    raise TypeError(f"expected trimesh.Trimesh or Scene, got {type(mesh).__name__}")
 
 
 class MultiViewRenderer:
@@ -116,10 +125,14 @@ class MultiViewRenderer:
         finally:
             self._renderer._platform.make_uncurrent()
 
-    def to_pyrender(self, mesh: trimesh.Trimesh):
-        """pyrender.Mesh with the world-fixed Lambert term baked into its vertex colours."""
+    def to_pyrender(self, mesh: trimesh.Trimesh, transform: np.ndarray | None = None):
+        """pyrender.Mesh with the world-fixed Lambert term baked into its vertex colours
+        (``transform``: where the mesh will be placed, for its normals in the world frame)."""
         pm = self._pr.Mesh.from_trimesh(mesh, smooth=True)
         n = mesh.vertex_normals
+        if transform is not None:
+            n = n @ np.linalg.inv(transform[:3, :3])  # normals transform by the inverse transpose
+            n = n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
         wrap = 0.3  # half-wrapped Lambert: faces turned from the light stay readable
         lambert = np.clip((n @ self.light_dir + wrap) / (1 + wrap), 0.0, 1.0)
         shade = (self.ambient + (1 - self.ambient) * lambert).astype(np.float32)
@@ -134,10 +147,11 @@ class MultiViewRenderer:
             prim.material.doubleSided = not mesh.is_watertight  # open meshes show their inside
         return pm
 
-    def frame(self, mesh: trimesh.Trimesh) -> tuple[np.ndarray, float, float]:
-        """Centre, radius and camera distance that keep the bounding sphere inside the view."""
-        center = mesh.bounds.mean(axis=0)
-        radius = float(np.linalg.norm(mesh.vertices - center, axis=1).max())
+    def frame(self, vertices: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """Centre (of the bounds), radius and camera distance that keep the bounding sphere
+        about that centre inside the view from every direction."""
+        center = (vertices.min(axis=0) + vertices.max(axis=0)) / 2
+        radius = float(np.linalg.norm(vertices - center, axis=1).max())
         if not np.isfinite(radius) or radius <= 1e-9:
             raise DegenerateMeshError(f"mesh has no extent (radius={radius})")
         return center, radius, self.margin * radius / np.sin(self.yfov / 2)
@@ -151,14 +165,17 @@ class MultiViewRenderer:
     def render(self, mesh) -> MultiView:
         """Render the K ring views of ``mesh`` (Trimesh or Scene). Raises DegenerateMeshError for
         a mesh with no faces or extent, RendererError for a GL failure."""
-        mesh = as_single_mesh(mesh)
-        if len(mesh.faces) == 0 or not np.isfinite(mesh.vertices).all():
-            raise DegenerateMeshError(f"mesh has {len(mesh.faces)} faces / non-finite vertices")
-        center, radius, distance = self.frame(mesh)
+        parts = [(g, T) for g, T in mesh_parts(mesh) if len(g.faces) and len(g.vertices)]
+        if not parts:
+            raise DegenerateMeshError("mesh has no faces")
+        vertices = np.concatenate([trimesh.transform_points(g.vertices, T) for g, T in parts])
+        if not np.isfinite(vertices).all():
+            raise DegenerateMeshError("mesh has non-finite vertices")
+        center, radius, distance = self.frame(vertices)
         poses = self.poses(center, distance)
         self._camera.znear = max(distance - 1.01 * radius, 1e-3 * distance)
         self._camera.zfar = distance + 1.01 * radius
-        node = self._scene.add(self.to_pyrender(mesh))
+        nodes = [self._scene.add(self.to_pyrender(g, T), pose=T) for g, T in parts]
         R, K = self.resolution, self.num_views
         color = np.empty((K, R, R, 4), np.uint8)
         depth = np.empty((K, R, R), np.float32)
@@ -172,7 +189,8 @@ class MultiViewRenderer:
         except Exception as e:
             raise RendererError(f"{self.platform} render failed: {type(e).__name__}: {e}") from e
         finally:
-            self._scene.remove_node(node)  # its GL buffers are freed at the next render
+            for node in nodes:  # their GL buffers are freed at the next render
+                self._scene.remove_node(node)
         hit = depth > 0
         color[..., 3] = np.where(hit, 255, 0)
         color[~hit, :3] = 0
@@ -185,6 +203,17 @@ class MultiViewRenderer:
 
 
 _RENDERERS: dict[tuple, MultiViewRenderer] = {}
+
+
+@atexit.register
+def _close_all() -> None:
+    # Free GL contexts before interpreter teardown, where PyOpenGL's handlers can no longer import.
+    for r in list(_RENDERERS.values()):
+        try:
+            r.close()
+        except Exception:
+            pass
+    _RENDERERS.clear()
 
 
 def get_renderer(**config) -> MultiViewRenderer:

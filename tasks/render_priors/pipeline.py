@@ -118,16 +118,21 @@ def _kept(out: Path, rec_path: Path, fp: str) -> dict | None:
 
 def prepare(params: dict, samples: str | Path, out: str | Path) -> Plan:
     """Check inputs, resume what an earlier run with the same parameters finished, plan the rest."""
-    from pics_model.geometry import get_reconstructor
+    from pics_model.geometry import ReconstructorNotFoundError, WeightsNotFoundError, get_reconstructor
+    from tasks.params import ParamsError
+    from tasks.render_priors.work import reconstructor_options
 
     t0 = time.perf_counter()
     samples, out = shard_dir(samples), Path(out)
     if not list_shards(samples):
-        raise FileNotFoundError(f"{samples}: no sample shards (shard-*.parquet); run decompose first")
+        raise ParamsError(f"render_priors.samples: {samples} holds no sample shards (shard-*.parquet); "
+                          "run decompose first")
     # A missing plug-in or weight file fails here, before any worker starts.
-    from tasks.render_priors.work import reconstructor_options
-
-    get_reconstructor(params["reconstructor"], params["reconstructor_weights"], **reconstructor_options(params))
+    try:
+        get_reconstructor(params["reconstructor"], params["reconstructor_weights"], **reconstructor_options(params))
+    except (ReconstructorNotFoundError, WeightsNotFoundError) as e:
+        key = "reconstructor" if isinstance(e, ReconstructorNotFoundError) else "reconstructor_weights"
+        raise ParamsError(f"render_priors.{key}: {e}") from e
     fp = fingerprint(params)
     run_file = out / PROGRESS_DIR / "run.json"
     previous = json.loads(run_file.read_text()).get("fingerprint") if run_file.is_file() else None
