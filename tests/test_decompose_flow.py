@@ -26,6 +26,14 @@ def synth(tmp_path_factory):
     return write_synthetic_lvis(tmp_path_factory.mktemp("synth"), n_images=30, width=320, height=240, seed=11)
 
 
+@pytest.fixture()
+def params_file(tmp_path) -> str:
+    """A params file of our own: the repository's params.yaml may be mid-edit by another stage."""
+    f = tmp_path / "params.yaml"
+    f.write_text("ray:\n  num_cpus: 2\n")
+    return str(f)
+
+
 def _overrides(ann, img, out, **kw) -> list[str]:
     items = {"annotations": ann, "images": img, "out": out, "shard_size": 8, "grid_samples": 4, **kw}
     return [f"decompose.{k}={v}" for k, v in items.items()]
@@ -35,14 +43,14 @@ def _files(out) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in shards.list_shards(out)}
 
 
-def test_flow_on_ray_matches_serial_and_resumes(prefect_harness, local_ray, synth, tmp_path):
+def test_flow_on_ray_matches_serial_and_resumes(prefect_harness, local_ray, synth, tmp_path, params_file):
     from prefect.client.orchestration import get_client
 
     from flows.decompose import decompose_flow
 
     ann, img = synth
     out = tmp_path / "flow"
-    res = decompose_flow(overrides=_overrides(ann, img, out))
+    res = decompose_flow(overrides=_overrides(ann, img, out), params_file=params_file)
     assert res["shards_run"] == 4 and res["shards_kept"] == 0
     assert res["images_seen"] == 30 and res["samples"] > 10
     assert set(res["timings_s"]) == {"decode", "masks", "crops", "encode", "write"}
@@ -65,12 +73,12 @@ def test_flow_on_ray_matches_serial_and_resumes(prefect_harness, local_ray, synt
             "sort": "UPDATED_DESC"}).json()
     assert arts and "data:image/jpeg;base64," in arts[0]["data"] and f"| samples | {res['samples']} |" in arts[0]["data"]
 
-    again = decompose_flow(overrides=_overrides(ann, img, out))
+    again = decompose_flow(overrides=_overrides(ann, img, out), params_file=params_file)
     assert again["shards_run"] == 0 and again["shards_kept"] == 4
     assert again["content_hash"] == res["content_hash"]
 
 
-def test_flow_fails_at_once_on_malformed_input(prefect_harness, synth, tmp_path):
+def test_flow_fails_at_once_on_malformed_input(prefect_harness, synth, tmp_path, params_file):
     from typer.testing import CliRunner
 
     from flows.cli import app
@@ -78,15 +86,15 @@ def test_flow_fails_at_once_on_malformed_input(prefect_harness, synth, tmp_path)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"images": [{"id": 1, "width": 10}], "annotations": [], "categories": []}))
     r = CliRunner().invoke(app, ["decompose", "--annotations", str(bad), "--images", str(synth[1]),
-                                 "--out", str(tmp_path / "out")])
+                                 "--out", str(tmp_path / "out"), "--params", params_file])
     assert r.exit_code == 2
     assert str(bad) in r.output and "images[0].height" in r.output
     r = CliRunner().invoke(app, ["decompose", "--annotations", str(synth[0]), "--images", str(tmp_path / "none"),
-                                 "--out", str(tmp_path / "out")])
+                                 "--out", str(tmp_path / "out"), "--params", params_file])
     assert r.exit_code == 2 and "image root" in r.output
 
 
-def test_import_webdataset_flow(prefect_harness, tmp_path):
+def test_import_webdataset_flow(prefect_harness, tmp_path, params_file):
     from flows.decompose import import_webdataset_flow
     from tasks.decompose.synthetic import write_reference_tar
 
@@ -95,7 +103,7 @@ def test_import_webdataset_flow(prefect_harness, tmp_path):
         tars.append(tmp_path / f"lvis-{k:06d}.tar")
         write_reference_tar(tars[-1], n_good=2, seed=k)
     res = import_webdataset_flow(tars=[str(t) for t in tars], out=str(tmp_path / "out"),
-                                 overrides=["decompose.grid_samples=2"])
+                                 overrides=["decompose.grid_samples=2"], params_file=params_file)
     assert res["samples"] == 4 and res["quarantined"] == {"missing_member": 2}
     assert len(shards.list_shards(tmp_path / "out")) == 2 and (tmp_path / "out" / "samples.png").is_file()
 
