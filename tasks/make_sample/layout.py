@@ -265,7 +265,9 @@ def _adder(pyrender, scene):
     def add(obj, pose=None):
         kind = {pyrender.Mesh: "mesh", pyrender.Camera: "camera", pyrender.Light: "light"}
         key = next(v for k, v in kind.items() if isinstance(obj, k))
-        return scene.add_node(OrderedNode(next(count), matrix=pose, **{key: obj}))
+        node = OrderedNode(next(count), matrix=pose, **{key: obj})
+        scene.add_node(node)
+        return node
 
     return add
 
