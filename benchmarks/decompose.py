@@ -72,6 +72,8 @@ def main() -> dict:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--shard-size", type=int, default=50)
     ap.add_argument("--pairing", default="interaction", choices=["reference", "interaction"])
+    ap.add_argument("--objects", type=int, nargs=2, default=(2, 5), metavar=("MIN", "MAX"),
+                    help="objects per image (LVIS averages about 12)")
     ap.add_argument("--workdir", default=None, help="where to generate data (default: a temporary folder)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
@@ -81,7 +83,7 @@ def main() -> dict:
     print(f"machine: {ncpu} cores, load average before {os.getloadavg()}; CPU only (no GPU involved)")
     with Phase() as gen:
         ann, img = write_synthetic_lvis(work / "data", n_images=args.images, width=args.width, height=args.height,
-                                        seed=0, objects=(2, 5))
+                                        seed=0, objects=tuple(args.objects))
     print(f"generated {args.images} {args.width}x{args.height} images in {gen.wall:.1f} s")
     params = DecomposeParams(pairing=args.pairing, shard_size=args.shard_size, grid_samples=0).model_dump()
 
@@ -129,7 +131,7 @@ def main() -> dict:
     proj_cpu_s = lvis_images / (per_cpu_s * 16 * min(efficiency, 1.0))
 
     print(f"\n{n_img} images -> {n_smp} samples ({manifest['images_with_pair']} images with a pair), "
-          f"pairing={args.pairing}, shard_size={args.shard_size}")
+          f"{args.objects[0]}-{args.objects[1]} objects an image, pairing={args.pairing}, shard_size={args.shard_size}")
     print(f"{'run':8} {'workers':>7} {'wall s':>8} {'img/s':>8} {'smp/s':>8} {'img/s/core':>11} "
           f"{'smp/s/core':>11} {'img/cpu-s':>10} {'busy':>5} {'load':>5}")
     for r in rows:
