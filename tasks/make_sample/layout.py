@@ -82,11 +82,14 @@ def _orient(shape: Shape, rng: np.random.Generator, lying: bool) -> trimesh.Trim
 
 
 class HeightField:
-    """The top surface of everything placed so far (ground = 0) on the world grid."""
+    """What is placed so far on the world grid: the top surface of everything (ground = 0), for
+    dropping objects onto, and each object's [bottom, top] column per cell, for sliding objects
+    along the ground until they meet something in 3D (under a ball's bulge, not at its shadow)."""
 
     def __init__(self):
         self.top = np.zeros((WORLD_CELLS, WORLD_CELLS))
         self.half = LOCAL_CELLS // 2
+        self.placed: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]] = []  # (cell, top, bottom, z)
 
     def clamp(self, c: np.ndarray) -> np.ndarray:
         return np.clip(np.round(c).astype(int), self.half, WORLD_CELLS - self.half)
@@ -100,9 +103,25 @@ class HeightField:
         gap = self.window(c) - bottom
         return max(0.0, float(np.nanmax(gap)))
 
-    def add(self, c: np.ndarray, top: np.ndarray, z: float) -> None:
+    def add(self, c: np.ndarray, top: np.ndarray, bottom: np.ndarray, z: float) -> None:
         w = self.window(c)
         w[...] = np.fmax(w, top + z)
+        self.placed.append((np.asarray(c), top, bottom, z))
+
+    def collides(self, c: np.ndarray, top: np.ndarray, bottom: np.ndarray, z: float) -> bool:
+        """Would an object with these maps at cell ``c``, height ``z``, overlap a placed one?"""
+        n = LOCAL_CELLS
+        for cj, tj, bj, zj in self.placed:
+            di, dj = (np.asarray(cj) - c).astype(int)
+            if abs(di) >= n or abs(dj) >= n:
+                continue
+            r0, r1, c0, c1 = max(0, di), min(n, n + di), max(0, dj), min(n, n + dj)
+            a_top, a_bot = top[r0:r1, c0:c1] + z, bottom[r0:r1, c0:c1] + z
+            b_top = tj[r0 - di:r1 - di, c0 - dj:c1 - dj] + zj
+            b_bot = bj[r0 - di:r1 - di, c0 - dj:c1 - dj] + zj
+            if np.any((a_bot < b_top - 1e-6) & (b_bot < a_top - 1e-6)):  # NaN (no surface) compares False
+                return True
+        return False
 
 
 def _translation(c: np.ndarray) -> np.ndarray:
@@ -144,21 +163,29 @@ def place_objects(rng: np.random.Generator, renderer: Renderer, n: int, view_dir
                 d = np.array([cs * view_dir[0] - sn * view_dir[1], sn * view_dir[0] + cs * view_dir[1]])
                 d_cells = d[::-1]  # (x, y) -> (row = y, col = x)
                 t_far = int(anchor.radius + radius + 0.03 / PITCH)
-                while t_far < WORLD_CELLS // 2 and field_.rest(field_.clamp(anchor.center + t_far * d_cells), bottom) > 1e-3:
+                on_ground = CONTACT_GAP
+
+                def blocked(t):
+                    return field_.collides(field_.clamp(anchor.center + t * d_cells), top, bottom, on_ground)
+
+                while t_far < WORLD_CELLS // 2 and blocked(t_far):
                     t_far += int(0.04 / PITCH)  # the start is blocked by a third object: start further out
-                c = field_.clamp(anchor.center + t_far * d_cells)
-                # slide in from far until the object would have to climb: it touches what it met
-                for t in range(t_far, -1, -1):
-                    cand = field_.clamp(anchor.center + t * d_cells)
-                    if field_.rest(cand, bottom) > 1e-3:
-                        break
-                    c = cand
+                # slide in along the ground until it meets something: coarse steps, then cell by cell
+                t = t_far
+                while t > 0 and not blocked(max(t - 6, 0)):  # 6 cells: less than any footprint
+                    t = max(t - 6, 0)
+                while t > 0 and not blocked(t - 1):
+                    t -= 1
+                c = field_.clamp(anchor.center + t * d_cells)
                 if k > 1 and rng.uniform() < 0.1:  # sometimes near but not touching (never the first pair)
                     c = field_.clamp(c + rng.uniform(0.01, 0.05) / PITCH * d_cells)
-        # 0.1 mm above its support: coplanar faces would z-fight, and which one wins then depends
-        # on pyrender's draw order, which follows set iteration (not reproducible between runs)
-        z = field_.rest(c, bottom) + CONTACT_GAP
-        field_.add(c, top, z)
+        # 0.1 mm above its support: coplanar faces would z-fight. A slid object stays on the ground
+        # (it may reach under an overhang); a dropped one lands on the highest surface below it.
+        if mode in ("front", "behind", "side") and not field_.collides(c, top, bottom, CONTACT_GAP):
+            z = CONTACT_GAP
+        else:
+            z = field_.rest(c, bottom) + CONTACT_GAP
+        field_.add(c, top, bottom, z)
         pose = np.eye(4)
         pose[:2, 3] = _translation(c)
         pose[2, 3] = z
