@@ -323,3 +323,15 @@ def test_sample_grid(decomposed, tmp_path):
     assert "grid.png" in html and html.count("<tr>") == 4
     empty = write_sample_grid(tmp_path / "nothing", tmp_path / "empty.png")
     assert empty.is_file()
+
+
+def test_show_samples_command(decomposed, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    out, _ = decomposed
+    r = CliRunner().invoke(app, ["show-samples", str(out), "--out", str(tmp_path / "g.png"), "--n", "2"])
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.size == (TILE * 7, HEADER + 2 * TILE)
