@@ -146,3 +146,18 @@ def test_osmesa_renders_like_egl(shared_data, tmp_path):
         sils[platform] = np.load(out)
     for k in range(6):
         assert iou(sils["egl"][k], sils["osmesa"][k]) > 0.99
+
+
+def test_renderer_survives_another_pyrender_renderer_being_deleted(renderer):
+    """pyrender's EGL delete terminates the display every context of the process shares; the
+    cached renderer must recover (new context) instead of failing every later object."""
+    import trimesh
+
+    from pics_model.geometry.gl import import_pyrender
+
+    mesh = trimesh.creation.icosphere(subdivisions=2)
+    before = renderer.render(mesh)
+    other = import_pyrender("egl").OffscreenRenderer(32, 32)
+    other.delete()
+    after = renderer.render(mesh)
+    np.testing.assert_array_equal(before.color, after.color)

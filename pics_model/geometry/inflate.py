@@ -188,10 +188,13 @@ def inflate(patch, mask=None, cfg: InflateConfig = InflateConfig()) -> trimesh.T
         metallicFactor=0.0, roughnessFactor=1.0)
     mesh = trimesh.Trimesh(verts, faces, visual=trimesh.visual.TextureVisuals(uv=uv, material=material),
                            process=False)
-    if not (mesh.is_watertight and mesh.is_winding_consistent and mesh.volume > 0):
+    # Closed by construction; checked anyway (cheap next to rendering). Signed volume from the
+    # divergence theorem: trimesh's mass_properties would also compute inertia we do not need.
+    tri = verts[faces]
+    volume = float(np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6.0)
+    if not (mesh.is_watertight and mesh.is_winding_consistent and volume > 0):
         raise DegenerateMeshError(
-            f"inflated mesh is not a closed solid (watertight={mesh.is_watertight}, "
-            f"volume={mesh.volume:.3g})")
+            f"inflated mesh is not a closed solid (watertight={mesh.is_watertight}, volume={volume:.3g})")
     mesh.metadata["patch_to_world"] = np.array(
         [[1 / scale, 0, -W / 2 / scale], [0, -1 / scale, H / 2 / scale], [0, 0, 1]])
     mesh.metadata["reconstructor"] = "builtin"

@@ -86,16 +86,20 @@ class MultiViewRenderer:
         f = resolution / 2 / np.tan(self.yfov / 2)
         self.intrinsics = np.array([[f, 0, resolution / 2], [0, f, resolution / 2], [0, 0, 1]])
         self._pr = import_pyrender(platform)
-        try:
-            self._renderer = self._pr.OffscreenRenderer(resolution, resolution)
-        except Exception as e:
-            raise RendererError(f"cannot create a {platform} GL context: {type(e).__name__}: {e}") from e
-        if not msaa:
-            self._disable_msaa()
+        self._renderer = None
+        self._create_context()
         self._scene = self._pr.Scene(bg_color=[0.0, 0.0, 0.0, 0.0])
         self._camera = self._pr.PerspectiveCamera(yfov=self.yfov, aspectRatio=1.0)
         self._camera_node = self._scene.add(self._camera)
         self.gl_renderer = self._gl_renderer_name()
+
+    def _create_context(self):
+        try:
+            self._renderer = self._pr.OffscreenRenderer(self.resolution, self.resolution)
+        except Exception as e:
+            raise RendererError(f"cannot create a {self.platform} GL context: {type(e).__name__}: {e}") from e
+        if not self.msaa:
+            self._disable_msaa()
 
     def _disable_msaa(self):
         # pyrender hard-codes 4 samples in its offscreen framebuffer; 0 samples = a plain buffer.
@@ -175,6 +179,26 @@ class MultiViewRenderer:
         poses = self.poses(center, distance)
         self._camera.znear = max(distance - 1.01 * radius, 1e-3 * distance)
         self._camera.zfar = distance + 1.01 * radius
+        try:
+            color, depth = self._render_views(parts, poses)
+        except Exception as first:
+            # Any pyrender renderer deleted elsewhere in this process (pyrender's EGL delete calls
+            # eglTerminate on the display all contexts share) kills this context too: make a new
+            # context and try once more before calling it a renderer error.
+            try:
+                self._discard_context()
+                self._create_context()
+                color, depth = self._render_views(parts, poses)
+            except Exception as e:
+                raise RendererError(f"{self.platform} render failed: {type(first).__name__}: {first}; "
+                                    f"after a new context: {type(e).__name__}: {e}") from e
+        # Background is the clear colour (0, 0, 0) already; alpha marks where a surface was hit.
+        color[..., 3] = (depth > 0).view(np.uint8) * np.uint8(255)
+        return MultiView(color, depth, self.azimuths_deg.copy(), self.elevation_deg, poses, self.intrinsics)
+
+    def _render_views(self, parts, poses) -> tuple[np.ndarray, np.ndarray]:
+        # fresh pyrender meshes each time: a pyrender primitive stays bound to the context it
+        # was first drawn in
         nodes = [self._scene.add(self.to_pyrender(g, T), pose=T) for g, T in parts]
         R, K = self.resolution, self.num_views
         color = np.empty((K, R, R, 4), np.uint8)
@@ -186,20 +210,37 @@ class MultiViewRenderer:
                 rgb, d = self._renderer.render(self._scene, flags=flags)
                 color[k, ..., :3] = rgb[..., :3]
                 depth[k] = d
-        except Exception as e:
-            raise RendererError(f"{self.platform} render failed: {type(e).__name__}: {e}") from e
         finally:
             for node in nodes:  # their GL buffers are freed at the next render
                 self._scene.remove_node(node)
-        hit = depth > 0
-        color[..., 3] = np.where(hit, 255, 0)
-        color[~hit, :3] = 0
-        return MultiView(color, depth, self.azimuths_deg.copy(), self.elevation_deg, poses, self.intrinsics)
+        return color, depth
+
+    def _discard_context(self):
+        """Drop our context without eglTerminate (pyrender's delete would terminate the display
+        that every other renderer of this process shares)."""
+        r, self._renderer = self._renderer, None
+        if r is None:
+            return
+        platform = r._platform
+        try:
+            if self.platform == "egl":
+                from OpenGL.EGL import eglDestroyContext
+
+                try:
+                    platform.make_current()
+                    r._renderer.delete()
+                except Exception:
+                    pass  # a dead context: nothing left to free in it
+                if platform._egl_context is not None:
+                    eglDestroyContext(platform._egl_display, platform._egl_context)
+                platform._egl_context = None
+            else:
+                r.delete()
+        except Exception:
+            pass
 
     def close(self):
-        if self._renderer is not None:
-            self._renderer.delete()
-            self._renderer = None
+        self._discard_context()
 
 
 _RENDERERS: dict[tuple, MultiViewRenderer] = {}
