@@ -215,7 +215,7 @@ def bottle(rng):
 
 
 def book(rng):
-    w, d, th = rng.uniform(0.16, 0.28), rng.uniform(0.12, 0.2), rng.uniform(0.025, 0.06)
+    w, d, th = rng.uniform(0.2, 0.32), rng.uniform(0.15, 0.24), rng.uniform(0.03, 0.07)
     m = creation.box(extents=[w, d, th])
     cover = random_color(rng)
     pages = np.array([0.93, 0.91, 0.84])
@@ -247,7 +247,7 @@ def crate(rng):
 
 
 def cube(rng):
-    s = rng.uniform(0.07, 0.15)
+    s = rng.uniform(0.09, 0.18)
     m = creation.box(extents=[s, s, s])
     return _finish(m, pattern(rng, s), s / 4, False, rng.uniform(0.0, 0.3), rng.uniform(0.3, 0.8))
 
