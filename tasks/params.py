@@ -141,10 +141,12 @@ class TrainParams(Section):
     augment: bool = True  # flip / colour / rotation of pics_model.data.AugmentConfig
     rotation_deg: float = Field(30.0, ge=0.0, le=180.0)  # paper: U(-pi/6, pi/6)
     loader_workers: int = Field(0, ge=0)  # torch DataLoader processes per worker
+    feature_cache: bool = True  # reuse frozen VAE (and, without augmentation, object) features by input hash
+    feature_cache_mb: float = Field(1024.0, gt=0.0)  # per worker, CPU memory
     # the tiny preset's autoencoder is fitted on the training images before PICS training
-    autoencoder_steps: int = Field(300, ge=0)
+    autoencoder_steps: int = Field(200, ge=0)
     autoencoder_lr: float = Field(2e-3, gt=0.0)
-    autoencoder_batch: int = Field(8, ge=1)
+    autoencoder_batch: int = Field(4, ge=1)
     # cadence and outputs
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)

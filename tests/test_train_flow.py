@@ -104,8 +104,8 @@ def write_fixture(root: Path, n_images: int = 20, test_every: int = 5, seed: int
 
 def overrides(root: Path, out: str, **train) -> list[str]:
     base = {"steps": STEPS, "batch_size": 4, "num_workers": 2, "warmup_steps": 2, "log_every": 2,
-            "checkpoint_every": 2, "keep_checkpoints": 2, "heldout_samples": 4, "sample_every": 0,
-            "autoencoder_steps": 20, "max_failures": 2, "out": str(root / out)}
+            "checkpoint_every": 2, "keep_checkpoints": 2, "heldout_samples": 2, "sample_every": 0,
+            "autoencoder_steps": 2, "autoencoder_batch": 2, "max_failures": 2, "out": str(root / out)}
     base.update(train)
     return ([f"decompose.out={root / 'decomposed'}", f"render_priors.out={root / 'priors'}", "ray.num_cpus=2"]
             + [f"train.{k}={'null' if v is None else v}" for k, v in base.items()])

@@ -61,7 +61,7 @@ def fit_autoencoder(vae, train_images: torch.Tensor, heldout_images: torch.Tenso
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        loss_val = float(loss)
+        loss_val = float(loss.detach())
         if log and (step + 1) % max(1, steps // 5) == 0:
             log(f"[autoencoder] step {step + 1}/{steps} loss {loss_val:.4f}")
     for p, w in zip(params, was):

@@ -178,12 +178,20 @@ class Trainer:
 
         cls = load_class(spec.model_class)
         self.model = cls.from_pretrained(spec.init_dir)
+        # train() now, before any forward: PICSModel's train() is what switches the frozen object
+        # backbone's BatchNorm to eval; a fresh model still has it in batch-statistics mode
+        self.model.train()
         self.params = list(self.model.set_trainable(spec.trainable))
         ids = {id(p) for p in self.params}
         self.param_names = [n for n, p in self.model.named_parameters() if id(p) in ids]
         if not self.param_names:
             raise ValueError(f"train.trainable={spec.trainable!r} selects no parameters")
         apply_speedups(self.model, spec)
+        self.caches = {}
+        if spec.feature_cache:
+            from tasks.train.cache import attach_feature_cache
+
+            self.caches = attach_feature_cache(self.model, objects=spec.augment is None, max_mb=spec.feature_cache_mb)
         # held-out loss without conditioning dropout: it measures the conditional denoiser
         accepts = inspect.signature(self.model.training_loss).parameters
         self.eval_kwargs = {"cond_drop_prob": 0.0} if "cond_drop_prob" in accepts else {}
@@ -379,6 +387,8 @@ class Trainer:
         """Final held-out losses (raw and EMA weights), per-rank digests, the final checkpoint."""
         import torch.distributed as dist
 
+        if self.history.get("rank_digests") and self.step >= self.spec.steps:
+            return  # resumed from the final checkpoint itself: nothing left to do or to write
         done = {h["weights"] for h in self.history["heldout"] if h["step"] == self.spec.steps}
         if "raw" not in done:
             self.history["heldout"].append({"step": self.step, "loss": self.heldout_loss(heldout), "weights": "raw"})
@@ -401,6 +411,8 @@ class Trainer:
         row = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                "samples_per_s": sps, "data_wait_frac": window["data"] / max(window["t"], 1e-9),
                "mem_mb": memory_mb(self.device), "time": time.time()}
+        for name, cache in self.caches.items():
+            row[f"cache_{name}_hit_rate"] = cache.stats()["hit_rate"]
         if spec.flops_per_sample and spec.peak_flops_per_worker:
             row["mfu"] = spec.flops_per_sample * sps / (spec.peak_flops_per_worker * self.world)
         self.history["train"].append(row)

@@ -17,7 +17,7 @@ from tasks.train.data import DataError, scan_shards, shard_files
 # train.* keys that change how a run is executed or observed but not what it computes: they stay
 # out of the run's identity, so changing them resumes the same run instead of starting over.
 OPERATIONAL_KEYS = {"out", "num_workers", "use_gpu", "cpus_per_worker", "max_failures", "resume",
-                    "loader_workers", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
+                    "loader_workers", "feature_cache", "feature_cache_mb", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
                     "sample_count", "sample_steps", "sample_guidance", "peak_tflops", "fail_at_step", "fail_rank", "fail_mode",
                     "eval_every"}
 

@@ -86,7 +86,8 @@ def write_outputs(out: Path, run_dir: Path, checkpoint_dir: Path, init_info: dic
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_bytes(out / "loss.csv", _csv([{"step": s, "loss": l} for s, l in h["loss"]], ["step", "loss"]))
     atomic.write_bytes(out / "heldout.csv", _csv(h["heldout"], ["step", "loss", "weights"]))
-    cols = ["step", "loss", "lr", "grad_norm", "samples_per_s", "data_wait_frac", "mfu", "mem_mb"]
+    cols = ["step", "loss", "lr", "grad_norm", "samples_per_s", "data_wait_frac", "mfu", "mem_mb",
+            "cache_vae_hit_rate", "cache_objects_hit_rate"]
     atomic.write_bytes(out / "train_log.csv", _csv(h["train"], cols))
     _plot(h, out / "loss.png")
 
@@ -118,6 +119,7 @@ def write_outputs(out: Path, run_dir: Path, checkpoint_dir: Path, init_info: dic
         "mfu": statistics.median(r["mfu"] for r in steady) if steady and "mfu" in steady[0] else None,
         "peak_mem_mb": max((r["mem_mb"] for r in rows), default=None),
         "data_wait_frac": statistics.median(r["data_wait_frac"] for r in steady) if steady else None,
+        "feature_cache_vae_hit_rate": rows[-1].get("cache_vae_hit_rate") if rows else None,
         "restarts": sum(1 for e in h["events"] if e.get("event") == "resumed"),
         "quarantined_samples": len(h.get("quarantine", [])),
         "autoencoder_psnr_before": ae.get("psnr_before") if isinstance(ae, dict) else None,

@@ -112,6 +112,7 @@ def make_spec(plan: RunPlan, flops_per_sample: float | None, peak: float | None)
         mask_weight=t.mask_weight, ema_decay=t.ema_decay, mixed_precision=plan.mixed_precision,
         grad_checkpointing=t.grad_checkpointing, compile=t.compile, strategy=plan.strategy,
         resolution=plan.resolution, object_size=plan.object_size, augment=augment, loader_workers=t.loader_workers,
+        feature_cache=t.feature_cache, feature_cache_mb=t.feature_cache_mb,
         log_every=t.log_every, checkpoint_every=t.checkpoint_every, eval_every=t.eval_every,
         sample_every=t.sample_every, heldout_samples=t.heldout_samples, sample_count=t.sample_count,
         sample_steps=t.sample_steps, sample_guidance=t.sample_guidance, flops_per_sample=flops_per_sample, peak_flops_per_worker=peak,
@@ -127,6 +128,10 @@ def fit(plan: RunPlan, spec: RunSpec, log=print) -> Path:
     from tasks.train.loop import train_loop_per_worker
 
     p = plan.params
+    done = finished_checkpoint(plan)
+    if done is not None:
+        log(f"[train] {done} already holds the final step of this run; not training again")
+        return done
     ray = init_ray(p.ray.address, p.ray.num_cpus, p.ray.object_store_mb)
     check_resources(plan, ray.cluster_resources())
     removed = ckpt.remove_uncommitted(plan.run_dir)
@@ -151,6 +156,15 @@ def fit(plan: RunPlan, spec: RunSpec, log=print) -> Path:
     if final is None:
         raise RuntimeError(f"{plan.run_dir}: training ended without a committed checkpoint")
     return final
+
+
+def finished_checkpoint(plan: RunPlan) -> Path | None:
+    """The run's final checkpoint when it was already written (a repeated ``dvc repro`` or flow)."""
+    latest = ckpt.latest_committed(plan.run_dir)
+    if latest is None:
+        return None
+    marker = ckpt.read_marker(latest, verify=False)
+    return latest if marker.get("final") and int(marker["step"]) >= plan.params.train.steps else None
 
 
 def reset_run(plan: RunPlan) -> None:

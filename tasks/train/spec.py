@@ -38,6 +38,8 @@ class RunSpec:
     object_size: int | None = None  # objects and prior views are resized to this in the loader
     augment: dict | None = field(default_factory=dict)  # AugmentConfig fields; None: no augmentation
     loader_workers: int = 0
+    feature_cache: bool = True
+    feature_cache_mb: float = 1024.0
     # cadence
     log_every: int = 10
     checkpoint_every: int = 100
