@@ -169,5 +169,31 @@ def serve(only: Optional[list[str]] = typer.Argument(None, help="Deployment name
     serve_all(only or None)
 
 
+@app.command()
+def composite(
+    background: Path = typer.Option(..., help="Background image."),
+    object_: list[str] = typer.Option(..., "--object", help="IMG:MASK or IMG:x0,y0,x1,y1 (repeatable, in order)."),
+    checkpoint: Path = typer.Option(..., help="A saved PICS model folder (e.g. data/train/final)."),
+    out: Path = typer.Option(..., help="Composite image to write (.png, .jpg)."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps (default: evaluate.steps)."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance (default: evaluate.guidance)."),
+    scheduler: Optional[str] = typer.Option(None, help="ddim | dpmsolver++ (default: evaluate.scheduler)."),
+    seed: Optional[int] = typer.Option(None, help="Noise seed (default: evaluate.seed)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    params: Optional[Path] = ParamsOpt,
+):
+    """Composite objects into a background with a trained checkpoint."""
+    from flows.composite import CompositeInputError, composite_cli
+    from tasks.params import ParamsError
+
+    try:
+        path = composite_cli(str(background), object_, str(checkpoint), str(out), steps=steps, guidance=guidance,
+                             scheduler=scheduler, seed=seed, device=device,
+                             params_file=str(params) if params else None)
+    except (CompositeInputError, ParamsError) as e:
+        _fail(e)
+    typer.echo(str(path))
+
+
 if __name__ == "__main__":
     app()

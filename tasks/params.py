@@ -171,6 +171,21 @@ class EvaluateParams(Section):
     guidance: float = Field(3.0, ge=0.0)
     scheduler: Literal["ddim", "dpmsolver++"] = "ddim"
     seed: int = 0
+    samples: str = "data/decomposed"  # decompose output; its test split is evaluated
+    priors: str | None = "data/priors"  # render_priors output, used when the model has a shape encoder
+    untrained: str | None = "auto"  # baseline model; "auto": <run_dir>/init named by <checkpoint>/../run.json
+    methods: list[Literal["pics", "copy_paste", "sequential", "untrained"]] = ["pics", "copy_paste", "sequential",
+                                                                                 "untrained"]
+    max_samples: int | None = Field(None, ge=1)  # first N test samples (shard order); None: all
+    batch_size: int = Field(2, ge=1)  # rows per map_batches call
+    num_actors: int = Field(2, ge=1)  # Ray Data actors (CPU); with CUDA: min(this, GPUs), one GPU each
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    record_alpha: bool = True  # alpha maps per step: occlusion-order accuracy and the report's maps
+    grid_samples: int = Field(6, ge=0)
+    lpips_min_side: int = Field(224, ge=32)  # feature metrics upsample smaller images to this short side
+    clip_path: str | None = None  # local CLIP image tower (TorchScript or HF folder): clip_score
+    dinov2_path: str | None = None  # local DINOv2 (TorchScript or HF folder): dinov2_score
+    dreamsim_path: str | None = None  # local DreamSim ensemble (TorchScript): dreamsim
 
 
 class Params(Section):

@@ -1,0 +1,295 @@
+"""Per-sample evaluation work: run every method on a test sample and score it.
+
+``Evaluator`` is the callable class that Ray Data's ``map_batches`` runs in its actors (one model
+load per actor, batches of raw shard rows in, result rows out); the same class runs in-process
+for tests and the benchmark's baseline. Every method of one sample shares the boxes, the seed
+and the scoring, and each result row carries its composite as PNG bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from tasks.evaluate import baselines, metrics, occlusion
+from tasks.evaluate.backbones import Embedder, MobileNetV2Features, load_embedder, mobilenetv2_embedder
+
+METHODS = ("pics", "copy_paste", "sequential", "untrained")
+GROUND_TRUTH = "ground_truth"
+# Score columns, in table order. Proxy names say which backbone stands in for the standard one.
+PIXEL_METRICS = ("psnr", "ssim", "mpsnr", "mssim")
+PROXY_METRICS = ("lpips_mobilenetv2_proxy", "mlpips_mobilenetv2_proxy", "objsim_mobilenetv2_proxy")
+STANDARD_METRICS = ("clip_score", "dinov2_score", "dreamsim")  # only with local weights
+SCORE_COLUMNS = PIXEL_METRICS + PROXY_METRICS + STANDARD_METRICS
+LOWER_IS_BETTER = {"lpips_mobilenetv2_proxy", "mlpips_mobilenetv2_proxy", "dreamsim", "fid_mobilenetv2_proxy"}
+
+RESULT_SCHEMA = pa.schema(
+    [("sample_id", pa.string()), ("method", pa.string()), ("error", pa.string()), ("seconds", pa.float64()),
+     ("n_objects", pa.int32()), ("overlap_px", pa.int64()), ("height", pa.int32()), ("width", pa.int32())]
+    + [(c, pa.float64()) for c in SCORE_COLUMNS]
+    + [("fid_features", pa.list_(pa.float32())),
+       ("occ_credit", pa.list_(pa.float64())), ("occ_pixels", pa.float64()),
+       ("alpha_diff", pa.binary()), ("alpha_grid", pa.int32()), ("visibility", pa.binary()),
+       ("png", pa.binary())]
+)
+
+
+@dataclass
+class EvalConfig:
+    """Everything an actor needs, picklable (paths as strings)."""
+
+    checkpoint: str
+    untrained: str | None = None
+    priors: str | None = None
+    methods: tuple[str, ...] = METHODS
+    steps: int = 20
+    guidance: float = 3.0
+    scheduler: str = "ddim"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    record_alpha: bool = True
+    lpips_min_side: int = 224
+    backbones: dict[str, str] = field(default_factory=dict)  # {"clip": path, ...}
+    threads: int | None = None  # torch threads in this worker (Ray actors: their CPU share)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_seed(seed: int, sample_id: str) -> int:
+    """A per-sample seed that does not depend on batching, actors or order."""
+    return (seed + int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16)) % (2**31)
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _unit(img: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float [3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div(255.0)
+
+
+def object_views(img: np.ndarray, masks: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
+    """Each object as its input patch was cut: the tight box, white outside the object's mask,
+    padded to a square with white. uint8 [s, s, 3] each."""
+    out = []
+    for m, (x0, y0, x1, y1) in zip(masks, np.asarray(boxes).round().astype(int)):
+        crop = img[y0:y1, x0:x1].copy()
+        crop[m[y0:y1, x0:x1] == 0] = 255
+        h, w = crop.shape[:2]
+        s = max(h, w, 1)
+        sq = np.full((s, s, 3), 255, np.uint8)
+        sq[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = crop
+        out.append(sq)
+    return out
+
+
+class Evaluator:
+    """Callable over a batch of raw decompose rows (pyarrow.Table) -> result rows (pyarrow.Table)."""
+
+    def __init__(self, cfg: EvalConfig | dict):
+        from pics_model.modeling_pics import PICSModel
+        from pics_model.pipeline_pics import PICSPipeline
+
+        self.cfg = cfg = cfg if isinstance(cfg, EvalConfig) else EvalConfig(**cfg)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        unknown = set(cfg.methods) - set(METHODS)
+        if unknown:
+            raise ValueError(f"evaluate.methods: unknown {sorted(unknown)}; choose from {METHODS}")
+        dev = cfg.device
+        self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if dev == "auto" else dev))
+        need_model = {"pics", "sequential"} & set(cfg.methods)
+        self.model = PICSModel.from_pretrained(cfg.checkpoint).to(self.device).eval() if need_model else None
+        self.pipe = PICSPipeline(self.model, cfg.scheduler) if self.model is not None else None
+        self.untrained_pipe = None
+        if "untrained" in cfg.methods and cfg.untrained:
+            m0 = PICSModel.from_pretrained(cfg.untrained).to(self.device).eval()
+            self.untrained_pipe = PICSPipeline(m0, cfg.scheduler)
+        cfg_model = (self.model or getattr(self.untrained_pipe, "model", None))
+        self.box_expand = cfg_model.config.box_expand if cfg_model is not None else 1.15
+        self.use_priors = bool(cfg.priors) and cfg_model is not None and cfg_model.config.shape_encoder.enabled
+        self.priors = None
+        if self.use_priors:
+            from tasks.train.data import PriorStore
+
+            self.priors = PriorStore(cfg.priors)
+        self.net = MobileNetV2Features().to(self.device)
+        self.embedder: Embedder = mobilenetv2_embedder()
+        self.embedder.module.to(self.device)
+        self.standard = {k: load_embedder(k, p, key=f"evaluate.{k}_path") for k, p in cfg.backbones.items() if p}
+
+    # ------------------------------------------------------------------------------------------
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist() if isinstance(batch, pa.Table) else _rows_from_columns(batch)
+        out: list[dict] = []
+        for row in rows:
+            try:
+                out.extend(self.evaluate_row(row))
+            except Exception as e:  # noqa: BLE001 - one bad sample is quarantined, the run goes on
+                out.append({"sample_id": str(row.get("sample_id")), "method": "",
+                            "error": f"{type(e).__name__}: {e}"})
+        return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
+
+    def _priors(self, row: dict) -> np.ndarray | None:
+        if self.priors is None:
+            return None
+        from tasks.schema import object_key
+        from tasks.train.batches import decode_view
+
+        views = [self.priors.views(object_key(p, m)) for p, m in zip(row["patches"], row["patch_masks"])]
+        if any(v is None for v in views):
+            return None
+        return np.stack([np.stack([decode_view(b) for b in v]) for v in views])
+
+    def composites(self, row: dict) -> tuple[dict, dict[str, dict]]:
+        """Decode one row and run every method: (sample, {method: {"image", "seconds", "alpha"}})."""
+        from pics_model.data import expand_boxes
+        from tasks.shards import decode_sample
+
+        cfg = self.cfg
+        s = decode_sample(row)
+        h, w = s["image"].shape[:2]
+        s["expanded"] = expand_boxes(s["boxes_tight"], self.box_expand, w, h)
+        priors = self._priors(row)
+        seed = sample_seed(cfg.seed, s["sample_id"])
+        t0 = time.perf_counter()
+        inpainted = baselines.erase_and_inpaint(s["image"], s["expanded"])
+        t_inpaint = time.perf_counter() - t0
+        results: dict[str, dict] = {}
+        for method in cfg.methods:
+            t0 = time.perf_counter()
+            alpha = None
+            if method == "copy_paste":
+                img = baselines.copy_paste(s, s["expanded"], inpainted)
+                extra = t_inpaint
+            elif method == "sequential":
+                img = baselines.sequential(self.pipe, s, s["expanded"], steps=cfg.steps, guidance=cfg.guidance,
+                                           seed=seed, background=inpainted, priors=priors)
+                extra = t_inpaint
+            else:
+                pipe = self.pipe if method == "pics" else self.untrained_pipe
+                if pipe is None:
+                    continue  # untrained requested but no init model: the summary says so
+                o = pipe(s["image"], s["patches"], boxes=s["boxes_tight"], num_inference_steps=cfg.steps,
+                         guidance_scale=cfg.guidance, seed=seed, record_alpha=cfg.record_alpha, priors=priors,
+                         output_type="pil")
+                img, alpha, extra = np.asarray(o.images[0]), o.alpha_maps, 0.0
+                if not np.allclose(o.boxes[0], s["expanded"], atol=1e-3):
+                    raise RuntimeError(f"{s['sample_id']}: pipeline used boxes {o.boxes[0].tolist()}, "
+                                       f"evaluation expected {s['expanded'].tolist()}")
+            results[method] = {"image": img, "seconds": time.perf_counter() - t0 + extra, "alpha": alpha}
+        return s, results
+
+    @torch.no_grad()
+    def evaluate_row(self, row: dict) -> list[dict]:
+        s, results = self.composites(row)
+        h, w = s["image"].shape[:2]
+        overlap = metrics.overlap_mask(torch.from_numpy(s["expanded"]), h, w)
+        methods = list(results)
+        gt = _unit(s["image"])
+        preds = torch.stack([_unit(results[m]["image"]) for m in methods])
+        gts = gt[None].expand_as(preds)
+        ov = overlap[None].expand(len(methods), h, w)
+        dev = self.device
+        scores = {
+            "psnr": metrics.psnr(preds, gts), "ssim": metrics.ssim(preds, gts),
+            "mpsnr": metrics.psnr(preds, gts, ov), "mssim": metrics.ssim(preds, gts, ov),
+            "lpips_mobilenetv2_proxy": metrics.lpips_proxy(self.net, preds.to(dev), gts.to(dev),
+                                                           min_side=self.cfg.lpips_min_side).cpu(),
+            "mlpips_mobilenetv2_proxy": metrics.lpips_proxy(self.net, preds.to(dev), gts.to(dev), ov.to(dev),
+                                                            min_side=self.cfg.lpips_min_side).cpu(),
+        }
+        feats = self.embedder.embed(torch.cat([gt[None], preds]).to(dev)).cpu()
+        # object fidelity: each object cut from the composite like its input patch, vs that patch
+        n = len(s["boxes_tight"])
+        ref = torch.stack([_unit(p) for p in s["patches"]])
+        crops = [_square224(v) for m in methods
+                 for v in object_views(results[m]["image"], s["masks"], s["boxes_tight"])]
+        crops = torch.stack(crops)
+        sims = {"objsim_mobilenetv2_proxy": self._objsim(self.embedder, crops, ref, n, len(methods))}
+        for kind, emb in self.standard.items():
+            cos = self._objsim(emb, crops, ref, n, len(methods))
+            sims[{"clip": "clip_score", "dinov2": "dinov2_score", "dreamsim": "dreamsim"}[kind]] = (
+                100 * cos.clamp_min(0) if kind == "clip" else (1 - cos if kind == "dreamsim" else cos))
+
+        grid = self._grid()
+        truth = occlusion.occlusion_truth(s, grid) if grid else []
+        rows = [{"sample_id": s["sample_id"], "method": GROUND_TRUTH, "n_objects": n, "overlap_px": int(overlap.sum()),
+                 "height": h, "width": w, "fid_features": feats[0].tolist(), "png": png_bytes(s["image"]),
+                 "alpha_grid": grid or None,
+                 "visibility": occlusion.visibility_map(truth, grid).astype(np.float16).tobytes() if grid else None}]
+        for i, m in enumerate(methods):
+            r = {"sample_id": s["sample_id"], "method": m, "seconds": results[m]["seconds"], "n_objects": n,
+                 "overlap_px": int(overlap.sum()), "height": h, "width": w,
+                 "fid_features": feats[i + 1].tolist(), "png": png_bytes(results[m]["image"])}
+            for k, v in {**scores, **sims}.items():
+                r[k] = _finite(v[i])
+            alpha = results[m]["alpha"]
+            if alpha:
+                credit, count = occlusion.occlusion_credit(alpha, truth)
+                r.update(occ_credit=credit.tolist(), occ_pixels=count, alpha_grid=alpha[0].shape[-1])
+                if n >= 2:
+                    r["alpha_diff"] = np.stack([a[0] - a[1] for a in alpha]).astype(np.float16).tobytes()
+            rows.append(r)
+        return rows
+
+    def _grid(self) -> int | None:
+        m = self.model or getattr(self.untrained_pipe, "model", None)
+        return m.config.latent_size if m is not None and self.cfg.record_alpha else None
+
+    def _objsim(self, emb: Embedder, crops: torch.Tensor, ref: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        dev = self.device
+        e_crop = emb.embed(crops.to(dev)).cpu().view(k, n, -1)
+        e_ref = emb.embed(ref.to(dev)).cpu()
+        return metrics.cosine(e_crop, e_ref[None].expand_as(e_crop)).mean(1)
+
+
+def _square224(img: np.ndarray) -> torch.Tensor:
+    return _unit(np.asarray(Image.fromarray(img).resize((224, 224), Image.Resampling.BICUBIC)))
+
+
+def _finite(v) -> float | None:
+    v = float(v)
+    return None if np.isnan(v) else v
+
+
+def _rows_from_columns(batch: dict) -> list[dict]:
+    keys = list(batch)
+    return [dict(zip(keys, vals)) for vals in zip(*(batch[k] for k in keys))]
+
+
+def run_local(cfg: EvalConfig, rows: list[dict], batch_size: int = 4) -> pa.Table:
+    """The in-process path (tests, the benchmark's one-worker baseline): same class, no Ray."""
+    ev = Evaluator(cfg)
+    parts = [ev(pa.Table.from_pylist(rows[i:i + batch_size])) for i in range(0, len(rows), batch_size)]
+    return pa.concat_tables(parts) if parts else RESULT_SCHEMA.empty_table()
+
+
+def find_untrained(checkpoint: str | Path) -> Path | None:
+    """The model a training run started from: ``<run_dir>/init`` named by ``<train.out>/run.json``."""
+    import json
+
+    run = Path(checkpoint).parent / "run.json"
+    try:
+        run_dir = Path(json.loads(run.read_text())["run_dir"])
+    except (OSError, ValueError, KeyError):
+        return None
+    init = run_dir / "init"
+    return init if (init / "config.json").is_file() else None

@@ -1,0 +1,221 @@
+"""The evaluation report: a PNG grid (inputs, every method, ground truth, alpha maps across
+denoising), an occlusion-accuracy plot and an HTML page with the side-by-side metrics table."""
+from __future__ import annotations
+
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageDraw, ImageFont
+
+from tasks import atomic
+from tasks.evaluate.inference import GROUND_TRUTH, LOWER_IS_BETTER, METHODS, decode_png
+from tasks.evaluate.summary import TABLE_COLUMNS, comparison_rows
+
+LABELS = {"pics": "PICS (ours)", "copy_paste": "copy-paste", "sequential": "sequential (painter)",
+          "untrained": "untrained", GROUND_TRUTH: "ground truth"}
+CELL_H = 120
+N_ALPHA = 5
+
+
+def _font(size: int = 12):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _fit(img: np.ndarray, h: int) -> Image.Image:
+    im = Image.fromarray(img)
+    return im.resize((max(1, round(im.width * h / im.height)), h), Image.Resampling.BICUBIC)
+
+
+def _objects_tile(patches: np.ndarray, w: int, h: int) -> Image.Image:
+    tile = Image.new("RGB", (w, h), (255, 255, 255))
+    n = len(patches)
+    side = min(h, w // max(n, 1))
+    for i, p in enumerate(patches):
+        tile.paste(Image.fromarray(p).resize((side, side), Image.Resampling.BICUBIC), (i * side, (h - side) // 2))
+    return tile
+
+
+def _masked_input(image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    from tasks.evaluate.baselines import union_mask
+
+    out = image.copy()
+    out[union_mask(boxes, *image.shape[:2])] = 128
+    return out
+
+
+def _diverging(d: np.ndarray) -> np.ndarray:
+    """[g, g] in [-1, 1] -> uint8 RGB: red = object 0 in front, blue = object 1, white = tie/none."""
+    d = np.clip(d, -1, 1)[..., None]
+    red, blue, white = np.array([214, 39, 40.0]), np.array([31, 119, 180.0]), np.array([255, 255, 255.0])
+    rgb = np.where(d >= 0, white + d * (red - white), white + (-d) * (blue - white))
+    return rgb.astype(np.uint8)
+
+
+def _alpha_tile(diff: np.ndarray, frame: np.ndarray, side: int, dim_exclusive: bool = True) -> Image.Image:
+    """An alpha-difference map over the (square-padded, greyed) frame. Cells where one object has
+    all the weight (|diff| = 1: its exclusive region) are drawn faint so the overlap stands out."""
+    if dim_exclusive:
+        diff = np.where(np.abs(diff) >= 0.999, 0.2 * np.sign(diff), diff)
+    heat = Image.fromarray(_diverging(diff)).resize((side, side), Image.Resampling.NEAREST)
+    grey = Image.fromarray(frame).convert("L").convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
+    return Image.blend(grey, heat, 0.7)
+
+
+def _square(img: np.ndarray) -> np.ndarray:
+    h, w = img.shape[:2]
+    s = max(h, w)
+    out = np.zeros((s, s, 3), np.uint8)
+    out[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = img
+    return out
+
+
+def write_grid(results: pa.Table, samples: dict[str, dict], path: str | Path, steps: int) -> Path:
+    """One row per sample in ``samples`` (decoded, with "expanded" boxes): masked input, objects,
+    each method, ground truth, then alpha(obj 0) - alpha(obj 1) of PICS at N_ALPHA steps and the
+    true front object (red: object 0, blue: object 1)."""
+    rows = {(r["sample_id"], r["method"]): r for r in results.to_pylist() if r["sample_id"] in samples}
+    methods = [m for m in METHODS if any((sid, m) for sid in samples if (sid, m) in rows)]
+    snaps = sorted(set(np.linspace(0, max(steps - 1, 0), N_ALPHA).round().astype(int).tolist()))
+    first = next(iter(samples.values()))
+    cell_w = round(first["image"].shape[1] * CELL_H / first["image"].shape[0])
+    cols = ["input (boxes erased)", "objects"] + [LABELS[m] for m in methods] + [LABELS[GROUND_TRUTH]]
+    alpha_cols = [f"alpha t{k + 1}/{steps}" for k in snaps] + ["true front"]
+    pad, head = 4, 20
+    width = len(cols) * (cell_w + pad) + len(alpha_cols) * (CELL_H + pad) + pad
+    height = head + len(samples) * (CELL_H + pad) + pad + 16
+    canvas = Image.new("RGB", (width, height), (245, 245, 245))
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    xs = [pad + i * (cell_w + pad) for i in range(len(cols))]
+    xs_a = [xs[-1] + cell_w + pad + i * (CELL_H + pad) for i in range(len(alpha_cols))]
+    for x, label, w in [(x, c, cell_w) for x, c in zip(xs, cols)] + [(x, c, CELL_H) for x, c in zip(xs_a, alpha_cols)]:
+        draw.text((x + 2, 4), label[: max(4, w // 6)], fill=(0, 0, 0), font=font)
+    for i, (sid, s) in enumerate(samples.items()):
+        y = head + i * (CELL_H + pad)
+        tiles = [_fit(_masked_input(s["image"], s["expanded"]), CELL_H),
+                 _objects_tile(s["patches"], cell_w, CELL_H)]
+        for m in methods + [GROUND_TRUTH]:
+            r = rows.get((sid, m))
+            tiles.append(_fit(decode_png(r["png"]), CELL_H) if r and r["png"] else Image.new("RGB", (cell_w, CELL_H)))
+        for x, t in zip(xs, tiles):
+            canvas.paste(t.resize((cell_w, CELL_H)), (x, y))
+        ours, gt = rows.get((sid, "pics")), rows.get((sid, GROUND_TRUTH))
+        frame = _square(s["image"])
+        if ours and ours["alpha_diff"] and ours["alpha_grid"]:
+            g = ours["alpha_grid"]
+            diffs = np.frombuffer(ours["alpha_diff"], np.float16).astype(np.float32).reshape(-1, g, g)
+            for x, k in zip(xs_a, snaps):
+                canvas.paste(_alpha_tile(diffs[min(k, len(diffs) - 1)], frame, CELL_H), (x, y))
+        if gt and gt["visibility"] and gt["alpha_grid"]:
+            g = gt["alpha_grid"]
+            vis = np.frombuffer(gt["visibility"], np.float16).astype(np.float32).reshape(g, g)
+            canvas.paste(_alpha_tile(vis, frame, CELL_H, dim_exclusive=False), (xs_a[-1], y))
+        box = draw.textbbox((xs[0] + 2, y + 2), sid, font=font)
+        draw.rectangle(box, fill=(0, 0, 0))
+        draw.text((xs[0] + 2, y + 2), sid, fill=(255, 255, 255), font=font)
+    draw.text((pad, height - 14), "alpha maps (PICS, ITB-averaged weight of object 0 minus object 1, conditional "
+              "branch): red = object 0 dominates, blue = object 1, faint = exclusive regions; true front: "
+              "occluded pixels coloured by the nearer object", fill=(60, 60, 60), font=font)
+    buf = io.BytesIO()
+    canvas.save(buf, "PNG")
+    return atomic.write_bytes(path, buf.getvalue())
+
+
+def write_occlusion_plot(summary: dict, path: str | Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {m: s["occlusion_curve"] for m, s in summary["methods"].items() if s.get("occlusion_curve")}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    for m, c in curves.items():
+        ax.plot(range(1, len(c) + 1), c, marker="o", ms=3, label=LABELS.get(m, m))
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("occlusion-order accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic.write_bytes(path, buf.getvalue())
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+
+
+def metrics_table_html(summary: dict) -> str:
+    rows = comparison_rows(summary)
+    cols = [c for c in TABLE_COLUMNS + ("occlusion_accuracy",) if any(r.get(c) is not None for r in rows)]
+    best = {}
+    for c in cols:
+        vals = [r[c] for r in rows if r.get(c) is not None and r["method"] != GROUND_TRUTH]
+        if vals:
+            best[c] = min(vals) if c in LOWER_IS_BETTER else max(vals)
+    head = "".join(f"<th>{html.escape(c)}{' &darr;' if c in LOWER_IS_BETTER else ' &uarr;'}</th>" for c in cols)
+    body = []
+    for r in rows:
+        cells = "".join(f"<td>{'<b>' if r.get(c) is not None and r.get(c) == best.get(c) else ''}{_fmt(r.get(c))}"
+                        f"{'</b>' if r.get(c) is not None and r.get(c) == best.get(c) else ''}</td>" for c in cols)
+        body.append(f"<tr><th>{html.escape(LABELS.get(r['method'], r['method']))}</th>{cells}<td>{r['n']}</td></tr>")
+    return f"<table><tr><th>method</th>{head}<th>n</th></tr>{''.join(body)}</table>"
+
+
+def metrics_table_markdown(summary: dict) -> str:
+    rows = comparison_rows(summary)
+    cols = [c for c in TABLE_COLUMNS + ("occlusion_accuracy",) if any(r.get(c) is not None for r in rows)]
+    lines = ["| method | " + " | ".join(cols) + " | n |", "|---" * (len(cols) + 2) + "|"]
+    for r in rows:
+        lines.append(f"| {LABELS.get(r['method'], r['method'])} | " + " | ".join(_fmt(r.get(c)) for c in cols)
+                     + f" | {r['n']} |")
+    return "\n".join(lines)
+
+
+def _trained_line(summary: dict) -> str:
+    d = summary.get("trained_minus_untrained")
+    if not d:
+        return ""
+    parts = ", ".join(f"{k} {v:+.4f}" for k, v in d.items() if v is not None)
+    wins = sum(1 for v in d.values() if v is not None and v > 0)
+    return (f"<p>Trained minus untrained on the overlap (positive = training helped, sign flipped for "
+            f"lower-is-better): {html.escape(parts)} ({wins} of {len(d)} better).</p>")
+
+
+def write_html(summary: dict, params: dict, path: str | Path, grid: str | None, occlusion_png: str | None,
+               notes: list[str]) -> Path:
+    occ = ""
+    if occlusion_png:
+        occ = (f"<h2>Occlusion-order accuracy over denoising</h2><img src='{occlusion_png}'>"
+               "<p>Share of truly occluded pixels (both amodal masks) where the object with the larger "
+               "alpha-gate weight is the nearer one (sign of s_a - s_b); ties count 1/2.</p>")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>PICS evaluation</title>
+<style>body{{font-family:sans-serif;margin:20px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} img{{max-width:100%}}</style></head><body>
+<h1>PICS evaluation</h1>
+<p>{summary['n_samples']} test samples, {summary['n_failed']} quarantined. Checkpoint
+<code>{html.escape(str(params.get('checkpoint')))}</code>; {params.get('steps')} {html.escape(str(params.get('scheduler')))}
+steps, guidance {params.get('guidance')}, seed {params.get('seed')}.</p>
+<h2>Methods side by side</h2>{metrics_table_html(summary)}{_trained_line(summary)}
+<p>m-metrics: on the overlap of the objects' expanded boxes (docs/metrics.md). Names ending in
+<code>_mobilenetv2_proxy</code> use the bundled ImageNet MobileNetV2 in place of the standard
+backbones (Inception for FID, AlexNet/VGG for LPIPS, CLIP/DINOv2 for object similarity): they rank
+methods but are not comparable to published numbers. Best value per column in bold.</p>
+<ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
+<h2>Samples</h2>{f"<img src='{grid}'>" if grid else '<p>no samples</p>'}
+{occ}
+</body></html>
+"""
+    return atomic.write_bytes(path, page.encode())

@@ -1,0 +1,98 @@
+"""Result rows -> the summary: per-method means, FID, occlusion-order curves, the side-by-side table."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from tasks.evaluate import metrics
+from tasks.evaluate.inference import GROUND_TRUTH, LOWER_IS_BETTER, METHODS, SCORE_COLUMNS
+
+MASKED = ("mpsnr", "mssim", "mlpips_mobilenetv2_proxy")
+TABLE_COLUMNS = ("mpsnr", "mssim", "mlpips_mobilenetv2_proxy", "psnr", "ssim", "lpips_mobilenetv2_proxy",
+                 "fid_mobilenetv2_proxy", "objsim_mobilenetv2_proxy", "clip_score", "dinov2_score", "dreamsim")
+
+
+def _num(v: float) -> float | None:
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else round(float(v), 6)
+
+
+def summarize(results: pa.Table) -> dict:
+    """The metrics.json content: {"methods": {method: {metric: mean, ...}}, "occlusion": {...}, counts}."""
+    ok = results.filter(pa.compute.is_null(results["error"]))
+    rows = ok.select([c for c in ok.column_names if c not in ("png", "alpha_diff", "visibility")]).to_pylist()
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    gt = {r["sample_id"]: r["fid_features"] for r in by_method.get(GROUND_TRUTH, [])}
+    out: dict = {"methods": {}, "n_samples": len(gt), "n_failed": int(len(set(
+        results.filter(pa.compute.invert(pa.compute.is_null(results["error"])))["sample_id"].to_pylist())))}
+    for method in [m for m in METHODS if m in by_method]:
+        rs = by_method[method]
+        s: dict = {"n": len(rs)}
+        for c in SCORE_COLUMNS:
+            vals = [r[c] for r in rs if r[c] is not None]
+            if vals:
+                s[c] = _num(float(np.mean(vals)))
+        s["n_overlap"] = sum(1 for r in rs if r["mpsnr"] is not None)
+        mine = {r["sample_id"]: r["fid_features"] for r in rs if r["sample_id"] in gt}
+        if len(mine) >= 2:
+            fake = torch.tensor(list(mine.values()))
+            real = torch.tensor([gt[i] for i in mine])
+            s["fid_mobilenetv2_proxy"] = _num(metrics.frechet_distance(real, fake))
+        s["seconds_per_sample"] = _num(float(np.mean([r["seconds"] for r in rs])))
+        occ = [r for r in rs if r["occ_credit"] is not None]
+        pixels = sum(r["occ_pixels"] or 0.0 for r in occ)
+        if occ and pixels > 0:
+            credit = np.sum([r["occ_credit"] for r in occ], axis=0)
+            curve = (credit / pixels).tolist()
+            s["occlusion_accuracy"] = _num(curve[-1])
+            s["occlusion_accuracy_mean_over_steps"] = _num(float(np.mean(curve)))
+            s["occlusion_curve"] = [_num(v) for v in curve]
+            s["occluded_pixels"] = _num(pixels)
+        out["methods"][method] = s
+    ms = out["methods"]
+    if "pics" in ms and "untrained" in ms:
+        # what training bought on the overlap: positive = the trained model is better
+        out["trained_minus_untrained"] = {
+            c: _num((ms["pics"][c] - ms["untrained"][c]) * (-1 if c in LOWER_IS_BETTER else 1))
+            for c in MASKED if ms["pics"].get(c) is not None and ms["untrained"].get(c) is not None}
+    return out
+
+
+def comparison_rows(summary: dict) -> list[dict]:
+    """One row per method with the table's columns (None where a metric was not computed)."""
+    return [{"method": m, **{c: s.get(c) for c in TABLE_COLUMNS}, "occlusion_accuracy": s.get("occlusion_accuracy"),
+             "n": s["n"]} for m, s in summary["methods"].items()]
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    """Is ``a`` better than ``b`` for ``metric``?"""
+    return a < b if metric in LOWER_IS_BETTER else a > b
+
+
+def dvc_metrics(summary: dict) -> dict:
+    """metrics.json for DVC: flat numbers per method (no curves), plus counts."""
+    out = {"n_samples": summary["n_samples"], "n_failed": summary["n_failed"]}
+    if "trained_minus_untrained" in summary:
+        out["trained_minus_untrained"] = summary["trained_minus_untrained"]
+    for m, s in summary["methods"].items():
+        out[m] = {k: v for k, v in s.items() if not isinstance(v, list) and v is not None}
+    return out
+
+
+def occlusion_plot_rows(summary: dict) -> list[dict]:
+    """DVC plot data: accuracy per denoising step and method."""
+    rows = []
+    for m, s in summary["methods"].items():
+        for step, v in enumerate(s.get("occlusion_curve") or []):
+            rows.append({"method": m, "step": step, "accuracy": v})
+    return rows
+
+
+def method_plot_rows(summary: dict) -> list[dict]:
+    return [{"method": m, "mpsnr": s.get("mpsnr"), "mssim": s.get("mssim"),
+             "mlpips_mobilenetv2_proxy": s.get("mlpips_mobilenetv2_proxy"), "psnr": s.get("psnr")}
+            for m, s in summary["methods"].items()]

@@ -1,0 +1,120 @@
+"""Evaluate stage units: occlusion accuracy, baselines, summary, plan checks, quarantine."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from tasks.evaluate import baselines, occlusion
+from tasks.evaluate.inference import GROUND_TRUTH, RESULT_SCHEMA, EvalConfig, Evaluator
+from tasks.evaluate.metrics import frechet_distance
+from tasks.evaluate.summary import dvc_metrics, summarize
+
+
+def test_cell_fraction_uses_the_square_padded_frame():
+    m = np.zeros((1, 4, 8), np.uint8)  # H=4, W=8 -> square 8x8, image rows 2..5
+    m[0, :, :4] = 1
+    f = occlusion.cell_fraction(m, 2)[0]  # cells of 4x4 px
+    assert f.tolist() == [[0.5, 0.0], [0.5, 0.0]]
+
+
+def _truth_sample(ranks):
+    amodal = np.zeros((2, 8, 8), np.uint8)
+    amodal[0, 0:6, 0:6] = 1
+    amodal[1, 2:8, 2:8] = 1  # overlap rows/cols 2..5: 16 occluded pixels
+    return {"depth_ranks": ranks, "amodal_masks": amodal}
+
+
+def test_occlusion_accuracy_counts_sign_of_the_gate_per_occluded_pixel():
+    truth = occlusion.occlusion_truth(_truth_sample([1, 0]), grid=4)  # object 1 is nearer
+    assert len(truth) == 1 and truth[0][:2] == (1, 0)
+    assert truth[0][2].sum() == pytest.approx(16.0)
+    w = np.zeros((2, 4, 4))
+    w[0, 0:3, 0:3], w[1, 1:4, 1:4] = 1.0, 1.0
+    right, wrong, tie = w.copy(), w.copy(), w.copy()
+    right[0, 1:3, 1:3], right[1, 1:3, 1:3] = 0.3, 0.7
+    wrong[0, 1:3, 1:3], wrong[1, 1:3, 1:3] = 0.8, 0.2
+    tie[0, 1:3, 1:3], tie[1, 1:3, 1:3] = 0.5, 0.5
+    credit, total = occlusion.occlusion_credit([tie, wrong, right], truth)
+    assert total == pytest.approx(16.0)
+    assert (credit / total).tolist() == pytest.approx([0.5, 0.0, 1.0])
+    # swapping the objects' order (and their weights) gives the same accuracy: order invariance
+    truth_sw = occlusion.occlusion_truth({"depth_ranks": [0, 1], "amodal_masks": _truth_sample(None)["amodal_masks"][::-1]}, 4)
+    credit_sw, _ = occlusion.occlusion_credit([tie[::-1], wrong[::-1], right[::-1]], truth_sw)
+    assert credit_sw.tolist() == pytest.approx(credit.tolist())
+    # unrouted cells count as wrong; unknown depth -> nothing to evaluate
+    none = np.zeros_like(w)
+    assert occlusion.occlusion_credit([none], truth)[0][0] == 0.0
+    assert occlusion.occlusion_truth({"depth_ranks": None, "amodal_masks": None}, 4) == []
+
+
+def test_paste_object_scales_the_silhouette_onto_the_box():
+    patch = np.full((20, 20, 3), 255, np.uint8)
+    pmask = np.zeros((20, 20), np.uint8)
+    patch[5:15, 5:15], pmask[5:15, 5:15] = (10, 200, 30), 1
+    canvas = np.zeros((40, 50, 3), np.uint8)
+    out = baselines.paste_object(canvas, patch, pmask, (10, 8, 30, 28))
+    assert (out[8:28, 10:30] == (10, 200, 30)).all()
+    out[8:28, 10:30] = 0
+    assert not out.any()
+
+
+def test_painter_order_far_to_near():
+    s = {"boxes_tight": np.array([[0, 0, 5, 30], [0, 0, 5, 10], [0, 0, 5, 20]], np.float32), "depth_ranks": [0, 2, 1]}
+    assert baselines.far_to_near(s) == [1, 2, 0]
+    s["depth_ranks"] = None  # lower box bottom = nearer = painted last
+    assert baselines.far_to_near(s) == [1, 2, 0]
+
+
+def _row(sid, method, **kw):
+    r = {c: None for c in RESULT_SCHEMA.names}
+    r.update(sample_id=sid, method=method, **kw)
+    return r
+
+
+def test_summary_means_fid_and_trained_minus_untrained():
+    gen = torch.Generator().manual_seed(0)
+    feats = {k: torch.randn(4, 8, generator=gen) for k in (GROUND_TRUTH, "pics", "untrained")}
+    rows = []
+    for i in range(4):
+        sid = f"s{i}"
+        rows.append(_row(sid, GROUND_TRUTH, fid_features=feats[GROUND_TRUTH][i].tolist()))
+        rows.append(_row(sid, "pics", seconds=1.0, mpsnr=10.0 + i, mssim=0.5,
+                         mlpips_mobilenetv2_proxy=0.2, fid_features=feats["pics"][i].tolist(),
+                         occ_credit=[1.0, 3.0], occ_pixels=4.0))
+        rows.append(_row(sid, "untrained", seconds=1.0, mpsnr=9.0 if i else None, mssim=0.6,
+                         mlpips_mobilenetv2_proxy=0.3, fid_features=feats["untrained"][i].tolist(),
+                         occ_credit=[2.0, 2.0], occ_pixels=4.0))
+    rows.append(_row("bad", "", error="ValueError: broken"))
+    s = summarize(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA))
+    assert s["n_samples"] == 4 and s["n_failed"] == 1
+    p, u = s["methods"]["pics"], s["methods"]["untrained"]
+    assert p["mpsnr"] == pytest.approx(11.5) and u["mpsnr"] == pytest.approx(9.0) and u["n_overlap"] == 3
+    assert p["fid_mobilenetv2_proxy"] == pytest.approx(frechet_distance(feats[GROUND_TRUTH], feats["pics"]), rel=1e-5)
+    assert p["occlusion_curve"] == [0.25, 0.75] and u["occlusion_accuracy"] == 0.5
+    d = s["trained_minus_untrained"]
+    assert d["mpsnr"] == pytest.approx(2.5) and d["mssim"] == pytest.approx(-0.1)
+    assert d["mlpips_mobilenetv2_proxy"] == pytest.approx(0.1)  # lower is better: sign flipped
+    flat = dvc_metrics(s)
+    assert "occlusion_curve" not in flat["pics"] and flat["pics"]["occlusion_accuracy"] == 0.75
+    assert not any(k in ("fid", "lpips", "clip_score") for k in flat["pics"])  # proxies never standard names
+
+
+def test_bad_sample_is_an_error_row_not_a_crash(tmp_path):
+    ev = Evaluator(EvalConfig(checkpoint="", methods=("copy_paste",), record_alpha=False))
+    bad = {"sample_id": "x-1-2", "image_bytes": b"not an image", "height": 10, "width": 10}
+    out = ev(pa.Table.from_pylist([bad]))
+    r = out.to_pylist()
+    assert len(r) == 1 and r[0]["sample_id"] == "x-1-2" and r[0]["error"]
+    assert out.schema == RESULT_SCHEMA
+
+
+def test_plan_rejects_missing_inputs_with_the_key(tmp_path):
+    from tasks.evaluate.stage import EvaluateInputError, make_plan
+    from tasks.params import load_params
+
+    p = load_params(tmp_path / "none.yaml", [f"evaluate.samples={tmp_path}"])
+    with pytest.raises(EvaluateInputError, match=r"evaluate.samples.*no decompose shards"):
+        make_plan(p)
+
