@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -78,8 +79,10 @@ def build(preset: str, mode: str, device: str, overrides: dict) -> PICSModel:
     cfg.itb.enabled = mode != "plain"
     cfg.itb.expert_mode = "dense" if mode == "dense" else "sparse"
     torch.manual_seed(0)
-    model = PICSModel(cfg)
-    return model.to(device)
+    if device.startswith("cuda"):  # build in place: the SD presets are ~2.5 B parameters
+        with torch.device(device):
+            return PICSModel(cfg)
+    return PICSModel(cfg).to(device)
 
 
 def sync(device):
@@ -101,8 +104,7 @@ class Trainer:
         self.n_trainable = sum(p.numel() for p in params)
         self.opt = torch.optim.AdamW(params, lr=1e-5, **({"fused": True} if args.device.startswith("cuda") else {}))
         if compiled:
-            self.model.unet.compile(dynamic=True)
-            self.model.controlnet.compile(dynamic=True)
+            self.model.compile_denoiser(backend=args.compile_backend, recompile_limit=64)
         self.batch = {k: v.to(args.device) for k, v in make_batch(self.model.config, batch_size).items()}
         self.gen = torch.Generator(device=args.device).manual_seed(0)
         self.amp = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bf16")
@@ -148,11 +150,23 @@ def bench_train(args) -> list[dict]:
             else:  # one variant at a time (GPU memory)
                 trainers = []
                 for mode in args.modes:
-                    t = Trainer(args, mode, bs, compiled)
-                    for _ in range(args.warmup):
-                        t.step(record=False)
-                    for _ in range(args.steps):
-                        t.step()
+                    torch._dynamo.reset()  # each variant compiles afresh (no shared cache entries)
+                    t = None
+                    try:
+                        t = Trainer(args, mode, bs, compiled)
+                        for _ in range(args.warmup):
+                            t.step(record=False)
+                        for _ in range(args.steps):
+                            t.step()
+                    except torch.cuda.OutOfMemoryError:
+                        rows.append({"section": "train", "preset": args.preset, "mode": mode, "batch": bs,
+                                     "compiled": compiled, "error": "CUDA out of memory"})
+                        print(f"# {mode} batch {bs} compiled={compiled}: CUDA out of memory")
+                        t = None
+                    if t is None:
+                        gc.collect()
+                        torch.cuda.empty_cache()
+                        continue
                     t.model, t.opt, t.batch = None, None, None
                     gc.collect()
                     if args.device.startswith("cuda"):
@@ -269,6 +283,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: cpu fp32, cuda bf16")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile'd UNet/ControlNet")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend; 'aot_eager' checks graph capture without code generation")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: robust on a shared 2-core box)")
@@ -309,7 +325,7 @@ def main(argv=None) -> int:
 
 
 def report(rows: list[dict]) -> None:
-    train = [r for r in rows if r["section"] == "train"]
+    train = [r for r in rows if r["section"] == "train" and "error" not in r]
     if train:
         print("\ntraining step (reference trainable set, AdamW)")
         print(f"{'mode':7} {'batch':>5} {'compiled':>8} {'step ms':>9} {'samples/s':>10} {'GFLOP/sample':>13} "

@@ -63,12 +63,15 @@ class RoutingPlan:
     e_tok: torch.Tensor | None = None  # [E] flat token b*T+t
     e_ovpos: torch.Tensor | None = None  # [E] row in the overlap tile, -1 if exclusive
     lmax: int = 0
+    e_rows: torch.Tensor | None = None  # [max(lmax,1)] carries the tile height as a tensor size, so a
+    # compiled graph sees it as a (dynamic) shape instead of a specialised Python int
     o_b: torch.Tensor | None = None  # [O]
     o_pos: torch.Tensor | None = None  # [O]
     o_tok: torch.Tensor | None = None  # [O] flat token b*T+t
     o_cover: torch.Tensor | None = None  # [B,N,Omax] bool (padding rows all True: finite softmax)
     o_keys: torch.Tensor | None = None  # [B,Omax] bool valid keys (a sample with none: all True)
     omax: int = 0
+    o_rows: torch.Tensor | None = None  # [max(omax,1)] as e_rows
 
     def to(self, device) -> "RoutingPlan":
         kw = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
@@ -120,6 +123,8 @@ def build_plan(masks: torch.Tensor, num_tokens: int, threshold: float = 0.5, spa
     o_keys |= ~o_keys.any(1, keepdim=True)  # a sample with no overlap: attend anywhere, output unused
     plan.e_g, plan.e_pos, plan.e_tok, plan.e_ovpos, plan.lmax = g, pos, bb * t_all + t, ovpos_map[bb, t], lmax
     plan.o_b, plan.o_pos, plan.o_tok, plan.o_cover, plan.o_keys, plan.omax = ob, opos, ob * t_all + ot, o_cover, o_keys, omax
+    plan.e_rows = torch.arange(max(lmax, 1), device=masks.device)
+    plan.o_rows = torch.arange(max(omax, 1), device=masks.device)
     return plan
 
 
@@ -188,9 +193,9 @@ def attend(attn: Attention, queries: torch.Tensor, context: torch.Tensor,
     return attn.to_out[1](attn.to_out[0](o))
 
 
-def _pack(rows: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor, d0: int, d1: int) -> torch.Tensor:
-    """rows [E,C] -> zero-padded tile [d0,d1,C] with tile[i0[e], i1[e]] = rows[e] (differentiable)."""
-    tile = rows.new_zeros(d0, max(d1, 1), rows.shape[-1])
+def _pack(rows: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor, d0: int, d1: torch.Tensor) -> torch.Tensor:
+    """rows [E,C] -> zero-padded tile [d0, len(d1), C] with tile[i0[e], i1[e]] = rows[e] (differentiable)."""
+    tile = rows.new_zeros(d0, d1.shape[0], rows.shape[-1])
     return tile.index_put((i0, i1), rows)
 
 
@@ -316,15 +321,15 @@ class InteractionTransformerBlock(nn.Module):
         e_w = None
         if plan.o_tok.numel():
             h_ov = h_flat[plan.o_tok]
-            alpha, pair = self._gate(_pack(h_ov, plan.o_b, plan.o_pos, b, plan.omax), codes, plan.o_cover, tau)
-            q_ov = _pack(self.norm2(h_ov), plan.o_b, plan.o_pos, b, plan.omax)
+            alpha, pair = self._gate(_pack(h_ov, plan.o_b, plan.o_pos, b, plan.o_rows), codes, plan.o_cover, tau)
+            q_ov = _pack(self.norm2(h_ov), plan.o_b, plan.o_pos, b, plan.o_rows)
             x_pair = attend(self.attn2, q_ov, pair, plan.o_keys)
             back = attend(self.back_attn, self.back_norm(x_pair), h)
             out = out.index_add(0, plan.o_tok, back[plan.o_b, plan.o_pos].to(out.dtype))
             e_b = torch.div(plan.e_g, n, rounding_mode="floor")
             e_alpha = alpha[e_b, plan.e_g - e_b * n, plan.e_ovpos.clamp(min=0)]
             e_w = torch.where(plan.e_ovpos >= 0, e_alpha, torch.ones_like(e_alpha))
-        rows = _pack(self.norm2(h_flat[plan.e_tok]), plan.e_g, plan.e_pos, b * n, plan.lmax)
+        rows = _pack(self.norm2(h_flat[plan.e_tok]), plan.e_g, plan.e_pos, b * n, plan.e_rows)
         y = self.attn2(rows, encoder_hidden_states=codes.reshape(b * n, l_, cc))
         y_e = y[plan.e_g, plan.e_pos]
         if e_w is not None:

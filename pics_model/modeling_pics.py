@@ -290,6 +290,19 @@ class PICSModel(nn.Module):
                 params.append(p)
         return params
 
+    def compile_denoiser(self, backend: str = "inductor", mode: str | None = None, recompile_limit: int = 32) -> None:
+        """torch.compile the UNet and the ControlNet in place (dynamic=None: shapes start static;
+        the routing index sizes, which change every batch, turn symbolic after their first
+        change - plans carry tile heights as tensor sizes for that). The UNet and ControlNet share
+        diffusers' decorated forward code object, hence the higher recompile limit. dynamic=True
+        on the whole UNet hit an inductor sympy error (torch 2.13, CPU)."""
+        import torch._dynamo
+
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, recompile_limit)
+        self.unet.compile(backend=backend, mode=mode)
+        self.controlnet.compile(backend=backend, mode=mode)
+
     @torch.no_grad()
     def calibrate_vae_scaling(self, images: torch.Tensor) -> float:
         """Set the latent scaling factor to 1/std of the VAE posterior means of `images` [B,3,R,R]

@@ -161,3 +161,25 @@ def test_flops_estimate(tiny):
     assert 0 < sparse["denoiser"] < dense["denoiser"]
     assert infer["denoiser"] < sparse["denoiser"]
     assert sparse["total"] == sparse["denoiser"] + sparse["vae_encode"] + sparse["object_encoder"]
+
+
+def test_gradient_checkpointing_passes_routing_through(tiny, batch):
+    """diffusers' checkpointing calls blocks positionally; the routing must still arrive."""
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    grads = []
+    for ckpt in (False, True):
+        if ckpt:
+            tiny.unet.enable_gradient_checkpointing()
+            tiny.controlnet.enable_gradient_checkpointing()
+        tiny.train()
+        tiny.zero_grad(set_to_none=True)
+        loss, _ = tiny.training_loss(batch, g(), cond_drop_prob=0.0)
+        loss.backward()
+        blk = tiny.unet.up_blocks[0].attentions[0].transformer_blocks[0]
+        grads.append((loss.detach(), blk.gate_q.weight.grad.clone()))
+    tiny.unet.disable_gradient_checkpointing()
+    tiny.controlnet.disable_gradient_checkpointing()
+    tiny.zero_grad(set_to_none=True)
+    tiny.eval()
+    assert torch.allclose(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+    assert grads[0][1].abs().sum() > 0
