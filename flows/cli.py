@@ -19,6 +19,8 @@ ParamsOpt = typer.Option(None, "--params", help="params.yaml to read (default: t
 
 
 def _overrides(section: str, named: dict, extra: Optional[list[str]]) -> list[str]:
+    # Paths typed on the command line are relative to the current folder, not the repository.
+    named = {k: (v.resolve() if isinstance(v, Path) else v) for k, v in named.items()}
     out = [f"{section}.{k}={v}" for k, v in named.items() if v is not None]
     return out + list(extra or [])
 
