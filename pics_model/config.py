@@ -47,6 +47,25 @@ class VAEConfig(_Cfg):
     def to_diffusers(self) -> dict[str, Any]:
         return self.model_dump()
 
+    @classmethod
+    def from_diffusers(cls, cfg: Mapping[str, Any]) -> "VAEConfig":
+        from diffusers import AutoencoderKL
+        return cls(**_adopt(cfg, cls, AutoencoderKL, "vae"))
+
+
+def _adopt(cfg: Mapping[str, Any], ours: type, diffusers_cls: type, what: str) -> dict[str, Any]:
+    """The fields of a diffusers config.json that `ours` models; any other field must hold the
+    constructor's default, else rebuilding from our config would silently change the network."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(diffusers_cls.__init__).parameters.items()}
+    norm = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
+    odd = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ours.model_fields
+           and k in defaults and norm(v) != norm(defaults[k])}
+    if odd:
+        raise ValueError(f"{what} config: fields PICS cannot reproduce (non-default): {odd}")
+    return {k: norm(v) for k, v in cfg.items() if k in ours.model_fields}
+
 
 class UNetConfig(_Cfg):
     """`diffusers.UNet2DConditionModel` constructor arguments (the subset SD uses)."""
@@ -74,11 +93,8 @@ class UNetConfig(_Cfg):
     @classmethod
     def from_diffusers(cls, cfg: Mapping[str, Any]) -> "UNetConfig":
         """Keep the fields we model from a diffusers unet/config.json; reject layouts we can't wrap."""
-        unsupported = {k: cfg.get(k) for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type")
-                       if cfg.get(k) is not None}
-        if unsupported:
-            raise ValueError(f"unet config: unsupported conditioning for PICS: {unsupported}")
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in cls.model_fields})
+        from diffusers import UNet2DConditionModel
+        return cls(**_adopt(cfg, cls, UNet2DConditionModel, "unet"))
 
 
 class ControlNetConfig(_Cfg):

@@ -87,9 +87,7 @@ class PICSModel(nn.Module):
         unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True)
         config.unet = UNetConfig.from_diffusers(dict(unet.config))
-        vcfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(vae.config).items()
-                if k in VAEConfig.model_fields}
-        config.vae = VAEConfig(**vcfg)
+        config.vae = VAEConfig.from_diffusers(dict(vae.config))
         sched = DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True) \
             if (root / "scheduler").is_dir() else None
         scheduler_cfg = config.scheduler.model_dump()

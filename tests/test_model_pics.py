@@ -183,3 +183,28 @@ def test_gradient_checkpointing_passes_routing_through(tiny, batch):
     tiny.eval()
     assert torch.allclose(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
     assert grads[0][1].abs().sum() > 0
+
+
+def test_loads_a_local_diffusers_stable_diffusion_folder(tmp_path):
+    """unet/ vae/ scheduler/ in diffusers format (written here offline, tiny layout)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    cfg = get_preset("tiny")
+    torch.manual_seed(3)
+    unet = UNet2DConditionModel(**cfg.unet.to_diffusers())
+    vae = AutoencoderKL(**{**cfg.vae.to_diffusers(), "scaling_factor": 0.5})
+    unet.save_pretrained(tmp_path / "sd" / "unet")
+    vae.save_pretrained(tmp_path / "sd" / "vae")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.001, beta_end=0.02).save_pretrained(
+        tmp_path / "sd" / "scheduler")
+    m = PICSModel(get_preset("tiny", stable_diffusion_path=str(tmp_path / "sd")))
+    ref = unet.state_dict()
+    ours = m.unet.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in ref.items())  # ITBs adopted the pretrained weights
+    assert torch.equal(m.controlnet.down_blocks[0].resnets[0].conv1.weight, unet.down_blocks[0].resnets[0].conv1.weight)
+    assert m.config.vae.scaling_factor == 0.5 and m.config.scheduler.beta_start == 0.001
+    odd = {**cfg.unet.to_diffusers(), "time_embedding_type": "fourier"}
+    with pytest.raises(ValueError, match="cannot reproduce"):
+        from pics_model.config import UNetConfig
+        UNetConfig.from_diffusers(odd)
+    with pytest.raises(FileNotFoundError, match="not a diffusers Stable Diffusion folder"):
+        PICSModel(get_preset("tiny", stable_diffusion_path=str(tmp_path)))
