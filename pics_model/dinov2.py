@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -238,6 +239,8 @@ def load_dinov2_weights(model: DinoV2ViT, path: str | Path) -> None:
         sd = hf_to_hub_state_dict(read_state_dict(weights))
     else:
         sd = read_state_dict(path)
+    # a hub model built with block_chunks > 0 stores "blocks.<chunk>.<i>."; i is global
+    sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: DINOv2 weights do not fit the configured ViT: "

@@ -74,9 +74,13 @@ def test_dinov2_hub_and_hf_layouts_load_the_same_network(tmp_path):
     (hf / "config.json").write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                                                 "patch_size": 14, "image_size": 56, "mlp_ratio": 4.0,
                                                 "use_swiglu_ffn": True}))
-    a, b = DinoV2ViT(ARCH), DinoV2ViT(ARCH)
+    chunked = {k.replace("blocks.", "blocks.0.", 1) if k.startswith("blocks.") else k: v for k, v in sd.items()}
+    torch.save(chunked, tmp_path / "dinov2_chunked.pth")  # hub models built with block_chunks > 0
+    a, b, c = DinoV2ViT(ARCH), DinoV2ViT(ARCH), DinoV2ViT(ARCH)
     load_dinov2_weights(a, tmp_path / "dinov2_hub.pth")
     load_dinov2_weights(b, hf)
+    load_dinov2_weights(c, tmp_path / "dinov2_chunked.pth")
+    assert all(torch.equal(v, c.state_dict()[k]) for k, v in sd.items())
     x = torch.randn(2, 3, 28, 42)  # not the pretraining grid: position embeddings are interpolated
     with torch.no_grad():
         ya, yb, ys = a(x), b(x), src(x)
