@@ -182,6 +182,7 @@ def composite(
     scheduler: Optional[str] = typer.Option(None, help="ddim | dpmsolver++ (default: evaluate.scheduler)."),
     seed: Optional[int] = typer.Option(None, help="Noise seed (default: evaluate.seed)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: one per core)."),
     params: Optional[Path] = ParamsOpt,
 ):
     """Composite objects into a background with a trained checkpoint."""
@@ -190,7 +191,7 @@ def composite(
 
     try:
         path = composite_cli(str(background), object_, str(checkpoint), str(out), steps=steps, guidance=guidance,
-                             scheduler=scheduler, seed=seed, device=device,
+                             scheduler=scheduler, seed=seed, device=device, threads=threads,
                              params_file=str(params) if params else None)
     except (CompositeInputError, ParamsError) as e:
         _fail(e)

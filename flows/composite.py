@@ -140,12 +140,13 @@ def _check_checkpoint(checkpoint) -> "object":
 
 def composite(background, objects: Sequence, checkpoint, masks: Sequence | None = None,
               boxes: Sequence | None = None, *, steps: int = 20, guidance: float = 3.0, scheduler: str = "ddim",
-              seed: int = 0, device: str = "auto", out=None, model=None):
+              seed: int = 0, device: str = "auto", out=None, model=None, threads: int | None = None):
     """Composite ``objects`` into ``background`` with the model saved at ``checkpoint``.
 
     background: path / PIL / uint8 [H, W, 3]. objects: N images (path / PIL / array) or ObjectSpecs.
     masks / boxes: per object, a placement mask (background-sized) or an xyxy box; an ObjectSpec
     carries its own. model: an already loaded PICSModel (skips loading; ``checkpoint`` may be None).
+    threads: torch CPU threads (default: torch's, one per core; on a busy machine 1 can be far faster).
     Returns the composite as a PIL image (also written to ``out`` when given).
     """
     from pics_model.pipeline_pics import SCHEDULERS
@@ -190,6 +191,12 @@ def composite(background, objects: Sequence, checkpoint, masks: Sequence | None 
                         np.asarray(Image.fromarray(p).resize((side, side), Image.Resampling.BICUBIC)) for p in patches])
 
     dev = _device(device)
+    if threads is not None:
+        if threads < 1:
+            raise CompositeInputError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
     if model is None:
         from pics_model.modeling_pics import PICSModel
 
@@ -211,7 +218,7 @@ def composite(background, objects: Sequence, checkpoint, masks: Sequence | None 
 
 def composite_cli(background: str, objects: list[str], checkpoint: str, out: str, steps: int | None = None,
                   guidance: float | None = None, scheduler: str | None = None, seed: int | None = None,
-                  device: str = "auto", params_file: str | None = None) -> Path:
+                  device: str = "auto", params_file: str | None = None, threads: int | None = None) -> Path:
     """The command: unset options default to the ``evaluate:`` section of params.yaml, so a CLI
     composite matches what the evaluation measured."""
     from tasks.params import load_params
@@ -219,5 +226,6 @@ def composite_cli(background: str, objects: list[str], checkpoint: str, out: str
     p = load_params(params_file).evaluate
     composite(background, [parse_object(o) for o in objects], checkpoint,
               steps=p.steps if steps is None else steps, guidance=p.guidance if guidance is None else guidance,
-              scheduler=scheduler or p.scheduler, seed=p.seed if seed is None else seed, device=device, out=out)
+              scheduler=scheduler or p.scheduler, seed=p.seed if seed is None else seed, device=device, out=out,
+              threads=threads)
     return Path(out)

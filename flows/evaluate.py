@@ -40,7 +40,7 @@ def plan_task(params) -> Box:
 @task(name="evaluate-inference", **_TASK)
 def inference_task(plan: Box, ray_params: dict) -> Box:
     init_ray(ray_params["address"], ray_params["num_cpus"], ray_params["object_store_mb"])
-    return Box(stage.run_ray(plan.value))
+    return Box(stage.run_ray(plan.value, log=get_run_logger().info))
 
 
 @task(name="evaluate-outputs", **_TASK)

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.composite import CompositeInputError, ObjectSpec, composite, parse_object
 
-STEPS = ["--steps", "2", "--guidance", "2.0", "--seed", "3", "--device", "cpu"]
+STEPS = ["--steps", "2", "--guidance", "2.0", "--seed", "3", "--device", "cpu", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_cli_composites_real_images_and_matches_python_api(scene, tiny_checkpoin
     assert np.abs(img[210:320, 160:280].astype(int) - bg[210:320, 160:280]).mean() > 1.0
     api = composite(scene["bg"], [ObjectSpec(scene["obj1"], mask=scene["mask1"]),
                                   ObjectSpec(scene["obj2"], box=[250, 240, 400, 380])],
-                    tiny_checkpoint, steps=2, guidance=2.0, seed=3, device="cpu")
+                    tiny_checkpoint, steps=2, guidance=2.0, seed=3, device="cpu", threads=1)
     assert np.array_equal(np.asarray(api), img)
 
 

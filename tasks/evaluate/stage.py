@@ -110,7 +110,7 @@ def make_plan(params: Params) -> Plan:
                 cfg=cfg, num_actors=num_actors, use_gpu=use_gpu, actor_cpus=round(actor_cpus, 3), notes=notes)
 
 
-def run_ray(plan: Plan, ray_params=None) -> tuple[pa.Table, dict]:
+def run_ray(plan: Plan, log=None) -> tuple[pa.Table, dict]:
     """Ray Data batch inference over the test split; composites are written as results stream in.
 
     Returns (result rows without PNGs, timing). Output order is made deterministic afterwards.
@@ -121,6 +121,7 @@ def run_ray(plan: Plan, ray_params=None) -> tuple[pa.Table, dict]:
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # max_samples takes the same first N every run
+    ctx.enable_progress_bars = False  # _consume logs progress per result batch instead
     # Reading is light: a sliver of a CPU each, so that the actors never starve it.
     ds = ray.data.read_parquet([str(s) for s in plan.shards], num_cpus=READ_CPUS).filter(
         expr="split == 'test'", num_cpus=READ_CPUS)
@@ -131,10 +132,10 @@ def run_ray(plan: Plan, ray_params=None) -> tuple[pa.Table, dict]:
     res = {"num_gpus": 1, "num_cpus": READ_CPUS} if plan.use_gpu else {"num_cpus": plan.actor_cpus}
     ds = ds.map_batches(Evaluator, fn_constructor_args=(plan.cfg.to_dict(),), batch_size=plan.params["batch_size"],
                         compute=ray.data.ActorPoolStrategy(size=plan.num_actors), batch_format="pyarrow", **res)
-    return _consume(plan, ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    return _consume(plan, ds.iter_batches(batch_format="pyarrow", batch_size=None), log)
 
 
-def run_local(plan: Plan) -> tuple[pa.Table, dict]:
+def run_local(plan: Plan, log=None) -> tuple[pa.Table, dict]:
     """The same work in this process, one Evaluator, no Ray (tests, the benchmark's baseline)."""
     from tasks.evaluate.inference import Evaluator
     from tasks.shards import iter_rows
@@ -152,12 +153,13 @@ def run_local(plan: Plan) -> tuple[pa.Table, dict]:
         if rows:
             yield ev(pa.Table.from_pylist(rows))
 
-    return _consume(plan, batches())
+    return _consume(plan, batches(), log)
 
 
-def _consume(plan: Plan, batches) -> tuple[pa.Table, dict]:
+def _consume(plan: Plan, batches, log=None) -> tuple[pa.Table, dict]:
     t0 = time.perf_counter()
-    parts, kept = [], []
+    parts, done = [], set()
+    total = min(plan.n_test, plan.params["max_samples"] or plan.n_test)
     with atomic.atomic_dir(plan.out / "composites") as tmp:
         for i, b in enumerate(batches):
             if b.num_rows == 0:
@@ -165,6 +167,9 @@ def _consume(plan: Plan, batches) -> tuple[pa.Table, dict]:
             pngs = b.select(["sample_id", "method", "png"]).filter(pa.compute.invert(pa.compute.is_null(b["png"])))
             pq.write_table(pngs, tmp / f"part-{i:05d}.parquet", compression="none")
             parts.append(b.drop_columns(["png"]))
+            done.update(b["sample_id"].to_pylist())
+            if log is not None:
+                log(f"evaluated {len(done)}/{total} samples ({time.perf_counter() - t0:.1f} s)")
     wall = time.perf_counter() - t0
     table = pa.concat_tables(parts) if parts else None
     if table is not None:
