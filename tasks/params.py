@@ -151,7 +151,7 @@ class TrainParams(Section):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    eval_every: int = Field(0, ge=0)  # 0: held-out loss at the start and the end only
+    eval_every: int = Field(100, ge=0)  # held-out loss every N steps (always at the start and the end)
     heldout_samples: int = Field(16, ge=1)
     sample_every: int = Field(100, ge=0)  # 0: no sample composites
     sample_count: int = Field(4, ge=1)

@@ -6,6 +6,7 @@ batch (the batch keeps its size, so DDP ranks stay in step) and recorded for the
 from __future__ import annotations
 
 import io
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator
 
@@ -17,14 +18,23 @@ from tasks.schema import object_key
 from tasks.train.data import PriorStore, shard_files
 
 
-def decode_view(png: bytes) -> np.ndarray:
-    """A prior view (PNG RGBA, transparent where no surface) over white, as uint8 [V,V,3]."""
+def decode_view(png: bytes, size: int | None = None) -> np.ndarray:
+    """A prior view (PNG RGBA, transparent where no surface) over white, as uint8 [V,V,3],
+    resized to ``size`` when given."""
     im = Image.open(io.BytesIO(png))
     if im.mode in ("RGBA", "LA", "P"):
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(bg, im)
-    return np.asarray(im.convert("RGB"))
+    im = im.convert("RGB")
+    if size and im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(im)
+
+
+# Decoded prior views per object, per loader process. The K views of an object are the same in
+# every epoch (augmentation comes after), and decoding them was the bulk of the loader's time.
+PRIOR_CACHE_OBJECTS = 2048
 
 
 class BatchBuilder:
@@ -38,6 +48,22 @@ class BatchBuilder:
         self.augment = AugmentConfig(**augment) if augment is not None else None
         self.priors = priors
         self.object_size = object_size
+        self._views: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def prior_views(self, key: str) -> np.ndarray | None:
+        """uint8 [K,S,S,3] for one object (S = object_size, the encoder's input size), or None.
+        Views are resized before augmentation: the encoder never sees more than S pixels."""
+        if key in self._views:
+            self._views.move_to_end(key)
+            return self._views[key]
+        views = self.priors.views(key)
+        if views is None:
+            return None
+        arr = np.stack([decode_view(b, self.object_size) for b in views])
+        self._views[key] = arr
+        while len(self._views) > PRIOR_CACHE_OBJECTS:
+            self._views.popitem(last=False)
+        return arr
 
     def sample(self, row: dict) -> dict:
         from tasks.shards import decode_sample
@@ -45,12 +71,9 @@ class BatchBuilder:
         sample = decode_sample(row)
         if self.priors is not None:
             keys = [object_key(p, m) for p, m in zip(row["patches"], row["patch_masks"])]
-            views = [self.priors.views(k) for k in keys]
+            views = [self.prior_views(k) for k in keys]
             # all-or-nothing per sample: build_item takes one [N,K,V,V,3] array or none
-            if all(v is not None for v in views):
-                sample["priors"] = np.stack([np.stack([decode_view(b) for b in v]) for v in views])
-            else:
-                sample["priors"] = None
+            sample["priors"] = np.stack(views) if all(v is not None for v in views) else None
         return sample
 
     def item(self, row: dict, seed: int | None = None, rng: np.random.Generator | None = None,

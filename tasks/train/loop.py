@@ -215,6 +215,9 @@ class Trainer:
                       "auto_wrap_policy": functools.partial(size_based_auto_wrap_policy, min_num_params=int(2e7))}
         self.ddp = ray.train.torch.prepare_model(self.wrapper, parallel_strategy=spec.strategy,
                                                  parallel_strategy_kwargs=kwargs)
+        if spec.strategy == "fsdp" and self.world > 1:
+            # FSDP replaces the parameters by views of its flat shards: optimise those
+            self.params = [p for p in self.ddp.parameters() if p.requires_grad]
 
         self.optimizer = torch.optim.AdamW(self.params, lr=spec.lr, betas=tuple(spec.betas),
                                            weight_decay=spec.weight_decay)
@@ -352,7 +355,10 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 loss, stats = self.ddp(batch, gen)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, spec.grad_clip)
+            if hasattr(self.ddp, "clip_grad_norm_"):  # FSDP: the norm over every rank's shard
+                grad_norm = self.ddp.clip_grad_norm_(spec.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, spec.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
