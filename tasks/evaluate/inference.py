@@ -32,7 +32,8 @@ LOWER_IS_BETTER = {"lpips_mobilenetv2_proxy", "mlpips_mobilenetv2_proxy", "dream
 
 RESULT_SCHEMA = pa.schema(
     [("sample_id", pa.string()), ("method", pa.string()), ("error", pa.string()), ("seconds", pa.float64()),
-     ("n_objects", pa.int32()), ("overlap_px", pa.int64()), ("height", pa.int32()), ("width", pa.int32())]
+     ("n_objects", pa.int32()), ("overlap_px", pa.int64()), ("height", pa.int32()), ("width", pa.int32()),
+     ("with_priors", pa.bool_())]
     + [(c, pa.float64()) for c in SCORE_COLUMNS]
     + [("fid_features", pa.list_(pa.float32())),
        ("occ_credit", pa.list_(pa.float64())), ("occ_pixels", pa.float64()),
@@ -168,6 +169,7 @@ class Evaluator:
         h, w = s["image"].shape[:2]
         s["expanded"] = expand_boxes(s["boxes_tight"], self.box_expand, w, h)
         priors = self._priors(row)
+        s["with_priors"] = priors is not None
         seed = sample_seed(cfg.seed, s["sample_id"])
         t0 = time.perf_counter()
         inpainted = baselines.erase_and_inpaint(s["image"], s["expanded"])
@@ -232,6 +234,7 @@ class Evaluator:
         grid = self._grid()
         truth = occlusion.occlusion_truth(s, grid) if grid else []
         rows = [{"sample_id": s["sample_id"], "method": GROUND_TRUTH, "n_objects": n, "overlap_px": int(overlap.sum()),
+                 "with_priors": s["with_priors"],
                  "height": h, "width": w, "fid_features": feats[0].tolist(), "png": png_bytes(s["image"]),
                  "alpha_grid": grid or None,
                  "visibility": occlusion.visibility_map(truth, grid).astype(np.float16).tobytes() if grid else None}]

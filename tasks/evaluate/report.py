@@ -205,7 +205,8 @@ def write_html(summary: dict, params: dict, path: str | Path, grid: str | None, 
 <style>body{{font-family:sans-serif;margin:20px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} img{{max-width:100%}}</style></head><body>
 <h1>PICS evaluation</h1>
-<p>{summary['n_samples']} test samples, {summary['n_failed']} quarantined. Checkpoint
+<p>{summary['n_samples']} test samples ({summary.get('n_with_priors', 0)} with multi-view priors),
+{summary['n_failed']} quarantined. Checkpoint
 <code>{html.escape(str(params.get('checkpoint')))}</code>; {params.get('steps')} {html.escape(str(params.get('scheduler')))}
 steps, guidance {params.get('guidance')}, seed {params.get('seed')}.</p>
 <h2>Methods side by side</h2>{metrics_table_html(summary)}{_trained_line(summary)}

@@ -81,9 +81,13 @@ def make_plan(params: Params) -> Plan:
         else:
             notes.append("untrained baseline skipped: evaluate.untrained is null")
     priors = resolve_path(p.priors) if p.priors else None
-    if priors is not None and not priors.is_dir():
-        notes.append(f"no prior shards at {priors}: objects are encoded without multi-view priors")
-        priors = None
+    if priors is not None:
+        folder = priors / "shards" if (priors / "shards").is_dir() else priors  # render_priors output or shards
+        if folder.is_dir() and any(folder.glob("*.parquet")):
+            priors = folder
+        else:
+            notes.append(f"no prior shards in {priors} (evaluate.priors): objects are encoded without multi-view priors")
+            priors = None
     backbones = {k: str(resolve_path(v)) for k, v in
                  {"clip": p.clip_path, "dinov2": p.dinov2_path, "dreamsim": p.dreamsim_path}.items() if v}
     if not backbones:
@@ -210,6 +214,9 @@ def write_outputs(plan: Plan, table: pa.Table, timing: dict) -> dict:
                                            source=str(plan.samples), item_key=r["sample_id"]) for r in bad]
     quarantine.write(out / "quarantine.parquet", records)
     summary = summ.summarize(table)
+    if plan.cfg.priors and summary["n_with_priors"] < summary["n_samples"]:
+        plan.notes.append(f"{summary['n_samples'] - summary['n_with_priors']} of {summary['n_samples']} samples had "
+                          f"objects without prior views in {plan.cfg.priors}: encoded without priors")
     summary.update(timing=timing, notes=plan.notes, params=plan.params)
     atomic.write_json(out / "summary.json", summary)
     atomic.write_json(out / "metrics.json", summ.dvc_metrics(summary))

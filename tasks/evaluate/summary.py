@@ -27,7 +27,8 @@ def summarize(results: pa.Table) -> dict:
     for r in rows:
         by_method.setdefault(r["method"], []).append(r)
     gt = {r["sample_id"]: r["fid_features"] for r in by_method.get(GROUND_TRUTH, [])}
-    out: dict = {"methods": {}, "n_samples": len(gt), "n_failed": int(len(set(
+    with_priors = sum(1 for r in by_method.get(GROUND_TRUTH, []) if r.get("with_priors"))
+    out: dict = {"methods": {}, "n_samples": len(gt), "n_with_priors": with_priors, "n_failed": int(len(set(
         results.filter(pa.compute.invert(pa.compute.is_null(results["error"])))["sample_id"].to_pylist())))}
     for method in [m for m in METHODS if m in by_method]:
         rs = by_method[method]
