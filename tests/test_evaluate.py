@@ -118,3 +118,34 @@ def test_plan_rejects_missing_inputs_with_the_key(tmp_path):
     with pytest.raises(EvaluateInputError, match=r"evaluate.samples.*no decompose shards"):
         make_plan(p)
 
+
+
+@pytest.fixture(scope="module")
+def coco_rows(shared_data, tmp_path_factory):
+    """A real COCO image (two cats, remotes, couch) decomposed into test samples."""
+    from tasks.decompose.pipeline import run_serial
+    from tasks.params import DecomposeParams
+    from tasks.shards import iter_rows
+
+    d = shared_data / "coco_hf_39769"
+    out = tmp_path_factory.mktemp("coco") / "decomposed"
+    run_serial(DecomposeParams(test_fraction=1.0, area_ratio=0.01).model_dump(), d / "instances_39769.json", d, out)
+    rows = list(iter_rows(out, split="test"))
+    assert rows, "the real COCO image gave no test sample"
+    return rows
+
+
+def test_evaluator_on_a_real_coco_sample_with_a_local_standard_backbone(coco_rows, tmp_path):
+    """copy-paste re-inserts the real object pixels (high mPSNR); a TorchScript backbone named in
+    the config adds its standard-named score; COCO has no depth order -> no occlusion score."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 9, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                              torch.nn.Flatten())
+    path = tmp_path / "dinov2.ts"
+    torch.jit.save(torch.jit.script(net), str(path))
+    ev = Evaluator(EvalConfig(checkpoint="", methods=("copy_paste",), backbones={"dinov2": str(path)}))
+    rows = ev(pa.Table.from_pylist(coco_rows[:1])).to_pylist()
+    assert [r["method"] for r in rows] == [GROUND_TRUTH, "copy_paste"] and rows[1]["error"] is None
+    cp = rows[1]
+    assert cp["mpsnr"] > 15 and cp["psnr"] > cp["mpsnr"] - 1 and 0 < cp["mssim"] <= 1
+    assert -1 <= cp["dinov2_score"] <= 1 and cp["clip_score"] is None and cp["objsim_mobilenetv2_proxy"] > 0.5
+    assert cp["occ_credit"] is None

@@ -99,7 +99,7 @@ class Embedder:
                           align_corners=False)
         if self.normalise:
             mean, std = NORMALISATION[self.kind]
-            x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+            x = (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
         out = self.module(x)
         if not torch.is_tensor(out):  # transformers ModelOutput
             out = _hf_embedding(out)

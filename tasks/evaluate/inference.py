@@ -135,6 +135,8 @@ class Evaluator:
         self.embedder: Embedder = mobilenetv2_embedder()
         self.embedder.module.to(self.device)
         self.standard = {k: load_embedder(k, p, key=f"evaluate.{k}_path") for k, p in cfg.backbones.items() if p}
+        for emb in self.standard.values():
+            emb.module.to(self.device)
 
     # ------------------------------------------------------------------------------------------
     def __call__(self, batch: pa.Table) -> pa.Table:
