@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import flows  # noqa: F401  (offline environment before Prefect/Ray are imported)
@@ -17,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import atomic
-from tasks.params import load_params
+from tasks.params import ParamsError, load_params
 
 
 def _log():
@@ -98,7 +99,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="override a parameter, e.g. train.steps=50 (repeatable)")
     ap.add_argument("--params", default=None, help="params.yaml to read (default: the repository's)")
     args = ap.parse_args(argv)
-    summary = train_flow(overrides=args.overrides, params_file=args.params)
+    try:
+        summary = train_flow(overrides=args.overrides, params_file=args.params)
+    except ParamsError as e:  # bad params or inputs: the message, not a traceback
+        print(f"train: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(json.dumps(summary, indent=2, default=str))
 
 

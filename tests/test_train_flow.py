@@ -190,6 +190,7 @@ def test_two_gloo_workers_end_with_identical_weights(runs):
     import torch
 
     from pics_model.modeling_pics import PICSModel
+    from tasks.train.checkpoint import load_checkpoint
     from tasks.train.loop import weights_digest
 
     plain, _ = runs
@@ -201,7 +202,7 @@ def test_two_gloo_workers_end_with_identical_weights(runs):
     assert weights_digest(init, names) != h["rank_digests"][0]  # they trained, not merely stayed equal
     # the exported model is what evaluate loads; it carries the checkpoint's (EMA) weights
     final = PICSModel.from_pretrained(plain["final"])
-    ema = __import__("tasks.train.checkpoint", fromlist=["x"]).load_checkpoint(plain["checkpoint"]).ema
+    ema = load_checkpoint(plain["checkpoint"]).ema
     some = names[0]
     assert torch.equal(dict(final.named_parameters())[some], ema[some])
     m = json.loads((Path(plain["out"]) / "metrics.json").read_text())

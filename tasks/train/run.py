@@ -18,6 +18,7 @@ import torch
 from tasks import atomic
 from tasks.params import ParamsError
 from tasks.train import checkpoint as ckpt
+from tasks.train.autoencoder import fit_autoencoder
 from tasks.train.plan import RunPlan, check_resources
 from tasks.train.spec import RunSpec
 
@@ -55,7 +56,7 @@ def prepare_init(plan: RunPlan, log=print) -> dict:
         if len(test_x) == 0:  # no test split: measure on training images and say so
             test_x, info["autoencoder_heldout"] = train_x[:64], "train images (no test split)"
         log(f"[train] fitting the tiny autoencoder on {len(train_x)} training images ({t.autoencoder_steps} steps)")
-        info["autoencoder"] = __import__("tasks.train.autoencoder", fromlist=["x"]).fit_autoencoder(
+        info["autoencoder"] = fit_autoencoder(
             model.vae, train_x, test_x, steps=t.autoencoder_steps, lr=t.autoencoder_lr,
             batch_size=t.autoencoder_batch, seed=t.seed, log=log)
         model.calibrate_vae_scaling(train_x)
