@@ -1,6 +1,7 @@
 """Evaluate stage units: occlusion accuracy, baselines, summary, plan checks, quarantine."""
 from __future__ import annotations
 
+import math
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -96,6 +97,9 @@ def test_summary_means_fid_and_trained_minus_untrained():
     d = s["trained_minus_untrained"]
     assert d["mpsnr"] == pytest.approx(2.5) and d["mssim"] == pytest.approx(-0.1)
     assert d["mlpips_mobilenetv2_proxy"] == pytest.approx(0.1)  # lower is better: sign flipped
+    pr = s["trained_vs_untrained"]["mpsnr"]  # paired over the 3 samples both have: diffs 2, 3, 4
+    assert pr["mean"] == pytest.approx(3.0) and pr["wins"] == 3 and pr["n"] == 3
+    assert pr["sem"] == pytest.approx(1 / math.sqrt(3))
     flat = dvc_metrics(s)
     assert "occlusion_curve" not in flat["pics"] and flat["pics"]["occlusion_accuracy"] == 0.75
     assert not any(k in ("fid", "lpips", "clip_score") for k in flat["pics"])  # proxies never standard names

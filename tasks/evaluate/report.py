@@ -185,13 +185,15 @@ def metrics_table_markdown(summary: dict) -> str:
 
 
 def _trained_line(summary: dict) -> str:
-    d = summary.get("trained_minus_untrained")
+    d = summary.get("trained_vs_untrained")
     if not d:
         return ""
-    parts = ", ".join(f"{k} {v:+.4f}" for k, v in d.items() if v is not None)
-    wins = sum(1 for v in d.values() if v is not None and v > 0)
-    return (f"<p>Trained minus untrained on the overlap (positive = training helped, sign flipped for "
-            f"lower-is-better): {html.escape(parts)} ({wins} of {len(d)} better).</p>")
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{v['mean']:+.4f}</td><td>{v['sem']:.4f}</td>"
+                   f"<td>{v['wins']} / {v['n']}</td></tr>" for k, v in d.items())
+    return ("<h3>Trained vs untrained, paired per sample</h3><p>Difference trained - untrained, sign flipped "
+            "where lower is better (positive = training helped), with the standard error of the mean and the "
+            f"samples the trained model wins.</p><table><tr><th>metric</th><th>mean</th><th>s.e.m.</th>"
+            f"<th>wins</th></tr>{rows}</table>")
 
 
 def write_html(summary: dict, params: dict, path: str | Path, grid: str | None, occlusion_png: str | None,

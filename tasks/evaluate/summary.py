@@ -55,11 +55,28 @@ def summarize(results: pa.Table) -> dict:
             s["occluded_pixels"] = _num(pixels)
         out["methods"][method] = s
     ms = out["methods"]
+    if "pics" in by_method and "untrained" in by_method:
+        out["trained_vs_untrained"] = paired(by_method["pics"], by_method["untrained"])
     if "pics" in ms and "untrained" in ms:
         # what training bought on the overlap: positive = the trained model is better
         out["trained_minus_untrained"] = {
             c: _num((ms["pics"][c] - ms["untrained"][c]) * (-1 if c in LOWER_IS_BETTER else 1))
             for c in MASKED if ms["pics"].get(c) is not None and ms["untrained"].get(c) is not None}
+    return out
+
+
+def paired(rows_a: list[dict], rows_b: list[dict]) -> dict:
+    """Per-sample paired differences a - b (sign flipped where lower is better, so > 0 = a better):
+    mean, standard error of the mean, and how many samples a wins, per metric."""
+    b = {r["sample_id"]: r for r in rows_b}
+    out = {}
+    for c in MASKED + ("psnr", "ssim"):
+        d = [(r[c] - b[r["sample_id"]][c]) * (-1 if c in LOWER_IS_BETTER else 1) for r in rows_a
+             if r["sample_id"] in b and r[c] is not None and b[r["sample_id"]][c] is not None]
+        if len(d) >= 2:
+            x = np.asarray(d)
+            out[c] = {"mean": _num(x.mean()), "sem": _num(x.std(ddof=1) / math.sqrt(len(x))),
+                      "wins": int((x > 0).sum()), "n": len(x)}
     return out
 
 
