@@ -15,6 +15,8 @@ SHRUNK_OVERRIDES: dict = {
     "train.heldout_samples": 2,
     "train.checkpoint_every": 2,
     "evaluate.steps": 2,
+    "evaluate.max_samples": 2,
+    "evaluate.num_actors": 1,
 }
 
 
