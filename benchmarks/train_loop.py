@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -117,7 +118,7 @@ def main() -> dict:
         return flops * sps / (peak * n)
 
     res = {
-        "device": "cpu", "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "device": "cpu", "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "preset": plan.params.model.preset, "per_worker_batch": args.batch, "steps": args.steps,
         "flops_per_sample": flops, "peak_flops_per_worker": peak, "peak_source": peak_src,
         "model_only_samples_per_s": base_fig["samples_per_s"], "model_only_mfu": mfu(base_fig["samples_per_s"], 1),
