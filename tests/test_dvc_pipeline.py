@@ -1,5 +1,5 @@
 """`dvc repro` of the real dvc.yaml in a temporary copy of the repository, on a shrunk params.yaml,
-then `dvc exp run -S` with one value changed: every stage runs through its Prefect flow."""
+every stage runs through its Prefect flow."""
 from __future__ import annotations
 
 import json
@@ -27,7 +27,7 @@ def _run(cmd: list[str], cwd: Path, timeout: float = 900) -> str:
     return p.stdout
 
 
-def test_dvc_repro_then_experiment(repo_copy):
+def test_dvc_repro_runs_every_stage(repo_copy):
     params_file = repo_copy / "params.yaml"
     shrunk = apply_overrides(yaml.safe_load(params_file.read_text()), as_set_args())
     params_file.write_text(yaml.safe_dump(shrunk, sort_keys=False))
@@ -56,12 +56,7 @@ def test_dvc_repro_then_experiment(repo_copy):
     assert eval_metrics
     assert list((data / "evaluate" / "report").glob("*.html"))
 
-    # Everything is up to date now; an experiment with one value changed reruns from decompose on.
+    # Everything is up to date now. (`dvc exp run -S decompose.area_ratio=0.05` is exercised through the
+    # pipeline deployment in test_operations.py, which runs exactly that command.)
     status = _run([sys.executable, "-m", "dvc", "status"], repo_copy)
     assert "changed" not in status
-    _run([sys.executable, "-m", "dvc", "exp", "run", "-n", "ratio05", "-S", "decompose.area_ratio=0.05"], repo_copy)
-    rows = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo_copy))
-    exps = {r["name"]: r["data"] for row in rows for e in row.get("experiments") or [] for r in e["revs"]}
-    assert exps["ratio05"]["params"]["params.yaml"]["data"]["decompose"]["area_ratio"] == 0.05
-    manifest05 = json.loads((data / "decomposed" / "manifest.json").read_text())
-    assert manifest05["params"]["area_ratio"] == 0.05
