@@ -76,7 +76,8 @@ def test_pipeline_deployment_on_prefect_server_and_two_node_ray(repo_copy, tmp_p
 
         procs.append(subprocess.Popen([sys.executable, "-m", "flows.serve", "pipeline"], cwd=repo_copy, env=env,
                                       stdout=log, stderr=subprocess.STDOUT))
-        overrides = dict(SHRUNK_OVERRIDES, **{"ray.address": cluster.address})
+        # area_ratio as well: `dvc exp run -S` of a changed value, through a deployment run.
+        overrides = dict(SHRUNK_OVERRIDES, **{"ray.address": cluster.address, "decompose.area_ratio": 0.05})
         trigger = subprocess.run(
             [sys.executable, "-c", _TRIGGER, json.dumps(overrides)], cwd=repo_copy, env=env,
             capture_output=True, text=True, timeout=900)
@@ -111,6 +112,7 @@ def test_pipeline_deployment_on_prefect_server_and_two_node_ray(repo_copy, tmp_p
     params = exps["ops-it"]["params"]["params.yaml"]["data"]
     assert params["train"]["steps"] == SHRUNK_OVERRIDES["train.steps"]
     assert params["ray"]["address"] == cluster.address
+    assert params["decompose"]["area_ratio"] == 0.05
     metrics = exps["ops-it"]["metrics"]
     assert "data/train/metrics.json" in metrics and "data/evaluate/metrics.json" in metrics
 
@@ -121,11 +123,25 @@ def _tail(p: Path, n: int = 4000) -> str:
 
 # Runs in a subprocess so that this test process never starts a temporary Prefect server.
 _TRIGGER = r"""
-import asyncio, json, sys
+import asyncio, json, sys, time
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 overrides = json.loads(sys.argv[1])
+
+async def wait_for_deployment(timeout=180):
+    # `pics serve` registers the deployment a few seconds after it starts.
+    deadline = time.monotonic() + timeout
+    async with get_client() as c:
+        while True:
+            try:
+                return await c.read_deployment_by_name("pipeline/pipeline")
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1)
+
+asyncio.run(wait_for_deployment())
 fr = run_deployment("pipeline/pipeline", parameters={"overrides": overrides, "experiment_name": "ops-it"},
                     timeout=840)
 
