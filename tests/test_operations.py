@@ -48,7 +48,6 @@ def _git_commit_all(repo: Path) -> None:
 
 
 def test_pipeline_deployment_on_prefect_server_and_two_node_ray(repo_copy, tmp_path):
-    import ray
     from ray.cluster_utils import Cluster
 
     _git_commit_all(repo_copy)
@@ -71,9 +70,8 @@ def test_pipeline_deployment_on_prefect_server_and_two_node_ray(repo_copy, tmp_p
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
         cluster.add_node(num_cpus=1)
         address = cluster.address
-        ray.init(address=cluster.address)
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        ray.shutdown()
+        cluster.wait_for_nodes()
+        assert len(cluster.list_all_nodes()) == 2
 
         procs.append(subprocess.Popen([sys.executable, "-m", "flows.serve", "pipeline"], cwd=repo_copy, env=env,
                                       stdout=log, stderr=subprocess.STDOUT))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from tasks.train import checkpoint as ckpt
-from tasks.train.data import DataError, ShardIndex, StepBatches, batch_rows, scan_shards, step_loader
+from tasks.train.data import DataError, ShardIndex, StepBatches, batch_rows, scan_shards
 
 
 def _state(step: int, value: float = 1.0) -> ckpt.CheckpointState:
@@ -100,9 +102,22 @@ def test_ranks_see_disjoint_samples_and_resume_is_exact(tmp_path):
     full = list(StepBatches(index, make_batch, 0, 7, 1, world, b, seed=1))
     resumed = list(StepBatches(index, make_batch, 4, 7, 1, world, b, seed=1))
     assert resumed == full[4:]  # same samples and same augmentation draws after a restart
-    # two loader processes interleave back into step order
-    two = [(s, x) for s, x in step_loader(StepBatches(index, make_batch, 0, 7, 1, world, b, seed=1), 2)]
-    assert two == full
+    # Two loader processes interleave back into step order. Run in a fresh interpreter: forking this
+    # pytest process, which by now may hold Ray and Prefect threads, can kill the loader workers.
+    script = (
+        "import json, sys\n"
+        "from tasks.train.data import StepBatches, scan_shards, step_loader\n"
+        "def make_batch(rows, rngs):\n"
+        "    return [r['sample_id'] for r in rows], [float(g.random()) for g in rngs]\n"
+        "index = scan_shards(sys.argv[1], 'train')\n"
+        "out = [[s, x] for s, x in step_loader(StepBatches(index, make_batch, 0, 7, 1, 2, 3, seed=1), 2)]\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "shards")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert two == json.loads(json.dumps(full))
 
 
 def test_scan_errors_name_the_folder(tmp_path):
