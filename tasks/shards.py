@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 from pathlib import Path
 from typing import Iterator
@@ -53,6 +54,47 @@ def content_hash(path: str | Path) -> str:
         h.update(p.name.encode() + b"\0")
         h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def kept_progress(out: Path, rec_path: Path, fingerprint: str) -> dict | None:
+    """A finished shard's progress record, if the run that wrote it had the same fingerprint and
+    the shard file it names is intact; otherwise None (the shard is done again)."""
+    try:
+        rec = json.loads(rec_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if rec.get("fingerprint") != fingerprint:
+        return None
+    if rec.get("file"):
+        f = out / rec["file"]
+        if not f.is_file() or sha256_file(f) != rec.get("sha256"):
+            return None
+    return rec
+
+
+def run_bounded_on_ray(remote, works: list, ctx, num_workers: int) -> list:
+    """``remote.remote(work, ctx)`` for every work item on the running Ray, at most ``num_workers``
+    at a time; results in the order of ``works`` (each item has an ``index``)."""
+    import ray
+
+    ctx_ref = ray.put(ctx)
+    todo, in_flight, results = list(works), {}, {}
+    while todo or in_flight:
+        while todo and len(in_flight) < num_workers:
+            w = todo.pop(0)
+            in_flight[remote.remote(w, ctx_ref)] = w.index
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in done:
+            results[in_flight.pop(ref)] = ray.get(ref)
+    return [results[w.index] for w in works]
 
 
 def square_geometry(width: int, height: int, resolution: int) -> tuple[float, int, int]:

@@ -25,7 +25,7 @@ from tasks.decompose.inputs import Dataset, check_image_root, load_annotations
 from tasks.decompose.shard import PROGRESS_DIR, SHARDS_DIR, TIMING_KEYS, ShardContext, ShardWork, process_shard, shard_name
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import SCHEMA_VERSION
-from tasks.shards import content_hash
+from tasks.shards import content_hash, kept_progress
 
 # Bump when the code's output for the same inputs changes, so old shards are not resumed.
 ALGORITHM_VERSION = 1
@@ -57,25 +57,8 @@ def plan_works(dataset: Dataset, shard_size: int) -> list[ShardWork]:
             for k in range(0, len(ids), shard_size)]
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _kept(out: Path, name: str, fp: str) -> dict | None:
-    rec_path = out / PROGRESS_DIR / f"{name}.json"
-    if not rec_path.is_file():
-        return None
-    try:
-        rec = json.loads(rec_path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if rec.get("fingerprint") != fp:
-        return None
-    if rec.get("file"):
-        f = out / rec["file"]
-        if not f.is_file() or _sha256(f) != rec.get("sha256"):
-            return None
-    return rec
+    return kept_progress(out, out / PROGRESS_DIR / f"{name}.json", fp)
 
 
 def prepare(params: dict, annotations: str | Path, images: str | Path, out: str | Path) -> Plan:

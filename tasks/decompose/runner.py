@@ -7,6 +7,7 @@ storage that every node sees (the same goes for the image root).
 from __future__ import annotations
 
 from tasks.decompose.shard import ShardContext, ShardWork, process_shard
+from tasks.shards import run_bounded_on_ray
 
 _REMOTE = None
 
@@ -23,18 +24,4 @@ def remote_process_shard():
 
 def run_on_ray(works: list[ShardWork], ctx: ShardContext, num_workers: int) -> list[dict]:
     """Process shards on the running Ray (no Prefect): used by the benchmark; results in shard order."""
-    import ray
-
-    remote = remote_process_shard()
-    ctx_ref = ray.put(ctx)
-    todo = list(works)
-    in_flight: dict = {}
-    results: dict[int, dict] = {}
-    while todo or in_flight:
-        while todo and len(in_flight) < num_workers:
-            w = todo.pop(0)
-            in_flight[remote.remote(w, ctx_ref)] = w.index
-        done, _ = ray.wait(list(in_flight), num_returns=1)
-        for ref in done:
-            results[in_flight.pop(ref)] = ray.get(ref)
-    return [results[w.index] for w in works]
+    return run_bounded_on_ray(remote_process_shard(), works, ctx, num_workers)

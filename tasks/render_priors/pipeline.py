@@ -31,7 +31,7 @@ from tasks.quarantine import QuarantineRecord
 from tasks.render_priors.work import (PROGRESS_DIR, SHARDS_DIR, STAGE, TIMING_KEYS, ObjectLoc, RenderContext,
                                       ShardWork, process_shard)
 from tasks.schema import SCHEMA_VERSION, object_key
-from tasks.shards import content_hash, list_shards, shard_dir
+from tasks.shards import content_hash, kept_progress, list_shards, sha256_file, shard_dir
 
 # Bump when the code's output for the same inputs changes, so old shards are not resumed.
 ALGORITHM_VERSION = 1
@@ -58,19 +58,11 @@ class Plan:
     scan_s: float = 0.0
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fingerprint(params: dict) -> str:
     keyed = {k: v for k, v in params.items() if k not in _NOT_IN_FINGERPRINT}
     w = params.get("reconstructor_weights")
     if w and Path(w).expanduser().is_file():
-        keyed["weights_sha256"] = _sha256_file(Path(w).expanduser())
+        keyed["weights_sha256"] = sha256_file(Path(w).expanduser())
     blob = json.dumps({"params": keyed, "schema": SCHEMA_VERSION, "algorithm": ALGORITHM_VERSION},
                       sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -100,20 +92,6 @@ def scan_samples(samples: Path) -> Scan:
                                                   anns[i] if i < len(anns) else None))
                 row += 1
     return scan
-
-
-def _kept(out: Path, rec_path: Path, fp: str) -> dict | None:
-    try:
-        rec = json.loads(rec_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if rec.get("fingerprint") != fp:
-        return None
-    if rec.get("file"):
-        f = out / rec["file"]
-        if not f.is_file() or _sha256_file(f) != rec.get("sha256"):
-            return None
-    return rec
 
 
 def prepare(params: dict, samples: str | Path, out: str | Path) -> Plan:
@@ -148,7 +126,7 @@ def prepare(params: dict, samples: str | Path, out: str | Path) -> Plan:
 
     done: dict[str, dict] = {}
     for rec_path in sorted((out / PROGRESS_DIR).glob("priors-*.json")):
-        rec = _kept(out, rec_path, fp)
+        rec = kept_progress(out, rec_path, fp)
         if rec is None:
             rec_path.unlink(missing_ok=True)
         else:

@@ -8,6 +8,7 @@ shards into the output folder (on a cluster: storage every node sees) and return
 from __future__ import annotations
 
 from tasks.render_priors.work import RenderContext, ShardWork, process_shard
+from tasks.shards import run_bounded_on_ray
 
 _REMOTES: dict = {}
 
@@ -29,16 +30,4 @@ def remote_process_shard(params: dict):
 
 def run_on_ray(works: list[ShardWork], ctx: RenderContext, num_workers: int) -> list[dict]:
     """Process shards on the running Ray (no Prefect): the benchmark's fan-out; results in order."""
-    import ray
-
-    remote = remote_process_shard(ctx.params)
-    ctx_ref = ray.put(ctx)
-    todo, in_flight, results = list(works), {}, {}
-    while todo or in_flight:
-        while todo and len(in_flight) < num_workers:
-            w = todo.pop(0)
-            in_flight[remote.remote(w, ctx_ref)] = w.index
-        done, _ = ray.wait(list(in_flight), num_returns=1)
-        for ref in done:
-            results[in_flight.pop(ref)] = ray.get(ref)
-    return [results[w.index] for w in works]
+    return run_bounded_on_ray(remote_process_shard(ctx.params), works, ctx, num_workers)
