@@ -5,6 +5,12 @@ maps every image to noise-like latents that decode to garbage: the diffusion los
 about nothing. A few hundred steps of reconstruction training on the run's own training images
 (L2 + a small KL term, the VAE objective without the GAN and LPIPS terms) give an autoencoder that
 reconstructs; its held-out PSNR is measured before and after and recorded with the run.
+
+A fresh AutoencoderKL starts with posterior std about 1, and a few hundred steps only bring it
+down to about half the spread of the posterior means: the latents the diffusion model is trained
+on would then be mostly encoder noise, and its loss would sit on that noise. SD's VAE has a
+near-deterministic posterior, so the fit starts the log-variance low (``logvar_init``) and lets
+training move it from there.
 """
 from __future__ import annotations
 
@@ -28,15 +34,44 @@ def reconstruction_psnr(vae, images: torch.Tensor, batch: int = 16) -> float:
     return float(sum(scores) / max(1, len(scores)))
 
 
+@torch.no_grad()
+def set_posterior_logvar(vae, value: float) -> None:
+    """Shift the log-variance half of ``quant_conv``'s output (the posterior's ``logvar`` channels)
+    to ``value``: zero weights, bias ``value``."""
+    conv = getattr(vae, "quant_conv", None)
+    if conv is None:
+        raise ValueError("set_posterior_logvar: this AutoencoderKL has no quant_conv (use_quant_conv=False)")
+    c = vae.config.latent_channels
+    conv.weight[c:].zero_()
+    conv.bias[c:].fill_(value)
+
+
+@torch.no_grad()
+def posterior_std(vae, images: torch.Tensor, batch: int = 16) -> float:
+    """Mean posterior std over ``images``, relative to the std of the posterior means (1: the
+    latents are as much noise as signal)."""
+    vae.eval()
+    stds, means = [], []
+    for i in range(0, len(images), batch):
+        dist = vae.encode(images[i:i + batch]).latent_dist
+        stds.append(dist.std.mean())
+        means.append(dist.mean)
+    return float(torch.stack(stds).mean() / torch.cat(means).std().clamp_min(1e-12))
+
+
 def fit_autoencoder(vae, train_images: torch.Tensor, heldout_images: torch.Tensor, steps: int = 300,
                     lr: float = 2e-3, batch_size: int = 16, kl_weight: float = 1e-6, seed: int = 0,
-                    log=print) -> dict:
+                    logvar_init: float | None = -8.0, log=print) -> dict:
     """Train ``vae`` (a diffusers ``AutoencoderKL``) in place on ``train_images`` [N, 3, H, W] in
-    [-1, 1], with random horizontal flips. Returns PSNRs before/after on ``heldout_images``."""
+    [-1, 1], with random horizontal flips. ``logvar_init``: the posterior log-variance to start
+    from (None: keep the initialisation). Returns PSNRs before/after on ``heldout_images`` and the
+    mean posterior std on them after the fit."""
     if len(train_images) == 0:
         raise ValueError("fit_autoencoder: no training images")
     g = torch.Generator().manual_seed(seed)
     before = reconstruction_psnr(vae, heldout_images)
+    if logvar_init is not None:
+        set_posterior_logvar(vae, logvar_init)
     params = [p for p in vae.parameters()]
     was = [p.requires_grad for p in params]
     for p in params:
@@ -68,6 +103,7 @@ def fit_autoencoder(vae, train_images: torch.Tensor, heldout_images: torch.Tenso
         p.requires_grad_(w)
     vae.eval()
     after = reconstruction_psnr(vae, heldout_images)
-    return {"psnr_before": before, "psnr_after": after, "steps": steps, "final_loss": loss_val,
+    return {"psnr_before": before, "psnr_after": after, "posterior_std": posterior_std(vae, heldout_images),
+            "steps": steps, "final_loss": loss_val,
             "seconds": time.perf_counter() - t0, "train_images": len(train_images),
             "heldout_images": len(heldout_images)}

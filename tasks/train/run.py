@@ -62,7 +62,8 @@ def prepare_init(plan: RunPlan, log=print) -> dict:
         model.calibrate_vae_scaling(train_x)
         info["vae_scaling_factor"] = float(model.vae.config.scaling_factor)
         log(f"[train] autoencoder PSNR {info['autoencoder']['psnr_before']:.2f} -> "
-            f"{info['autoencoder']['psnr_after']:.2f} dB (held-out)")
+            f"{info['autoencoder']['psnr_after']:.2f} dB (held-out), posterior std "
+            f"{info['autoencoder']['posterior_std']:.3f} of the latent spread")
     elif plan.params.model.preset == "tiny":
         info["autoencoder"] = "not fitted (train.autoencoder_steps=0): random VAE"
     with atomic.atomic_dir(plan.init_dir) as tmp:
