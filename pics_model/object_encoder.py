@@ -85,6 +85,8 @@ class ObjectEncoder(nn.Module):
         self.backbone_dim = dim
         self.trains_backbone = cfg.kind == "small" or cfg.train_backbone
         self.backbone.requires_grad_(self.trains_backbone)
+        if not self.trains_backbone:
+            self.backbone.eval()  # from construction on, not only after the first train()/eval()
         self.projector = nn.Linear(dim, context_dim)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)

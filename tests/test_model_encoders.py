@@ -32,6 +32,10 @@ def test_mobilenet_encoder_uses_the_shipped_imagenet_weights():
     assert torch.equal(ours["0.0.weight"], shipped["features.0.0.weight"])
     assert torch.equal(ours["18.1.running_var"], shipped["features.18.1.running_var"])
     assert not any(p.requires_grad for p in enc.backbone.parameters())
+    assert not enc.backbone.training  # a fresh encoder already runs its frozen BatchNorm in eval mode
+    stats = enc.backbone.features[18][1].running_mean.clone()
+    enc.backbone_tokens(torch.rand(2, 3, 96, 96))
+    assert torch.equal(stats, enc.backbone.features[18][1].running_mean)
     enc.train()
     assert not enc.backbone.training  # frozen BatchNorm statistics stay fixed
     codes = enc(torch.rand(3, 3, 64, 64))  # resized to 96 -> 3x3 map + pooled token
