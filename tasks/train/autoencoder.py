@@ -36,8 +36,8 @@ def reconstruction_psnr(vae, images: torch.Tensor, batch: int = 16) -> float:
 
 @torch.no_grad()
 def set_posterior_logvar(vae, value: float) -> None:
-    """Shift the log-variance half of ``quant_conv``'s output (the posterior's ``logvar`` channels)
-    to ``value``: zero weights, bias ``value``."""
+    """Make the log-variance half of ``quant_conv``'s output (the posterior's ``logvar`` channels)
+    the constant ``value`` (zero weights, bias ``value``); training moves it from there."""
     conv = getattr(vae, "quant_conv", None)
     if conv is None:
         raise ValueError("set_posterior_logvar: this AutoencoderKL has no quant_conv (use_quant_conv=False)")
