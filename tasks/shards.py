@@ -24,12 +24,16 @@ import hashlib
 import io
 import json
 import math
+import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from tasks import atomic
 from tasks.atomic import TMP_PREFIX
 
 SHARD_GLOB = "shard-*.parquet"
@@ -78,6 +82,38 @@ def kept_progress(out: Path, rec_path: Path, fingerprint: str) -> dict | None:
         if not f.is_file() or sha256_file(f) != rec.get("sha256"):
             return None
     return rec
+
+
+def prepare_run_dir(out: Path, fingerprint: str, shards_dir: str, progress_dir: str) -> None:
+    """Make ``out`` ready for a sharded run with ``fingerprint``: a previous run's shards,
+    progress, manifest and quarantine go when its fingerprint differs (another run's outputs, or
+    none), and temporary files of writers killed mid-write go always."""
+    run_file = out / progress_dir / "run.json"
+    previous = json.loads(run_file.read_text()).get("fingerprint") if run_file.is_file() else None
+    if previous != fingerprint:
+        for d in (shards_dir, progress_dir):
+            shutil.rmtree(out / d, ignore_errors=True)
+        for f in ("manifest.json", "quarantine.parquet"):
+            (out / f).unlink(missing_ok=True)
+        atomic.write_json(run_file, {"fingerprint": fingerprint})
+    for d in (out, out / shards_dir, out / progress_dir):
+        d.mkdir(parents=True, exist_ok=True)
+        atomic.clean_tmp(d)
+
+
+class Timers:
+    """Wall seconds per phase of a shard's work: ``with timers("encode"): ...``; totals in ``t``."""
+
+    def __init__(self, keys: tuple[str, ...]):
+        self.t = dict.fromkeys(keys, 0.0)
+
+    @contextmanager
+    def __call__(self, key: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t[key] += time.perf_counter() - t0
 
 
 def run_bounded_on_ray(remote, works: list, ctx, num_workers: int) -> list:

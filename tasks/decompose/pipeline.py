@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from tasks.decompose.inputs import Dataset, check_image_root, load_annotations
 from tasks.decompose.shard import PROGRESS_DIR, SHARDS_DIR, TIMING_KEYS, ShardContext, ShardWork, process_shard, shard_name
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import SCHEMA_VERSION
-from tasks.shards import content_hash, kept_progress
+from tasks.shards import content_hash, kept_progress, prepare_run_dir
 
 # Bump when the code's output for the same inputs changes, so old shards are not resumed.
 ALGORITHM_VERSION = 1
@@ -70,17 +69,7 @@ def prepare(params: dict, annotations: str | Path, images: str | Path, out: str 
     ctx = ShardContext(str(image_root), str(out), str(dataset.path), params, dataset.categories, fp)
     works = plan_works(dataset, params["shard_size"])
 
-    run_file = out / PROGRESS_DIR / "run.json"
-    previous = json.loads(run_file.read_text()).get("fingerprint") if run_file.is_file() else None
-    if previous != fp:  # another run's shards (or none): start clean
-        for d in (SHARDS_DIR, PROGRESS_DIR):
-            shutil.rmtree(out / d, ignore_errors=True)
-        for f in ("manifest.json", "quarantine.parquet"):
-            (out / f).unlink(missing_ok=True)
-        atomic.write_json(run_file, {"fingerprint": fp})
-    for d in (out, out / SHARDS_DIR, out / PROGRESS_DIR):
-        d.mkdir(parents=True, exist_ok=True)
-        atomic.clean_tmp(d)  # leftovers of writers killed mid-write
+    prepare_run_dir(out, fp, SHARDS_DIR, PROGRESS_DIR)
 
     done: dict[str, dict] = {}
     pending: list[ShardWork] = []

@@ -15,7 +15,6 @@ import io
 import math
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from tasks.decompose import pairing, sample
 from tasks.decompose.inputs import STAGE, resolve_image
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import SAMPLE_SCHEMA
+from tasks.shards import Timers
 
 SHARDS_DIR = "shards"
 PROGRESS_DIR = "_progress"
@@ -62,19 +62,6 @@ class ShardContext:
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
-
-
-class Timers:
-    def __init__(self):
-        self.t = dict.fromkeys(TIMING_KEYS, 0.0)
-
-    @contextmanager
-    def __call__(self, key: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.t[key] += time.perf_counter() - t0
 
 
 @dataclass
@@ -298,7 +285,7 @@ def process_shard(work: ShardWork, ctx: ShardContext) -> dict:
 
     cv2.setNumThreads(1)  # one core per Ray task; OpenCV's own threads would fight the other workers
     cpu0 = time.process_time()
-    timers = Timers()
+    timers = Timers(TIMING_KEYS)
     rows: list[dict] = []
     qrecs: list[QuarantineRecord] = []
     skipped: Counter = Counter()

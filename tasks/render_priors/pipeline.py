@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from tasks.quarantine import QuarantineRecord
 from tasks.render_priors.work import (PROGRESS_DIR, SHARDS_DIR, STAGE, TIMING_KEYS, ObjectLoc, RenderContext,
                                       ShardWork, process_shard)
 from tasks.schema import SCHEMA_VERSION, object_key
-from tasks.shards import content_hash, kept_progress, list_shards, sha256_file, shard_dir
+from tasks.shards import content_hash, kept_progress, list_shards, prepare_run_dir, sha256_file, shard_dir
 
 # Bump when the code's output for the same inputs changes, so old shards are not resumed.
 ALGORITHM_VERSION = 1
@@ -112,17 +111,7 @@ def prepare(params: dict, samples: str | Path, out: str | Path) -> Plan:
         key = "reconstructor" if isinstance(e, ReconstructorNotFoundError) else "reconstructor_weights"
         raise ParamsError(f"render_priors.{key}: {e}") from e
     fp = fingerprint(params)
-    run_file = out / PROGRESS_DIR / "run.json"
-    previous = json.loads(run_file.read_text()).get("fingerprint") if run_file.is_file() else None
-    if previous != fp:  # shards of other parameters (or none): start clean
-        for d in (SHARDS_DIR, PROGRESS_DIR):
-            shutil.rmtree(out / d, ignore_errors=True)
-        for f in ("manifest.json", "quarantine.parquet"):
-            (out / f).unlink(missing_ok=True)
-        atomic.write_json(run_file, {"fingerprint": fp})
-    for d in (out, out / SHARDS_DIR, out / PROGRESS_DIR):
-        d.mkdir(parents=True, exist_ok=True)
-        atomic.clean_tmp(d)
+    prepare_run_dir(out, fp, SHARDS_DIR, PROGRESS_DIR)
 
     done: dict[str, dict] = {}
     for rec_path in sorted((out / PROGRESS_DIR).glob("priors-*.json")):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter, defaultdict
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pyarrow.parquet as pq
 from tasks import atomic
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import PRIOR_SCHEMA
+from tasks.shards import Timers
 
 STAGE = "render_priors"
 SHARDS_DIR = "shards"
@@ -80,19 +80,6 @@ def get_worker_reconstructor(p: dict):
         _RECONSTRUCTORS[key] = get_reconstructor(p["reconstructor"], p["reconstructor_weights"],
                                                  **reconstructor_options(p))
     return _RECONSTRUCTORS[key]
-
-
-class Timers:
-    def __init__(self):
-        self.t = dict.fromkeys(TIMING_KEYS, 0.0)
-
-    @contextmanager
-    def __call__(self, key: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.t[key] += time.perf_counter() - t0
 
 
 def decode_png(data: bytes | None, color: bool) -> np.ndarray:
@@ -158,7 +145,7 @@ def process_shard(work: ShardWork, ctx: RenderContext) -> dict:
     """Render every object of ``work`` and write ``shards/<name>.parquet`` then its progress record."""
     from pics_model.geometry import GeometryError, RendererError, drop_renderer
 
-    p, out, timers = ctx.params, Path(ctx.out), Timers()
+    p, out, timers = ctx.params, Path(ctx.out), Timers(TIMING_KEYS)
     t0 = time.perf_counter()
     with timers("read"):
         blobs = read_objects(Path(ctx.samples), work.objects)
