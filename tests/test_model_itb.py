@@ -325,8 +325,26 @@ def test_a_third_object_does_not_change_the_pair_only_overlap(mode):
 def test_object_too_small_for_a_coarse_level_keeps_the_tokens_it_touches(mode):
     masks = torch.zeros(1, 2, 32, 32)
     masks[0, 0, 2:20, 2:20] = 1
-    masks[0, 1, 13:16, 13:16] = 1  # 3x3 px: under half of any 4x4 px token
+    masks[0, 1, 13:15, 13:15] = 1  # 2x2 px inside token (3, 3): a quarter of its 4x4 px
     m = build_plan(masks, H * W, sparse=mode == "sparse").m
     assert m[0, 1].any()
     assert m[0, 1].sum() == 1  # the single token (3, 3) it touches
     assert torch.equal(m[0, 0], (torch.nn.functional.avg_pool2d(masks[:, :1], 4) >= 0.5).flatten(1)[0])
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense", "reference"])
+def test_score_sink_holds_the_gate_scores_behind_alpha(mode):
+    """Per block, the gate scores s_p on overlap tokens: softmax(s / tau) over the covering objects
+    is the alpha the block used (for the occlusion metric)."""
+    itb = _trained_like(InteractionTransformerBlock(_block()), seed=4)
+    x, codes, masks = torch.randn(2, H * W, C), torch.randn(2, 3, L, CTX) * 3, _three_objects()
+    alphas, scores = [], []
+    ctx = RoutingContext(codes, masks, mode=mode, tau=0.7, alpha_sink=alphas, score_sink=scores)
+    itb(x, cross_attention_kwargs={"pics_routing": ctx})
+    (hw, s, covers), (_, w) = scores[0], alphas[0]
+    plan = build_plan(masks, H * W)
+    assert hw == (H, W) and torch.equal(covers, plan.m & plan.ov[:, None])
+    assert (s[~covers] == 0).all() and s[covers].abs().min() > 0
+    expected = torch.softmax((s / 0.7).masked_fill(~covers, float("-inf")), dim=1)
+    ov = plan.ov[:, None].expand_as(w)
+    assert torch.allclose(w[ov], expected[ov], atol=1e-6)
