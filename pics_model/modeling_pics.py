@@ -146,10 +146,13 @@ class PICSModel(nn.Module):
             codes = codes + self.shape_encoder(feats, prior_valid).unsqueeze(2).to(codes.dtype)
         return codes
 
-    def routing(self, codes, routing_masks, object_valid=None, alpha_sink=None, mode=None) -> RoutingContext:
+    def routing(self, codes, routing_masks, object_valid=None, alpha_sink=None, mode=None,
+                score_sink=None) -> RoutingContext:
+        """The routing context of one forward, by this model's config (mode, mask rule, threshold)."""
         itb = self.config.itb
         return RoutingContext(codes, routing_masks, object_valid, mode=mode or itb.expert_mode,
-                              threshold=itb.mask_threshold, alpha_sink=alpha_sink, mask_rule=itb.mask_rule)
+                              threshold=itb.mask_threshold, alpha_sink=alpha_sink, mask_rule=itb.mask_rule,
+                              score_sink=score_sink)
 
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, hint: torch.Tensor,
                 codes: torch.Tensor, routing_masks: torch.Tensor, object_valid: torch.Tensor | None = None,

@@ -122,3 +122,23 @@ def test_converted_model_in_reference_mode_equals_the_reference_equations():
     assert {(4, c) for c in ("background", "exclusive", "overlap")} <= seen
     assert (out - expected).abs().max() <= 1e-5 + 1e-4 * expected.abs().max()
     assert (ours_design - expected).abs().max() > 1e-3 * expected.abs().max()  # the mode matters here
+
+
+def test_cli_writes_a_folder_that_runs_as_the_reference(tmp_path):
+    """`python -m pics_model.convert_reference CKPT OUT`: the folder's config selects the reference
+    expert mode, its nearest mask rule and its inference boxes, so loading it needs no flags."""
+    from pics_model.config import get_preset
+    from pics_model.convert_reference import main
+    from pics_model.pipeline_pics import PICSPipeline
+
+    torch.manual_seed(0)
+    src = PICSModel(get_preset("tiny"))
+    torch.save({"state_dict": reference_state_dict(src)}, tmp_path / "reference.ckpt")  # Lightning layout
+    assert main([str(tmp_path / "reference.ckpt"), str(tmp_path / "out"), "--preset", "tiny"]) == 0
+    model = PICSModel.from_pretrained(tmp_path / "out")
+    cfg = model.config
+    assert (cfg.itb.expert_mode, cfg.itb.mask_rule, cfg.box_expand) == ("reference", "nearest", 1.1)
+    assert PICSPipeline(model).box_expand == 1.1
+    assert model.routing(torch.zeros(1, 2, 3, 64), torch.zeros(1, 2, 64, 64)).mode == "reference"
+    a, b = src.state_dict(), model.state_dict()
+    assert [k for k in a if not k.startswith("shape_encoder.") and not torch.equal(a[k], b[k])] == []
