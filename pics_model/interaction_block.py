@@ -404,17 +404,19 @@ class InteractionTransformerBlock(nn.Module):
         n, l_, cc = codes.shape[1:]
         h_flat = h.reshape(b * t, c)
         out = torch.zeros_like(h_flat)
-        weights = h.new_zeros(b, n, t, dtype=torch.float32)
-        scores = h.new_zeros(b, n, t, dtype=torch.float32)
+        record = routing.alpha_sink is not None or routing.score_sink is not None
+        weights = h.new_zeros(b, n, t, dtype=torch.float32) if record else None
+        scores = h.new_zeros(b, n, t, dtype=torch.float32) if record else None
         if plan.e_tok.numel() == 0 and plan.o_tok.numel() == 0:
             return out.view(b, t, c), weights, scores
         alpha = None
         if plan.o_tok.numel():
             out, alpha, s = self._overlap(h, out, codes, plan, tau, reference, routing.gate_autocast)
-            o_b, o_t = plan.g_b[plan.o_g], plan.o_tok % t
-            with torch.no_grad():  # records only
-                weights[o_b, :, o_t] = alpha[plan.o_g, :, plan.o_pos].float()
-                scores[o_b, :, o_t] = s[plan.o_g, :, plan.o_pos].float()
+            if record:
+                o_b, o_t = plan.g_b[plan.o_g], plan.o_tok % t
+                with torch.no_grad():
+                    weights[o_b, :, o_t] = alpha[plan.o_g, :, plan.o_pos].float()
+                    scores[o_b, :, o_t] = s[plan.o_g, :, plan.o_pos].float()
         if plan.e_tok.numel():
             rows = _pack(self.norm2(h_flat[plan.e_tok]), plan.e_g, plan.e_pos, b * n, plan.e_rows)
             y = self.attn2(rows, encoder_hidden_states=codes.reshape(b * n, l_, cc))
@@ -426,8 +428,9 @@ class InteractionTransformerBlock(nn.Module):
                 e_w = torch.where(plan.e_opos >= 0, e_alpha.float(), e_w)
                 y_e = y_e * e_w.to(y_e.dtype).unsqueeze(-1)
             out = out.index_add(0, plan.e_tok, y_e.to(out.dtype))
-            ex = plan.e_opos < 0
-            weights[e_b[ex], plan.e_g[ex] - e_b[ex] * n, plan.e_tok[ex] - e_b[ex] * t] = 1.0
+            if record:  # 1 on exclusive rows; on overlap rows (default design) the alpha written above
+                with torch.no_grad():
+                    weights[e_b, plan.e_g - e_b * n, plan.e_tok - e_b * t] = e_w
         return out.view(b, t, c), weights, scores
 
     def _overlap(self, h, out, codes, plan: RoutingPlan, tau, reference: bool, gate_autocast: bool | None):
