@@ -1,4 +1,4 @@
-"""Training-step and inference benchmark of the PICS network: plain vs dense ITB vs sparse ITB.
+"""Training-step and inference benchmark of the PICS network: plain vs dense, sparse and reference ITBs.
 
 What it measures (all variants in the same run, so the ratios are fair on a shared machine):
   * train: samples/s of one training step (VAE encode + object encode + UNet/ControlNet forward,
@@ -6,11 +6,13 @@ What it measures (all variants in the same run, so the ratios are fair on a shar
       plain  - diffusers' vanilla blocks (every token cross-attends to all objects' tokens),
       dense  - ITBs, every expert on every token then masked (the reference's way),
       sparse - ITBs, row-sparse experts (default);
+      reference - ITBs in the reference's equations (row-sparse, but the gate runs on every token,
+               the pair attention's keys span every token, and the gate is bf16 on CUDA);
     MFU from FLOPs counted by FlopCounterMode on the same layout (`PICSModel.flops_per_sample`,
     each variant's own FLOPs; peak from --peak-tflops or the detected GPU).
   * itb: one block on its own at SD's first level (64x64 tokens on GPU, 32x32 by default on CPU;
     dim 320, context 1024, two 257-token codes, ~11% overlap tokens), forward + backward:
-    vanilla vs dense vs sparse.
+    vanilla vs dense vs sparse vs reference.
   * infer: one 2-object composite, DDIM with guidance, batch 1: ours (sparse, guidance batched
     into one pass) vs the reference's way (dense, two passes per step).
 
@@ -42,7 +44,8 @@ from pics_model.data import build_item, collate, rasterize_boxes  # noqa: E402
 from pics_model.interaction_block import InteractionTransformerBlock, RoutingContext  # noqa: E402
 from pics_model.modeling_pics import PICSModel, flops_per_sample  # noqa: E402
 
-MODES = ("plain", "dense", "sparse")
+MODES = ("plain", "dense", "sparse", "reference")
+ITB_MODES = ("dense", "sparse", "reference")
 
 
 def peak_flops(device: str, override: float | None) -> float | None:
@@ -77,7 +80,7 @@ def make_batch(cfg, batch: int, n_objects: int = 2) -> dict:
 def build(preset: str, mode: str, device: str, overrides: dict) -> PICSModel:
     cfg = get_preset(preset, **overrides)
     cfg.itb.enabled = mode != "plain"
-    cfg.itb.expert_mode = "dense" if mode == "dense" else "sparse"
+    cfg.itb.expert_mode = mode if mode in ITB_MODES else "sparse"
     torch.manual_seed(0)
     if device.startswith("cuda"):  # build in place: the SD presets are ~2.5 B parameters
         with torch.device(device):
@@ -129,7 +132,7 @@ def bench_train(args) -> list[dict]:
     peak = peak_flops(args.device, args.peak_tflops)
     flops = {}
     for mode in args.modes:  # each variant's own FLOPs, same layout (meta device for the SD presets)
-        em = "dense" if mode == "dense" else "sparse"
+        em = mode if mode in ITB_MODES else "sparse"
         if args.preset == "tiny":
             flops[mode] = build(args.preset, mode, "cpu", {}).flops_per_sample(
                 resolution=args.resolution, expert_mode=em, device="cpu")["total"]
@@ -209,7 +212,7 @@ def bench_itb(args) -> list[dict]:
         out.float().square().mean().backward()
 
     fracs = RoutingContext(codes, masks).plan(grid * grid).ov.float().mean().item()
-    times = {m: [] for m in ("vanilla", "dense", "sparse")}
+    times = {m: [] for m in ("vanilla", *ITB_MODES)}
     for i in range(args.itb_warmup + args.itb_steps):
         for m in times:
             sync(dev)
@@ -328,11 +331,11 @@ def report(rows: list[dict]) -> None:
     train = [r for r in rows if r["section"] == "train" and "error" not in r]
     if train:
         print("\ntraining step (reference trainable set, AdamW)")
-        print(f"{'mode':7} {'batch':>5} {'compiled':>8} {'step ms':>9} {'samples/s':>10} {'GFLOP/sample':>13} "
+        print(f"{'mode':9} {'batch':>5} {'compiled':>8} {'step ms':>9} {'samples/s':>10} {'GFLOP/sample':>13} "
               f"{'TFLOP/s':>8} {'MFU':>6}")
         for r in train:
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-            print(f"{r['mode']:7} {r['batch']:>5} {str(r['compiled']):>8} {r['step_ms']:>9.1f} "
+            print(f"{r['mode']:9} {r['batch']:>5} {str(r['compiled']):>8} {r['step_ms']:>9.1f} "
                   f"{r['samples_per_s']:>10.2f} {r['flops_per_sample'] / 1e9:>13.2f} {r['achieved_tflops']:>8.3f} "
                   f"{mfu:>6}")
         for bs in sorted({r["batch"] for r in train}):
@@ -353,8 +356,10 @@ def report(rows: list[dict]) -> None:
               f"batch {r0['batch']}, overlap tokens {r0['overlap_token_frac']:.1%}")
         base = {r["mode"]: r["fwd_bwd_ms"] for r in itb}
         for r in itb:
-            print(f"  {r['mode']:8} {r['fwd_bwd_ms']:9.1f} ms  ({r['fwd_bwd_ms'] / base['vanilla']:.2f}x vanilla)")
+            print(f"  {r['mode']:9} {r['fwd_bwd_ms']:9.1f} ms  ({r['fwd_bwd_ms'] / base['vanilla']:.2f}x vanilla)")
         print(f"  sparse is {base['dense'] / base['sparse']:.2f}x faster than dense")
+        if "reference" in base:
+            print(f"  reference mode costs {base['reference'] / base['sparse']:.2f}x sparse")
     inf = [r for r in rows if r["section"] == "infer"]
     if inf:
         print(f"\ninference: one 2-object composite, {inf[0]['steps']} DDIM steps, guidance 5, batch 1")

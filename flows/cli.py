@@ -173,8 +173,11 @@ def serve(only: Optional[list[str]] = typer.Argument(None, help="Deployment name
 
 @app.command()
 def composite(
-    background: Path = typer.Option(..., help="Background image."),
-    object_: list[str] = typer.Option(..., "--object", help="IMG:MASK or IMG:x0,y0,x1,y1 (repeatable, in order)."),
+    background: Optional[Path] = typer.Option(None, help="Background image."),
+    object_: Optional[list[str]] = typer.Option(None, "--object",
+                                                help="IMG:MASK or IMG:x0,y0,x1,y1 (repeatable, in order)."),
+    sample_dir: Optional[Path] = typer.Option(None, help="Instead of --background/--object: a folder in the "
+                                              "reference's layout (image.jpg, object_k.png, object_k_mask.png)."),
     checkpoint: Path = typer.Option(..., help="A saved PICS model folder (e.g. data/train/final)."),
     out: Path = typer.Option(..., help="Composite image to write (.png, .jpg)."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps (default: evaluate.steps)."),
@@ -190,9 +193,10 @@ def composite(
     from tasks.params import ParamsError
 
     try:
-        path = composite_cli(str(background), object_, str(checkpoint), str(out), steps=steps, guidance=guidance,
-                             scheduler=scheduler, seed=seed, device=device, threads=threads,
-                             params_file=str(params) if params else None)
+        path = composite_cli(str(background) if background else None, object_, str(checkpoint), str(out),
+                             steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, device=device,
+                             threads=threads, params_file=str(params) if params else None,
+                             sample_dir=str(sample_dir) if sample_dir else None)
     except (CompositeInputError, ParamsError) as e:
         _fail(e)
     typer.echo(str(path))

@@ -6,8 +6,11 @@
 Each ``--object`` is an object image (on white, or RGBA: transparent pixels become white) and,
 after the last ``:``, where it goes in the background: a mask image of the background's size
 (the object's tight box is taken from its pixels) or a box ``x0,y0,x1,y1`` in background pixels.
-The same through Python: :func:`composite`. Not a pipeline stage, so no Prefect here: a call is
-one model load and one pipeline run. Bad inputs raise :class:`CompositeInputError` naming the file.
+``--sample-dir DIR`` instead reads the reference implementation's sample layout: ``DIR/image.jpg``
+(background), ``DIR/object_k.png`` and ``DIR/object_k_mask.png`` (its placement mask, the
+background's size) for k = 0, 1, ... The same through Python: :func:`composite` (and
+:func:`read_sample_dir`). Not a pipeline stage, so no Prefect here: a call is one model load and
+one pipeline run. Bad inputs raise :class:`CompositeInputError` naming the file.
 """
 from __future__ import annotations
 
@@ -43,6 +46,30 @@ def parse_object(spec: str) -> ObjectSpec:
     if BOX_RE.match(where):
         return ObjectSpec(image=img, box=[float(v) for v in where.split(",")])
     return ObjectSpec(image=img, mask=where)
+
+
+def read_sample_dir(directory) -> tuple[Path, list[ObjectSpec]]:
+    """The reference's sample layout -> (background path, objects with their placement masks)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CompositeInputError(f"--sample-dir {d}: no such directory")
+    background = d / "image.jpg"
+    if not background.is_file():
+        raise CompositeInputError(f"--sample-dir {d}: missing image.jpg (the background)")
+    specs = []
+    while (d / f"object_{len(specs)}.png").is_file():
+        k = len(specs)
+        mask = d / f"object_{k}_mask.png"
+        if not mask.is_file():
+            raise CompositeInputError(f"--sample-dir {d}: object_{k}.png has no placement mask {mask.name}")
+        specs.append(ObjectSpec(image=d / f"object_{k}.png", mask=mask))
+    if not specs:
+        raise CompositeInputError(f"--sample-dir {d}: no object_0.png")
+    stray = sorted(p.name for p in d.glob("object_*.png") if p.name not in
+                   {n for i in range(len(specs)) for n in (f"object_{i}.png", f"object_{i}_mask.png")})
+    if stray:
+        raise CompositeInputError(f"--sample-dir {d}: {stray} do not continue object_0..object_{len(specs) - 1}")
+    return background, specs
 
 
 def _open(src, what: str) -> Image.Image:
@@ -216,15 +243,24 @@ def composite(background, objects: Sequence, checkpoint, masks: Sequence | None 
     return img
 
 
-def composite_cli(background: str, objects: list[str], checkpoint: str, out: str, steps: int | None = None,
-                  guidance: float | None = None, scheduler: str | None = None, seed: int | None = None,
-                  device: str = "auto", params_file: str | None = None, threads: int | None = None) -> Path:
+def composite_cli(background: str | None, objects: list[str] | None, checkpoint: str, out: str,
+                  steps: int | None = None, guidance: float | None = None, scheduler: str | None = None,
+                  seed: int | None = None, device: str = "auto", params_file: str | None = None,
+                  threads: int | None = None, sample_dir: str | None = None) -> Path:
     """The command: unset options default to the ``evaluate:`` section of params.yaml, so a CLI
-    composite matches what the evaluation measured."""
+    composite matches what the evaluation measured. `sample_dir` replaces background/objects."""
     from tasks.params import load_params
 
+    if sample_dir is not None:
+        if background is not None or objects:
+            raise CompositeInputError("--sample-dir replaces --background and --object: give one or the other")
+        background, specs = read_sample_dir(sample_dir)
+    elif background is None or not objects:
+        raise CompositeInputError("give --background and at least one --object, or --sample-dir")
+    else:
+        specs = [parse_object(o) for o in objects]
     p = load_params(params_file).evaluate
-    composite(background, [parse_object(o) for o in objects], checkpoint,
+    composite(background, specs, checkpoint,
               steps=p.steps if steps is None else steps, guidance=p.guidance if guidance is None else guidance,
               scheduler=scheduler or p.scheduler, seed=p.seed if seed is None else seed, device=device, out=out,
               threads=threads)

@@ -148,9 +148,14 @@ class ITBConfig(_Cfg):
     # (the "plain UNet + ControlNet" baseline of the benchmark, and an ablation)
     enabled: bool = True
     tau: float = Field(0.5, gt=0.0)  # alpha-blend temperature (reference: 0.5)
-    expert_mode: Literal["sparse", "dense"] = "sparse"
+    # sparse/dense: this project's block (same numbers two ways); reference: the reference
+    # implementation's equations (see interaction_block.py)
+    expert_mode: Literal["sparse", "dense", "reference"] = "sparse"
     max_objects: int = Field(4, ge=1)
     mask_threshold: float = Field(0.5, gt=0.0, le=1.0)  # token joins a region if >= this share is covered
+    # area: coverage >= mask_threshold (an object too small for a level keeps the tokens it touches);
+    # nearest: the reference's nearest-neighbour resampling of the pixel masks
+    mask_rule: Literal["area", "nearest"] = "area"
 
 
 class SchedulerConfig(_Cfg):

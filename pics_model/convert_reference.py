@@ -21,10 +21,12 @@ diffusers' own `loaders.single_file_utils` converters, not re-implemented here):
 
 Everything not consumed is listed in the report (`unmapped_source`), as is every parameter of
 ours left at its initial value (`missing_target`, e.g. the shape encoder, which the reference
-does not have). Semantics: converted weights run under this project's ITB, which differs from the
-reference's forward in two documented ways (see interaction_block.py): the pair attention's keys
-are the overlap tokens only, and the overlap output adds the alpha-weighted exclusive
-cross-attentions. Fine-tune after converting.
+does not have). Semantics: the written model folder computes what the reference computed
+(`REFERENCE_ITB`): the ITBs run in the ``reference`` expert mode (the overlap output is the
+back-attention alone, pair keys span every token, the gate runs in bf16 on CUDA), token masks use
+the reference's nearest-neighbour rule, and inference boxes are expanded as the reference's
+inference scripts expand them. To fine-tune under this project's design instead, set
+``itb.expert_mode``/``itb.mask_rule``/``box_expand`` back (`PICSConfig` defaults).
 
 Checkpoints are read with ``torch.load(weights_only=True)`` or safetensors; a Lightning file that
 needs arbitrary unpickling is refused (extract its ``state_dict`` in a trusted environment).
@@ -46,6 +48,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
 )
 
+from .config import PICSConfig
 from .dinov2 import read_state_dict
 from .modeling_pics import PICSModel
 
@@ -67,6 +70,18 @@ SCHEDULE_BUFFERS = {
     "lvlb_weights", "logvar",
 }
 _ITB_KEY = re.compile(r"^(.*\.transformer_blocks\.\d+\.)(.*)$")
+# The reference's inference scripts (run_test.py and the others) expand the tight mask box with
+# expand_bbox(ratio=[1.1, 1.2]), which draws np.random.randint(11, 12) / 10: always 1.1.
+REFERENCE_BOX_EXPAND = 1.1
+REFERENCE_ITB = {"expert_mode": "reference", "mask_rule": "nearest"}
+
+
+def reference_config(config: PICSConfig) -> PICSConfig:
+    """`config` set to compute what the reference computed (see the module docstring)."""
+    data = config.model_dump()
+    data["itb"].update(REFERENCE_ITB)
+    data["box_expand"] = REFERENCE_BOX_EXPAND
+    return PICSConfig.model_validate(data)
 
 
 @dataclass
@@ -188,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     over = {"stable_diffusion_path": args.stable_diffusion}
     if args.dinov2:
         over["object_encoder"] = {"weights_path": args.dinov2}
-    model = PICSModel(get_preset(args.preset, **over))
+    model = PICSModel(reference_config(get_preset(args.preset, **over)))
     report = convert_reference_state_dict(load_reference_checkpoint(args.checkpoint), model)
     out = model.save_pretrained(args.out_dir)
     (out / "conversion_report.json").write_text(report.to_json())

@@ -114,7 +114,13 @@ class PICSModel(nn.Module):
             blk.tau = float(tau)
 
     def set_expert_mode(self, mode: str) -> None:
-        self.config.itb.expert_mode = mode
+        self.config.itb.expert_mode = mode  # validated by the config
+
+    def set_prediction_type(self, prediction_type: str) -> None:
+        """What the network predicts ('epsilon' | 'v_prediction'): the config (saved with the
+        weights, read by the samplers) and the training noise scheduler follow."""
+        self.config.scheduler.prediction_type = prediction_type  # validated by the config
+        self.noise_scheduler = make_ddpm_scheduler(self.config.scheduler.model_dump())
 
     # ------------------------------------------------------------------------------------------
     def encode_objects(self, objects: torch.Tensor, priors: torch.Tensor | None = None,
@@ -140,9 +146,13 @@ class PICSModel(nn.Module):
             codes = codes + self.shape_encoder(feats, prior_valid).unsqueeze(2).to(codes.dtype)
         return codes
 
-    def routing(self, codes, routing_masks, object_valid=None, alpha_sink=None, mode=None) -> RoutingContext:
-        return RoutingContext(codes, routing_masks, object_valid, mode=mode or self.config.itb.expert_mode,
-                              threshold=self.config.itb.mask_threshold, alpha_sink=alpha_sink)
+    def routing(self, codes, routing_masks, object_valid=None, alpha_sink=None, mode=None,
+                score_sink=None) -> RoutingContext:
+        """The routing context of one forward, by this model's config (mode, mask rule, threshold)."""
+        itb = self.config.itb
+        return RoutingContext(codes, routing_masks, object_valid, mode=mode or itb.expert_mode,
+                              threshold=itb.mask_threshold, alpha_sink=alpha_sink, mask_rule=itb.mask_rule,
+                              score_sink=score_sink)
 
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, hint: torch.Tensor,
                 codes: torch.Tensor, routing_masks: torch.Tensor, object_valid: torch.Tensor | None = None,
@@ -411,7 +421,7 @@ def flops_per_sample(config: PICSConfig, resolution: int | None = None, training
             net.vae.encode(torch.zeros(1, 3, r, r))
         out["vae_encode"] = counter.get_total_flops()
     ctx = RoutingContext(codes, masks.to(codes.device) if device != "meta" else masks, mode=mode,
-                         threshold=cfg.itb.mask_threshold)
+                         threshold=cfg.itb.mask_threshold, mask_rule=cfg.itb.mask_rule)
     ctx.precompute([(lat >> i) ** 2 for i in range(len(cfg.unet.block_out_channels))])
     ctx = ctx.to(device)
     with torch.device(device):

@@ -107,7 +107,7 @@ class ModelParams(Section):
     object_encoder: Literal["mobilenetv2", "dinov2", "small"] | None = None
     use_shape_prior: bool = True
     tau: float = Field(0.5, gt=0.0)
-    expert_mode: Literal["sparse", "dense"] = "sparse"
+    expert_mode: Literal["sparse", "dense", "reference"] = "sparse"
     max_objects: int = Field(4, ge=1)  # objects per composite the model accepts (ITBs are general in N)
     cond_drop_prob: float = Field(0.1, ge=0.0, le=1.0)  # objects -> zero image in training, for guidance
 

@@ -127,3 +127,81 @@ def test_parse_object_specs():
     assert parse_object("dir:with/a.png:1,2.5,30,40") == ObjectSpec("dir:with/a.png", box=[1.0, 2.5, 30.0, 40.0])
     with pytest.raises(CompositeInputError):
         parse_object("a.png:")
+
+
+@pytest.fixture(scope="module")
+def reference_checkpoint(tmp_path_factory):
+    """The tiny model's weights saved twice: as converted from the reference (its config) and as ours."""
+    import torch
+
+    from pics_model.config import get_preset
+    from pics_model.convert_reference import reference_config
+    from pics_model.modeling_pics import PICSModel
+
+    torch.manual_seed(0)
+    model = PICSModel(get_preset("tiny"))
+    with torch.no_grad():
+        for blk in model.itb_blocks():  # a trained-like gate and back-attention, so the mode matters
+            for p in blk.new_parameters():
+                p.add_(torch.randn_like(p) * 0.2)
+    root = tmp_path_factory.mktemp("refckpt")
+    model.save_pretrained(root / "ours")
+    model.config = reference_config(model.config)
+    model.save_pretrained(root / "reference")
+    return root
+
+
+def _sample_dir(scene, d):
+    """The scene in the reference's layout: image.jpg, object_k.png, object_k_mask.png."""
+    d.mkdir()
+    Image.open(scene["bg"]).save(d / "image.jpg", quality=95)
+    w, h = scene["size"]
+    for k, (obj, (x0, y0, x1, y1)) in enumerate([(scene["obj1"], (150, 200, 290, 330)),
+                                                 (scene["obj2"], (250, 240, 400, 380))]):
+        Image.open(obj).convert("RGB").save(d / f"object_{k}.png")
+        m = np.zeros((h, w), np.uint8)
+        m[y0:y1, x0:x1] = 255
+        Image.fromarray(m).save(d / f"object_{k}_mask.png")
+    return d
+
+
+def test_sample_dir_with_a_converted_reference_folder_needs_no_flags(scene, reference_checkpoint, tmp_path):
+    d = _sample_dir(scene, tmp_path / "sample")
+    outs = {}
+    for name in ("reference", "ours"):
+        outs[name] = tmp_path / f"{name}.png"
+        r = _run("--sample-dir", d, "--checkpoint", reference_checkpoint / name, "--out", outs[name], *STEPS)
+        assert r.exit_code == 0, r.output
+    img = np.asarray(Image.open(outs["reference"]).convert("RGB")).astype(int)
+    bg = np.asarray(Image.open(d / "image.jpg").convert("RGB")).astype(int)
+    # the reference folder pastes back inside the x1.1 boxes: the ring out to x1.15 is background
+    # (box 2, 150x140 px centred at (325, 310): x1.1 ends at x = 407.5, x1.15 at x = 411.25)
+    assert np.array_equal(img[250:370, 408:411], bg[250:370, 408:411])
+    ours = np.asarray(Image.open(outs["ours"]).convert("RGB")).astype(int)
+    assert np.abs(ours[250:370, 408:411] - bg[250:370, 408:411]).mean() > 1.0
+    # mode and mask rule come from the folder: same weights, different composite inside the boxes
+    assert np.abs(img[240:330, 250:290] - ours[240:330, 250:290]).mean() > 1.0
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("no_image", r"missing image.jpg"),
+    ("no_mask", r"object_1.png has no placement mask object_1_mask.png"),
+    ("gap", r"\['object_3.png'\] do not continue object_0..object_1"),
+    ("both", r"--sample-dir replaces --background and --object"),
+])
+def test_sample_dir_bad_layouts_fail_clearly(scene, tiny_checkpoint, tmp_path, case, pattern):
+    d = _sample_dir(scene, tmp_path / "sample")
+    extra = []
+    if case == "no_image":
+        (d / "image.jpg").unlink()
+    elif case == "no_mask":
+        (d / "object_1_mask.png").unlink()
+    elif case == "gap":
+        (d / "object_3.png").write_bytes((d / "object_1.png").read_bytes())  # no object_2: a gap
+    elif case == "both":
+        extra = ["--background", scene["bg"]]
+    r = _run("--sample-dir", d, *extra, "--checkpoint", tiny_checkpoint, "--out", tmp_path / "x.png", *STEPS)
+    assert r.exit_code == 2, r.output
+    import re
+
+    assert re.search(pattern, " ".join(r.output.split())), r.output

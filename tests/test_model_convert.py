@@ -51,3 +51,94 @@ def test_converter_maps_every_reference_tensor():
     diff = [k for k in a if not k.startswith("shape_encoder.") and not torch.equal(a[k], b[k])]
     assert diff == []
     assert "mapped" in report.summary() and report.to_json().startswith("{")
+
+
+def test_converted_model_in_reference_mode_equals_the_reference_equations():
+    """A small SD-layout model converted from a reference checkpoint: every ITB of the UNet and the
+    ControlNet, run in the written config (reference mode, nearest masks), equals the reference's
+    equations (tests/reference_equations.py, fed the checkpoint's own tensors) on every token class,
+    and so does the whole denoiser output."""
+    import copy
+
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    from pics_model.convert_reference import reference_config
+    from pics_model.interaction_block import RoutingContext
+    from tests.reference_equations import ReferenceBlock, block_weights, nearest_token_masks
+
+    torch.manual_seed(0)
+    src = PICSModel(sd_layout_test_config())
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # zero-initialised layers (back_attn out, gate_q) come alive
+    ref = reference_state_dict(src)
+    dst = PICSModel(reference_config(sd_layout_test_config()))
+    report = convert_reference_state_dict(ref, dst)
+    assert (dst.config.itb.expert_mode, dst.config.itb.mask_rule) == ("reference", "nearest")
+
+    oracle = copy.deepcopy(dst)
+    ref_key = {ours: theirs for theirs, ours in report.mapping.items()}
+    for net_name in ("unet", "controlnet"):
+        for name, mod in getattr(oracle, net_name).named_modules():
+            if isinstance(mod, Transformer2DModel):
+                for i, blk in enumerate(mod.transformer_blocks):
+                    gate = ref_key[f"{net_name}.{name}.transformer_blocks.{i}.gate_q.weight"]
+                    weights = block_weights(ref, gate[: -len("gate_q.weight")])
+                    mod.transformer_blocks[i] = ReferenceBlock(weights, blk.attn2.heads, dst.config.itb.tau)
+
+    def record(model):
+        outs = []
+        for m in model.modules():
+            if isinstance(m, Transformer2DModel):
+                for blk in m.transformer_blocks:
+                    blk.register_forward_hook(lambda _m, _i, o: outs.append(o.detach()))
+        return outs
+
+    ours_blocks, ref_blocks = record(dst), record(oracle)
+    r, ctx_dim = dst.config.resolution, dst.config.unet.cross_attention_dim
+    masks = torch.zeros(2, 2, r, r)  # box edges off the 8 px token grid; per-sample layouts
+    masks[0, 0, 5:37, 3:41], masks[0, 1, 21:59, 27:61] = 1, 1
+    masks[1, 0, 30:60, 9:50], masks[1, 1, 2:35, 18:45] = 1, 1
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randn(2, 2, 5, ctx_dim, generator=g)
+    noisy, hint = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, r, r, generator=g)
+    t = torch.tensor([10, 600])
+    with torch.no_grad():
+        out = dst.denoise(noisy, t, hint, dst.routing(codes, masks))
+        expected = oracle.denoise(noisy, t, hint, RoutingContext(codes, masks))
+        ours_design = dst.denoise(noisy, t, hint, dst.routing(codes, masks, mode="sparse"))
+
+    assert len(ours_blocks) == 2 * len(ref_blocks) > 0  # two runs of ours: reference mode, then sparse
+    seen = set()
+    for a, b in zip(ours_blocks, ref_blocks):
+        side = int(a.shape[1] ** 0.5)
+        cover = nearest_token_masks(masks, side, side).sum(1)
+        for cls, sel in (("background", cover == 0), ("exclusive", cover == 1), ("overlap", cover == 2)):
+            if sel.any():
+                seen.add((side, cls))
+                tol = 1e-5 + 1e-4 * b.abs().max()
+                assert (a[sel] - b[sel]).abs().max() <= tol, (side, cls, (a[sel] - b[sel]).abs().max())
+    assert {(8, c) for c in ("background", "exclusive", "overlap")} <= seen
+    assert {(4, c) for c in ("background", "exclusive", "overlap")} <= seen
+    assert (out - expected).abs().max() <= 1e-5 + 1e-4 * expected.abs().max()
+    assert (ours_design - expected).abs().max() > 1e-3 * expected.abs().max()  # the mode matters here
+
+
+def test_cli_writes_a_folder_that_runs_as_the_reference(tmp_path):
+    """`python -m pics_model.convert_reference CKPT OUT`: the folder's config selects the reference
+    expert mode, its nearest mask rule and its inference boxes, so loading it needs no flags."""
+    from pics_model.config import get_preset
+    from pics_model.convert_reference import main
+    from pics_model.pipeline_pics import PICSPipeline
+
+    torch.manual_seed(0)
+    src = PICSModel(get_preset("tiny"))
+    torch.save({"state_dict": reference_state_dict(src)}, tmp_path / "reference.ckpt")  # Lightning layout
+    assert main([str(tmp_path / "reference.ckpt"), str(tmp_path / "out"), "--preset", "tiny"]) == 0
+    model = PICSModel.from_pretrained(tmp_path / "out")
+    cfg = model.config
+    assert (cfg.itb.expert_mode, cfg.itb.mask_rule, cfg.box_expand) == ("reference", "nearest", 1.1)
+    assert PICSPipeline(model).box_expand == 1.1
+    assert model.routing(torch.zeros(1, 2, 3, 64), torch.zeros(1, 2, 64, 64)).mode == "reference"
+    a, b = src.state_dict(), model.state_dict()
+    assert [k for k in a if not k.startswith("shape_encoder.") and not torch.equal(a[k], b[k])] == []

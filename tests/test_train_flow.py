@@ -147,6 +147,25 @@ def test_too_many_workers_for_local_ray(fixture_root):
         check_resources(plan, {"CPU": 2.0})
 
 
+def test_v_prediction_reaches_the_saved_model_config(fixture_root):
+    """train.prediction_type is what the saved model (init, hence every checkpoint export) says it
+    predicts, so the samplers do not read v as epsilon."""
+    from pics_model.modeling_pics import PICSModel
+    from pics_model.pipeline_pics import make_scheduler
+    from tasks.params import load_params
+    from tasks.train.plan import plan_run
+    from tasks.train.run import prepare_init
+
+    plan = plan_run(load_params(None, overrides(fixture_root, "vpred", prediction_type="v_prediction",
+                                                autoencoder_steps=0)))
+    prepare_init(plan, log=lambda *_: None)
+    model = PICSModel.from_pretrained(plan.init_dir)
+    assert model.config.scheduler.prediction_type == "v_prediction"
+    assert model.noise_scheduler.config.prediction_type == "v_prediction"
+    for name in ("ddim", "dpmsolver++"):
+        assert make_scheduler(name, model).config.prediction_type == "v_prediction"
+
+
 def test_resume_ignores_unmarked_checkpoint(tmp_path):
     """A newer folder without its marker (killed writer) loses to an older committed one, whether
     Ray reports it or the scan finds it."""

@@ -30,7 +30,10 @@ def build_model(plan: RunPlan):
     from pics_model.modeling_pics import PICSModel
 
     torch.manual_seed(plan.params.train.seed)
-    return PICSModel(config_from_model_params(plan.params.model.model_dump()))
+    model = PICSModel(config_from_model_params(plan.params.model.model_dump()))
+    # the saved config must say what the network learns to predict, or samplers read v as epsilon
+    model.set_prediction_type(plan.params.train.prediction_type)
+    return model
 
 
 def _targets(plan: RunPlan, split: str, limit: int | None = None) -> torch.Tensor:
