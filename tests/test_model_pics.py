@@ -146,7 +146,7 @@ def test_save_load_round_trip(tiny, batch, tmp_path):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     with torch.no_grad():
         codes = tiny.encode_objects(batch["objects"])
-        args = (torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), batch["hint"], codes,
+        args = (torch.randn(2, tiny.config.unet.in_channels, 16, 16), torch.tensor([10, 700]), batch["hint"], codes,
                 batch["routing_masks"], batch["object_valid"])
         assert torch.equal(tiny(*args), loaded(*args))
     with pytest.raises(FileNotFoundError, match="missing model.safetensors"):

@@ -207,7 +207,7 @@ def test_two_gloo_workers_end_with_identical_weights(runs):
     assert torch.equal(dict(final.named_parameters())[some], ema[some])
     m = json.loads((Path(plain["out"]) / "metrics.json").read_text())
     assert m["heldout_loss_initial"] > 0 and m["heldout_loss_final"] > 0 and m["ranks_identical"] is True
-    assert m["autoencoder_psnr_after"] > m["autoencoder_psnr_before"]
+    assert m["autoencoder_psnr_heldout"] >= 30.0  # the tiny preset's exact latent (issue 12 target)
     assert (Path(plain["out"]) / "loss.png").stat().st_size > 0
     assert (Path(plain["out"]) / "loss.csv").read_text().count("\n") == STEPS + 1
 
