@@ -198,6 +198,12 @@ class PICSConfig(_Cfg):
     preset: str = "custom"
     resolution: int = 512  # R: square training/inference resolution in pixels
     box_expand: float = Field(1.15, ge=1.0)  # inference box expansion: midpoint of training U[1.1, 1.2)
+    # The hint (masked background + mask), folded onto the latent grid (space-to-depth by the VAE
+    # factor), is also concatenated to the UNet's and ControlNet's input, as SD's inpainting UNet
+    # does with its masked latent. For a denoiser trained from scratch: the ControlNet reaches the
+    # UNet only through zero-initialised layers, and 600 CPU steps did not open them far enough
+    # for the background to be copied; this input path works from the first step.
+    hint_concat: bool = False
     vae: VAEConfig = VAEConfig()
     unet: UNetConfig = UNetConfig()
     controlnet: ControlNetConfig = ControlNetConfig()
@@ -220,8 +226,17 @@ class PICSConfig(_Cfg):
         if len(self.controlnet.conditioning_embedding_out_channels) != levels:
             raise ValueError("controlnet.conditioning_embedding_out_channels needs one entry per VAE level "
                              f"({levels}) so the hint lands on the latent grid")
-        if self.unet.in_channels != self.vae.latent_channels:
-            raise ValueError("unet.in_channels must equal vae.latent_channels")
+        lc = self.vae.latent_channels
+        need = lc + (self.controlnet.conditioning_channels * f * f if self.hint_concat else 0)
+        if self.unet.in_channels != need or self.unet.out_channels != lc:
+            raise ValueError(f"unet.in_channels must be {need} (vae.latent_channels"
+                             f"{' + the hint folded onto the latent grid' if self.hint_concat else ''}) and "
+                             f"unet.out_channels {lc}; got {self.unet.in_channels} and {self.unet.out_channels}")
+        if self.unet.block_out_channels[0] < lc:
+            # conv_out would read the latent off fewer features than it has channels: the
+            # denoiser could never remove the noise of the rest (the composites stay noisy)
+            raise ValueError(f"unet.block_out_channels[0]={self.unet.block_out_channels[0]} must be >= the "
+                             f"{lc} latent channels")
         vs, oe = self.shape_encoder.view_size, self.object_encoder
         if vs and oe.kind == "dinov2" and vs % oe.dinov2.patch_size:
             raise ValueError("shape_encoder.view_size must be a multiple of the DINOv2 patch size")
@@ -263,13 +278,16 @@ def _tiny() -> PICSConfig:
         # f = 4 space-to-depth: 64 px -> 16 x 16 x 48 latents, reconstructed exactly (a fitted tiny
         # AutoencoderKL reached 20 dB without colours: the latent was the ceiling)
         vae=VAEConfig(kind="pixel_shuffle", factor=4, latent_channels=48, sample_size=64, scaling_factor=1.0),
+        hint_concat=True,
         unet=UNetConfig(
             sample_size=16,
-            in_channels=48,
+            in_channels=48 + 4 * 16,  # latent + the 4-channel hint folded by f = 4
             out_channels=48,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(32, 64),
+            # level 0 at least as wide as the 48 latent channels: at 32 the network could not pass
+            # 16 of them through (rank 32) and left their noise in every composite
+            block_out_channels=(48, 64),
             layers_per_block=1,
             attention_head_dim=4,  # 4 heads
             cross_attention_dim=64,
@@ -277,7 +295,11 @@ def _tiny() -> PICSConfig:
         ),
         controlnet=ControlNetConfig(conditioning_embedding_out_channels=(16, 32, 32)),
         object_encoder=ObjectEncoderConfig(kind="mobilenetv2", image_size=96, appearance_grid=6),
-        shape_encoder=ShapeEncoderConfig(hidden_dim=64, view_size=64),
+        # prior views at 32 px: the shape descriptor uses only the pooled feature
+        shape_encoder=ShapeEncoderConfig(hidden_dim=64, view_size=32),
+        # trained from scratch: every timestep equally often (AnyDoor's low-t bias suits a pretrained
+        # SD; here the high-noise steps, where a composite's layout and colours are decided, need data)
+        objective=ObjectiveConfig(high_t_prob=1.0),
     )
 
 
@@ -341,7 +363,7 @@ def config_from_model_params(params: Mapping[str, Any]) -> PICSConfig:
     latent = p.pop("latent", None)
     if latent == "kl" and name == "tiny":
         over["vae"] = TINY_KL_VAE
-        over["unet"] = {"in_channels": 4, "out_channels": 4}
+        over["unet"] = {"in_channels": 4 + 4 * 16, "out_channels": 4}
     elif latent == "pixel_shuffle" and name != "tiny":
         raise ValueError(f"model.latent=pixel_shuffle is the tiny preset's; {name} keeps its AutoencoderKL")
     if "use_shape_prior" in p:

@@ -178,6 +178,9 @@ class PICSModel(nn.Module):
             ctx.precompute(self.token_counts(tuple(noisy_latents.shape[-2:])))
             kw = {ROUTING_KEY: ctx}
         scale = self.config.controlnet.conditioning_scale if conditioning_scale is None else conditioning_scale
+        if self.config.hint_concat:
+            folded = F.pixel_unshuffle(hint.to(noisy_latents.dtype), self.config.vae.downsample_factor)
+            noisy_latents = torch.cat([noisy_latents, folded], 1)
         down, mid = self.controlnet(noisy_latents, timesteps, encoder_hidden_states=ehs,
                                     controlnet_cond=hint.to(noisy_latents.dtype), conditioning_scale=scale,
                                     cross_attention_kwargs=kw, return_dict=False)
@@ -427,7 +430,7 @@ def flops_per_sample(config: PICSConfig, resolution: int | None = None, training
     ctx.precompute([(lat >> i) ** 2 for i in range(len(cfg.unet.block_out_channels))])
     ctx = ctx.to(device)
     with torch.device(device):
-        noisy = torch.zeros(1, cfg.unet.in_channels, lat, lat)
+        noisy = torch.zeros(1, cfg.vae.latent_channels, lat, lat)
         hint = torch.zeros(1, cfg.controlnet.conditioning_channels, r, r)
         counter = FlopCounterMode(display=False)
         with counter, torch.set_grad_enabled(training):

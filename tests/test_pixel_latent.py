@@ -41,7 +41,7 @@ def test_tiny_preset_encodes_and_decodes_exactly_and_reloads(tmp_path):
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     factor = model.calibrate_vae_scaling(x)
     z = model.encode_images(x)
-    assert z.shape == (2, model.config.unet.in_channels, 16, 16)
+    assert z.shape == (2, model.config.vae.latent_channels, 16, 16)
     assert torch.allclose(model.decode_latents(z), x, atol=1e-5)
     model.save_pretrained(tmp_path / "m")
     loaded = PICSModel.from_pretrained(tmp_path / "m")
@@ -77,7 +77,35 @@ def test_appearance_tokens_see_the_object_colour_and_train():
 def test_model_latent_param_selects_the_fitted_kl_autoencoder():
     from pics_model.config import config_from_model_params
     kl = config_from_model_params({"preset": "tiny", "latent": "kl"})
-    assert (kl.vae.kind, kl.vae.latent_channels, kl.unet.in_channels, kl.latent_size) == ("kl", 4, 4, 16)
+    assert (kl.vae.kind, kl.vae.latent_channels, kl.unet.in_channels, kl.latent_size) == ("kl", 4, 4 + 64, 16)
     assert config_from_model_params({"preset": "tiny"}).vae.kind == "pixel_shuffle"
     with pytest.raises(ValueError, match="tiny preset's"):
         config_from_model_params({"preset": "sd21", "latent": "pixel_shuffle"})
+
+
+def test_unet_first_level_must_hold_every_latent_channel():
+    with pytest.raises(ValueError, match="must be >= the 48 latent channels"):
+        get_preset("tiny", unet={"block_out_channels": (32, 64)})
+
+
+def test_hint_reaches_the_unet_input_directly():
+    """With hint_concat the masked background enters conv_in; without, only the zero-initialised
+    ControlNet outputs carry it, and a fresh model ignores the hint entirely."""
+    from pics_model.data import build_item, collate
+    from pics_model.testing import synthetic_sample
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    batch = collate([build_item(synthetic_sample(rng, n=2, views=0), 64, None)])
+    torch.manual_seed(0)
+    outs = {}
+    for concat in (True, False):
+        over = {} if concat else {"hint_concat": False, "unet": {"in_channels": 48}}
+        model = PICSModel(get_preset("tiny", **over)).eval()
+        codes = model.encode_objects(batch["objects"])
+        noisy = torch.randn(1, 48, 16, 16, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            a = model(noisy, torch.tensor([500]), batch["hint"], codes, batch["routing_masks"])
+            b = model(noisy, torch.tensor([500]), -batch["hint"], codes, batch["routing_masks"])
+        outs[concat] = float((a - b).abs().max())
+    assert outs[True] > 1e-3 and outs[False] == 0.0

@@ -147,6 +147,20 @@ def test_too_many_workers_for_local_ray(fixture_root):
         check_resources(plan, {"CPU": 2.0})
 
 
+def test_a_changed_preset_is_a_new_run(fixture_root, monkeypatch):
+    """The run name hashes the resolved network config: after a preset change in
+    pics_model/config.py, the finished run of the old network is not reused as this one."""
+    from pics_model import config as model_config
+    from tasks.params import load_params
+    from tasks.train.plan import plan_run
+
+    params = load_params(None, overrides(fixture_root, "bad"))
+    before = plan_run(params).run_name
+    tiny = model_config.PRESETS["tiny"]
+    monkeypatch.setitem(model_config.PRESETS, "tiny", lambda: tiny().model_copy(update={"box_expand": 1.3}))
+    assert plan_run(params).run_name != before
+
+
 def test_resume_ignores_unmarked_checkpoint(tmp_path):
     """A newer folder without its marker (killed writer) loses to an older committed one, whether
     Ray reports it or the scan finds it."""

@@ -30,7 +30,11 @@ def build_model(plan: RunPlan):
     from pics_model.modeling_pics import PICSModel
 
     torch.manual_seed(plan.params.train.seed)
-    return PICSModel(config_from_model_params(plan.params.model.model_dump()))
+    config = config_from_model_params(plan.params.model.model_dump())
+    # the saved model's scheduler must sample what the run trains it to predict (epsilon or v):
+    # the pipeline builds its sampler from this config
+    config.scheduler.prediction_type = plan.params.train.prediction_type
+    return PICSModel(config)
 
 
 def _targets(plan: RunPlan, split: str, limit: int | None = None) -> torch.Tensor:
