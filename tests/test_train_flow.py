@@ -161,6 +161,16 @@ def test_a_changed_preset_is_a_new_run(fixture_root, monkeypatch):
     assert plan_run(params).run_name != before
 
 
+def test_the_saved_model_samples_what_it_was_trained_to_predict(fixture_root):
+    from tasks.params import load_params
+    from tasks.train.run import build_model
+    from tasks.train.plan import plan_run
+
+    for pt in ("v_prediction", "epsilon"):
+        model = build_model(plan_run(load_params(None, overrides(fixture_root, "bad", prediction_type=pt))))
+        assert model.config.scheduler.prediction_type == pt == model.noise_scheduler.config.prediction_type
+
+
 def test_resume_ignores_unmarked_checkpoint(tmp_path):
     """A newer folder without its marker (killed writer) loses to an older committed one, whether
     Ray reports it or the scan finds it."""
