@@ -184,6 +184,9 @@ class SchedulerConfig(_Cfg):
     clip_sample: bool = False
     set_alpha_to_one: bool = False
     steps_offset: int = 1
+    # where a sampler's few steps sit: "leading" (SD's) never starts at t = T - 1 (with 4 steps:
+    # 751, 501, 251, 1); "trailing" does (999, 749, 499, 249), as pure-noise inputs need
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
 
 
 class ObjectiveConfig(_Cfg):
@@ -300,6 +303,9 @@ def _tiny() -> PICSConfig:
         # trained from scratch: every timestep equally often (AnyDoor's low-t bias suits a pretrained
         # SD; here the high-noise steps, where a composite's layout and colours are decided, need data)
         objective=ObjectiveConfig(high_t_prob=1.0),
+        # few-step sampling from pure noise: 1 step from t = 999 left the box at half the error
+        # of 4 "leading" steps (latent MSE 0.46 vs 0.84, step-600 checkpoint)
+        scheduler=SchedulerConfig(timestep_spacing="trailing"),
     )
 
 

@@ -109,3 +109,17 @@ def test_hint_reaches_the_unet_input_directly():
             b = model(noisy, torch.tensor([500]), -batch["hint"], codes, batch["routing_masks"])
         outs[concat] = float((a - b).abs().max())
     assert outs[True] > 1e-3 and outs[False] == 0.0
+
+
+def test_tiny_sampler_starts_from_pure_noise():
+    from pics_model.pipeline_pics import make_scheduler
+    with torch.device("meta"):
+        tiny = PICSModel(get_preset("tiny"), load_pretrained=False)
+        sd21 = PICSModel(get_preset("sd21"), load_pretrained=False)
+    for name in ("ddim", "dpmsolver++"):
+        sched = make_scheduler(name, tiny)
+        sched.set_timesteps(2)
+        assert sched.timesteps.tolist() == [999, 499]
+    sched = make_scheduler("ddim", sd21)  # SD keeps the spacing it was trained and tuned with
+    sched.set_timesteps(4)
+    assert sched.timesteps.tolist() == [751, 501, 251, 1]
