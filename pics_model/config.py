@@ -25,8 +25,13 @@ class _Cfg(BaseModel):
 
 
 class VAEConfig(_Cfg):
-    """`diffusers.AutoencoderKL` constructor arguments; f = 2 ** (len(block_out_channels) - 1)."""
+    """The latent autoencoder. kind "kl": `diffusers.AutoencoderKL` constructor arguments,
+    f = 2 ** (len(block_out_channels) - 1). kind "pixel_shuffle": the exactly invertible
+    space-to-depth map (`PixelShuffleAutoencoder`), f = `factor`, latent_channels = 3 f^2; the
+    AutoencoderKL fields are then unused."""
 
+    kind: Literal["kl", "pixel_shuffle"] = "kl"
+    factor: int = Field(4, ge=1)  # pixel_shuffle only
     in_channels: int = 3
     out_channels: int = 3
     down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 4
@@ -40,12 +45,22 @@ class VAEConfig(_Cfg):
     # (PICSModel.calibrate_vae_scaling) so latents have unit variance.
     scaling_factor: float = 0.18215
 
+    @model_validator(mode="after")
+    def _pixel_channels(self):
+        if self.kind == "pixel_shuffle" and self.latent_channels != self.in_channels * self.factor ** 2:
+            raise ValueError(f"vae.kind='pixel_shuffle': latent_channels must be in_channels * factor^2 = "
+                             f"{self.in_channels * self.factor ** 2}, got {self.latent_channels}")
+        return self
+
     @property
     def downsample_factor(self) -> int:
+        if self.kind == "pixel_shuffle":
+            return self.factor
         return 2 ** (len(self.block_out_channels) - 1)
 
     def to_diffusers(self) -> dict[str, Any]:
-        return self.model_dump()
+        """AutoencoderKL constructor arguments (kind "kl" only)."""
+        return self.model_dump(exclude={"kind", "factor"})
 
     @classmethod
     def from_diffusers(cls, cfg: Mapping[str, Any]) -> "VAEConfig":
@@ -126,6 +141,11 @@ class ObjectEncoderConfig(_Cfg):
     dinov2: DinoV2Arch = DinoV2Arch()
     small_channels: tuple[int, ...] = (32, 64, 128)  # 'small' trainable CNN
     train_backbone: bool = False  # 'small' always trains; pretrained backbones stay frozen by default
+    # appearance tokens: a learned patch embedding of the object image on an appearance_grid^2 grid
+    # (appearance_patch px per cell), appended to the backbone's tokens. A frozen ImageNet
+    # backbone's 3 x 3 tokens keep little colour; these let the experts copy it. 0: none.
+    appearance_grid: int = Field(0, ge=0)
+    appearance_patch: int = Field(4, ge=1)
 
     @model_validator(mode="after")
     def _size(self):
@@ -169,6 +189,9 @@ class SchedulerConfig(_Cfg):
     clip_sample: bool = False
     set_alpha_to_one: bool = False
     steps_offset: int = 1
+    # where a sampler's few steps sit: "leading" (SD's) never starts at t = T - 1 (with 4 steps:
+    # 751, 501, 251, 1); "trailing" does (999, 749, 499, 249), as pure-noise inputs need
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
 
 
 class ObjectiveConfig(_Cfg):
@@ -183,6 +206,12 @@ class PICSConfig(_Cfg):
     preset: str = "custom"
     resolution: int = 512  # R: square training/inference resolution in pixels
     box_expand: float = Field(1.15, ge=1.0)  # inference box expansion: midpoint of training U[1.1, 1.2)
+    # The hint (masked background + mask), folded onto the latent grid (space-to-depth by the VAE
+    # factor), is also concatenated to the UNet's and ControlNet's input, as SD's inpainting UNet
+    # does with its masked latent. For a denoiser trained from scratch: the ControlNet reaches the
+    # UNet only through zero-initialised layers, and 600 CPU steps did not open them far enough
+    # for the background to be copied; this input path works from the first step.
+    hint_concat: bool = False
     vae: VAEConfig = VAEConfig()
     unet: UNetConfig = UNetConfig()
     controlnet: ControlNetConfig = ControlNetConfig()
@@ -199,11 +228,23 @@ class PICSConfig(_Cfg):
         if self.resolution % (f * 2 ** (len(self.unet.block_out_channels) - 1)):
             raise ValueError(f"resolution {self.resolution} must be divisible by the VAE factor {f} "
                              f"times the UNet downsampling {2 ** (len(self.unet.block_out_channels) - 1)}")
-        if len(self.controlnet.conditioning_embedding_out_channels) != len(self.vae.block_out_channels):
+        levels = f.bit_length()  # log2(f) + 1: the ControlNet hint embedding halves per extra entry
+        if f != 1 << (levels - 1):
+            raise ValueError(f"the VAE factor {f} must be a power of 2")
+        if len(self.controlnet.conditioning_embedding_out_channels) != levels:
             raise ValueError("controlnet.conditioning_embedding_out_channels needs one entry per VAE level "
-                             f"({len(self.vae.block_out_channels)}) so the hint lands on the latent grid")
-        if self.unet.in_channels != self.vae.latent_channels:
-            raise ValueError("unet.in_channels must equal vae.latent_channels")
+                             f"({levels}) so the hint lands on the latent grid")
+        lc = self.vae.latent_channels
+        need = lc + (self.controlnet.conditioning_channels * f * f if self.hint_concat else 0)
+        if self.unet.in_channels != need or self.unet.out_channels != lc:
+            raise ValueError(f"unet.in_channels must be {need} (vae.latent_channels"
+                             f"{' + the hint folded onto the latent grid' if self.hint_concat else ''}) and "
+                             f"unet.out_channels {lc}; got {self.unet.in_channels} and {self.unet.out_channels}")
+        if self.unet.block_out_channels[0] < lc:
+            # conv_out would read the latent off fewer features than it has channels: the
+            # denoiser could never remove the noise of the rest (the composites stay noisy)
+            raise ValueError(f"unet.block_out_channels[0]={self.unet.block_out_channels[0]} must be >= the "
+                             f"{lc} latent channels")
         vs, oe = self.shape_encoder.view_size, self.object_encoder
         if vs and oe.kind == "dinov2" and vs % oe.dinov2.patch_size:
             raise ValueError("shape_encoder.view_size must be a multiple of the DINOv2 patch size")
@@ -232,32 +273,44 @@ class PICSConfig(_Cfg):
 # ----------------------------------------------------------------------------------------------
 # presets
 
+# The tiny preset's former latent (model.latent=kl): a small AutoencoderKL, f = 4, 16 x 16 x 4
+# at 64 px, fitted on the run's training images by the train stage (about 20 dB held-out).
+TINY_KL_VAE = dict(kind="kl", down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                   block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, sample_size=64,
+                   latent_channels=4, scaling_factor=1.0)
+
 def _tiny() -> PICSConfig:
     return PICSConfig(
         preset="tiny",
         resolution=64,
-        vae=VAEConfig(
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(32, 64, 64),  # f = 4: 64 px -> 16 x 16 latents
-            layers_per_block=1,
-            norm_num_groups=16,
-            sample_size=64,
-            scaling_factor=1.0,
-        ),
+        # f = 4 space-to-depth: 64 px -> 16 x 16 x 48 latents, reconstructed exactly (a fitted tiny
+        # AutoencoderKL reached 20 dB without colours: the latent was the ceiling)
+        vae=VAEConfig(kind="pixel_shuffle", factor=4, latent_channels=48, sample_size=64, scaling_factor=1.0),
+        hint_concat=True,
         unet=UNetConfig(
             sample_size=16,
+            in_channels=48 + 4 * 16,  # latent + the 4-channel hint folded by f = 4
+            out_channels=48,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(32, 64),
+            # level 0 at least as wide as the 48 latent channels: at 32 the network could not pass
+            # 16 of them through (rank 32) and left their noise in every composite
+            block_out_channels=(48, 64),
             layers_per_block=1,
             attention_head_dim=4,  # 4 heads
             cross_attention_dim=64,
             norm_num_groups=8,
         ),
         controlnet=ControlNetConfig(conditioning_embedding_out_channels=(16, 32, 32)),
-        object_encoder=ObjectEncoderConfig(kind="mobilenetv2", image_size=96),
-        shape_encoder=ShapeEncoderConfig(hidden_dim=64, view_size=64),
+        object_encoder=ObjectEncoderConfig(kind="mobilenetv2", image_size=96, appearance_grid=6),
+        # prior views at 32 px: the shape descriptor uses only the pooled feature
+        shape_encoder=ShapeEncoderConfig(hidden_dim=64, view_size=32),
+        # trained from scratch: every timestep equally often (AnyDoor's low-t bias suits a pretrained
+        # SD; here the high-noise steps, where a composite's layout and colours are decided, need data)
+        objective=ObjectiveConfig(high_t_prob=1.0),
+        # few-step sampling from pure noise: 1 step from t = 999 left the box at half the error
+        # of 4 "leading" steps (latent MSE 0.46 vs 0.84, step-600 checkpoint)
+        scheduler=SchedulerConfig(timestep_spacing="trailing"),
     )
 
 
@@ -318,6 +371,12 @@ def config_from_model_params(params: Mapping[str, Any]) -> PICSConfig:
     for key in ("tau", "expert_mode", "max_objects", "stable_diffusion_path", "box_expand", "resolution"):
         if key in p:
             over[key] = p.pop(key)
+    latent = p.pop("latent", None)
+    if latent == "kl" and name == "tiny":
+        over["vae"] = TINY_KL_VAE
+        over["unet"] = {"in_channels": 4 + 4 * 16, "out_channels": 4}
+    elif latent == "pixel_shuffle" and name != "tiny":
+        raise ValueError(f"model.latent=pixel_shuffle is the tiny preset's; {name} keeps its AutoencoderKL")
     if "use_shape_prior" in p:
         over["shape_encoder"] = {"enabled": bool(p.pop("use_shape_prior"))}
     if "cond_drop_prob" in p:

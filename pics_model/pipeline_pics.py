@@ -116,7 +116,7 @@ class PICSPipeline:
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
         lat = cfg.latent_size
-        latents = torch.randn((1, cfg.unet.in_channels, lat, lat), generator=generator,
+        latents = torch.randn((1, cfg.vae.latent_channels, lat, lat), generator=generator,
                               device=generator.device, dtype=torch.float32).to(dev, dt)
         sched = self.scheduler
         sched.set_timesteps(num_inference_steps, device=dev)

@@ -105,6 +105,9 @@ class ModelParams(Section):
     dinov2_path: str | None = None  # local DINOv2 weights (sd15/sd21)
     # None: the preset's own (tiny: mobilenetv2; sd15/sd21: dinov2)
     object_encoder: Literal["mobilenetv2", "dinov2", "small"] | None = None
+    # tiny preset's latent. pixel_shuffle: exact space-to-depth (f=4, 48 channels, no fitting);
+    # kl: a small AutoencoderKL fitted on the training images (train.autoencoder_*), the former default
+    latent: Literal["pixel_shuffle", "kl"] | None = None
     use_shape_prior: bool = True
     tau: float = Field(0.5, gt=0.0)
     expert_mode: Literal["sparse", "dense", "reference"] = "sparse"
@@ -114,7 +117,7 @@ class ModelParams(Section):
 
 class TrainParams(Section):
     out: str = "data/train"
-    steps: int = Field(300, ge=1)
+    steps: int = Field(600, ge=1)
     batch_size: int = Field(8, ge=1)  # global: split evenly over num_workers
     lr: float = Field(1e-4, gt=0.0)
     seed: int = 0
@@ -132,7 +135,7 @@ class TrainParams(Section):
     grad_clip: float = Field(1.0, gt=0.0)
     trainable: str = "reference"  # PICSModel.set_trainable spec: the design notes' trained set
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    mask_weight: float = Field(0.0, ge=0.0)  # extra loss weight inside the object boxes
+    mask_weight: float = Field(1.0, ge=0.0)  # extra loss weight inside the object boxes
     ema_decay: float | None = Field(0.999, gt=0.0, lt=1.0)  # None: no EMA
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on GPU only
     grad_checkpointing: bool = False
@@ -143,7 +146,7 @@ class TrainParams(Section):
     loader_workers: int = Field(0, ge=0)  # torch DataLoader processes per worker
     feature_cache: bool = True  # reuse frozen VAE (and, without augmentation, object) features by input hash
     feature_cache_mb: float = Field(1024.0, gt=0.0)  # per worker, CPU memory
-    # the tiny preset's autoencoder is fitted on the training images before PICS training
+    # a tiny KL autoencoder (model.latent=kl) is fitted on the training images before PICS training
     autoencoder_steps: int = Field(200, ge=0)
     autoencoder_lr: float = Field(2e-3, gt=0.0)
     autoencoder_batch: int = Field(4, ge=1)

@@ -1,16 +1,16 @@
-"""The tiny preset's autoencoder fit: the posterior starts near-deterministic and the fit runs."""
+"""The tiny KL autoencoder's fit (model.latent=kl): the posterior starts near-deterministic and the fit runs."""
 import math
 
 import torch
 
-from pics_model.config import get_preset
-from pics_model.modeling_pics import PICSModel
+from pics_model.config import TINY_KL_VAE, VAEConfig
+from pics_model.modeling_pics import build_vae
 from tasks.train.autoencoder import fit_autoencoder, posterior_std, set_posterior_logvar
 
 
 def _vae():
     torch.manual_seed(0)
-    return PICSModel(get_preset("tiny")).vae
+    return build_vae(VAEConfig(**TINY_KL_VAE))
 
 
 def test_set_posterior_logvar_fixes_the_posterior_std():

@@ -71,7 +71,14 @@ def test_config_overrides_and_params_mapping():
 
 
 def test_timestep_schedule(tiny):
-    t = tiny.sample_timesteps(40000, torch.Generator().manual_seed(0), "cpu")
+    uniform = tiny.sample_timesteps(40000, torch.Generator().manual_seed(0), "cpu")
+    assert abs((uniform >= 500).float().mean().item() - 0.5) < 0.01  # tiny trains from scratch: U[0,1000)
+    objective = tiny.config.objective
+    tiny.config.objective = objective.model_copy(update={"high_t_prob": 0.3})  # AnyDoor's, the SD presets'
+    try:
+        t = tiny.sample_timesteps(40000, torch.Generator().manual_seed(0), "cpu")
+    finally:
+        tiny.config.objective = objective
     assert t.min() >= 0 and t.max() <= 999
     high = (t >= 500).float().mean().item()
     assert abs(high - 0.3 * 0.5) < 0.01  # 30% from U[0,1000): half of those land in [500,1000)
@@ -84,8 +91,9 @@ def test_training_loss_and_gradient_reach(tiny, batch):
     assert not any(n.startswith("vae.") for n in trainable)
     assert not any(n.startswith("unet.down_blocks") and ".gate" not in n and ".back_" not in n for n in trainable)
     assert any(n.startswith("unet.up_blocks") for n in trainable)
-    assert {n for n in trainable if n.startswith("object_encoder")} == {"object_encoder.projector.weight",
-                                                                       "object_encoder.projector.bias"}
+    assert {n for n in trainable if n.startswith("object_encoder")} == {
+        "object_encoder.projector.weight", "object_encoder.projector.bias", "object_encoder.appearance.weight",
+        "object_encoder.appearance.bias", "object_encoder.appearance_pos"}
     itb_params = [p for blk in tiny.itb_blocks() for p in blk.parameters() if p.requires_grad]
     assert all(p.requires_grad for blk in tiny.itb_blocks() for p in blk.new_parameters())
     state = {k: v.clone() for k, v in tiny.state_dict().items()}
@@ -146,7 +154,7 @@ def test_save_load_round_trip(tiny, batch, tmp_path):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     with torch.no_grad():
         codes = tiny.encode_objects(batch["objects"])
-        args = (torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), batch["hint"], codes,
+        args = (torch.randn(2, tiny.config.vae.latent_channels, 16, 16), torch.tensor([10, 700]), batch["hint"], codes,
                 batch["routing_masks"], batch["object_valid"])
         assert torch.equal(tiny(*args), loaded(*args))
     with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
@@ -188,7 +196,9 @@ def test_gradient_checkpointing_passes_routing_through(tiny, batch):
 def test_loads_a_local_diffusers_stable_diffusion_folder(tmp_path):
     """unet/ vae/ scheduler/ in diffusers format (written here offline, tiny layout)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    cfg = get_preset("tiny")
+    from pics_model.config import TINY_KL_VAE
+    kl = {"vae": TINY_KL_VAE, "unet": {"in_channels": 4, "out_channels": 4}, "hint_concat": False}  # as SD folders
+    cfg = get_preset("tiny", **kl)
     torch.manual_seed(3)
     unet = UNet2DConditionModel(**cfg.unet.to_diffusers())
     vae = AutoencoderKL(**{**cfg.vae.to_diffusers(), "scaling_factor": 0.5})
@@ -196,7 +206,7 @@ def test_loads_a_local_diffusers_stable_diffusion_folder(tmp_path):
     vae.save_pretrained(tmp_path / "sd" / "vae")
     DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.001, beta_end=0.02).save_pretrained(
         tmp_path / "sd" / "scheduler")
-    m = PICSModel(get_preset("tiny", stable_diffusion_path=str(tmp_path / "sd")))
+    m = PICSModel(get_preset("tiny", stable_diffusion_path=str(tmp_path / "sd"), **kl))
     ref = unet.state_dict()
     ours = m.unet.state_dict()
     assert all(torch.equal(ours[k], v) for k, v in ref.items())  # ITBs adopted the pretrained weights
@@ -207,4 +217,4 @@ def test_loads_a_local_diffusers_stable_diffusion_folder(tmp_path):
         from pics_model.config import UNetConfig
         UNetConfig.from_diffusers(odd)
     with pytest.raises(FileNotFoundError, match="not a diffusers Stable Diffusion folder"):
-        PICSModel(get_preset("tiny", stable_diffusion_path=str(tmp_path)))
+        PICSModel(get_preset("tiny", stable_diffusion_path=str(tmp_path), **kl))

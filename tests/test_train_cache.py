@@ -42,5 +42,5 @@ def test_cache_matches_uncached_and_hits():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     vae, obj = caches["vae"].stats(), caches["objects"].stats()
     assert vae["misses"] == 2 and vae["hits"] == 2  # second pass over the same two targets
-    assert obj["hits"] > 0 and obj["entries"] <= 4  # two distinct patches per sample, plus the zero image
+    assert obj["hits"] > 0 and obj["entries"] <= 5  # two distinct patches per sample, plus the zero image
     assert ref[0] != ref[1]  # the step's own noise still differs per generator

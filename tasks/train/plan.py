@@ -97,6 +97,9 @@ def plan_run(params: Params) -> RunPlan:
     mixed = t.mixed_precision if t.mixed_precision != "auto" else ("bf16" if t.use_gpu else "no")
     identity = {
         "model": m.model_dump(),
+        # the resolved network config too: a changed preset (pics_model/config.py) is a new run,
+        # not a finished one to reuse
+        "model_config": json.loads(cfg.to_json()),
         "train": {k: v for k, v in t.model_dump().items() if k not in OPERATIONAL_KEYS},
         "mixed_precision": mixed,
         "strategy": strategy,

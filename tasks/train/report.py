@@ -124,6 +124,7 @@ def write_outputs(out: Path, run_dir: Path, checkpoint_dir: Path, init_info: dic
         "quarantined_samples": len(h.get("quarantine", [])),
         "autoencoder_psnr_before": ae.get("psnr_before") if isinstance(ae, dict) else None,
         "autoencoder_psnr_after": ae.get("psnr_after") if isinstance(ae, dict) else None,
+        "autoencoder_psnr_heldout": ae.get("psnr_after") if isinstance(ae, dict) else None,
         "autoencoder_posterior_std": ae.get("posterior_std") if isinstance(ae, dict) else None,
         "ranks_identical": len(set(h.get("rank_digests") or [])) == 1 if h.get("rank_digests") else None,
         **extra,

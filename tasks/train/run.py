@@ -53,7 +53,9 @@ def prepare_init(plan: RunPlan, log=print) -> dict:
     t = plan.params.train
     model = build_model(plan)
     info: dict = {"preset": plan.params.model.preset, "autoencoder": None}
-    if plan.params.model.preset == "tiny" and t.autoencoder_steps > 0:
+    if model.config.vae.kind == "pixel_shuffle":
+        info["autoencoder"] = exact_autoencoder_info(plan, model, log)
+    elif plan.params.model.preset == "tiny" and t.autoencoder_steps > 0:
         train_x = _targets(plan, "train")
         test_x = _targets(plan, "test", limit=64)
         if len(test_x) == 0:  # no test split: measure on training images and say so
@@ -73,6 +75,24 @@ def prepare_init(plan: RunPlan, log=print) -> dict:
         model.save_pretrained(tmp)
     atomic.write_json(info_path, info)
     return info
+
+
+def exact_autoencoder_info(plan: RunPlan, model, log=print) -> dict:
+    """The invertible latent needs no fitting: calibrate its scale and measure its held-out PSNR
+    (reconstruction_psnr floors the error at 1e-10, so an exact round trip reads 100 dB)."""
+    from tasks.train.autoencoder import posterior_std, reconstruction_psnr
+
+    train_x = _targets(plan, "train", limit=256)
+    test_x = _targets(plan, "test", limit=64)
+    if len(test_x) == 0:
+        test_x = train_x[:64]
+    model.calibrate_vae_scaling(train_x)
+    psnr = reconstruction_psnr(model.vae, test_x)
+    log(f"[train] {model.config.vae.kind} latent (f={model.config.vae.factor}): held-out PSNR {psnr:.1f} dB, "
+        f"scaling factor {model.config.vae.scaling_factor:.3f}")
+    return {"kind": model.config.vae.kind, "psnr_before": psnr, "psnr_after": psnr,
+            "posterior_std": posterior_std(model.vae, test_x), "steps": 0,
+            "heldout_images": len(test_x), "scaling_factor": float(model.config.vae.scaling_factor)}
 
 
 def peak_flops_per_worker(plan: RunPlan) -> tuple[float, str]:
