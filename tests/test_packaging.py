@@ -60,7 +60,7 @@ def test_installed_pics_reads_params_from_the_working_folder(repo_copy, tmp_path
     project = tmp_path / "project"
     project.mkdir()
     shutil.copy(repo_copy / "params.yaml", project)
-    res = subprocess.run(pics, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(pics, cwd=project, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (project / "data/sample/annotations.json").is_file()
     assert _files(site) == installed
