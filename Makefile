@@ -1,20 +1,35 @@
 # The two set-up commands: `make run` (the whole pipeline on the embedded default) and `make test`.
 # Both create .venv from requirements.lock first (pinned, no resolution: pyrender's PyOpenGL pin
 # conflicts with the PyOpenGL that OSMesa needs, so the lock is installed with --no-deps).
+# The Debian packages the project needs are in system-packages.txt (`make system-packages`, as root).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+SYSTEM_PACKAGES := $(shell sed 's/\#.*//' system-packages.txt)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: venv run run-long test test-fast bench clean-data
+.PHONY: venv run run-long test test-fast bench clean-data system-packages check-system-packages
 
-$(VENV)/.installed: requirements.lock pyproject.toml
+$(VENV)/.installed: requirements.lock pyproject.toml system-packages.txt
+	@$(MAKE) -s check-system-packages
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --no-deps -r requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.installed
+
+system-packages:
+	apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES)
+
+# Where dpkg is (Debian, Ubuntu): name every missing package before anything is built.
+check-system-packages:
+	@command -v dpkg-query >/dev/null || exit 0; missing=""; \
+	for p in $(SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f '$${db:Status-Status}' $$p 2>/dev/null | grep -qx installed || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "missing Debian packages:$$missing; as root: apt-get update && make system-packages" >&2; exit 1; fi
 
 run: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro

@@ -15,7 +15,8 @@ import flows  # noqa: F401  (sets the offline environment before Prefect is impo
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 SetOpt = typer.Option(None, "--set", help="Override a parameter: section.key=value (repeatable).")
-ParamsOpt = typer.Option(None, "--params", help="params.yaml to read (default: the repository's).")
+ParamsOpt = typer.Option(None, "--params", help="params.yaml to read (default: the checkout's; for an "
+                                                "installed pics, the working folder's).")
 
 
 def _overrides(section: str, named: dict, extra: Optional[list[str]]) -> list[str]:
@@ -23,6 +24,13 @@ def _overrides(section: str, named: dict, extra: Optional[list[str]]) -> list[st
     named = {k: (v.resolve() if isinstance(v, Path) else v) for k, v in named.items()}
     out = [f"{section}.{k}={v}" for k, v in named.items() if v is not None]
     return out + list(extra or [])
+
+
+def _params_file(params: Optional[Path]) -> str:
+    """--params, else the project's params.yaml: a missing one fails here, before a flow starts."""
+    from tasks.params import default_params_file
+
+    return str(params or default_params_file())
 
 
 def _fail(e: Exception) -> None:
@@ -43,7 +51,7 @@ def make_sample(
 
     try:
         make_sample_flow(overrides=_overrides("make_sample", {"out": out, "num_images": num_images}, set_),
-                         params_file=str(params) if params else None)
+                         params_file=_params_file(params))
     except ParamsError as e:
         _fail(e)
 
@@ -63,7 +71,7 @@ def decompose(
 
     named = {"annotations": annotations, "images": images, "out": out}
     try:
-        decompose_flow(overrides=_overrides("decompose", named, set_), params_file=str(params) if params else None)
+        decompose_flow(overrides=_overrides("decompose", named, set_), params_file=_params_file(params))
     except (ParamsError, InputError) as e:
         _fail(e)
 
@@ -94,7 +102,7 @@ def import_webdataset(
 
     try:
         import_webdataset_flow(tars=[str(t) for t in tars], out=str(out), overrides=list(set_ or []),
-                               params_file=str(params) if params else None)
+                               params_file=_params_file(params))
     except ParamsError as e:
         _fail(e)
 
@@ -112,7 +120,7 @@ def render_priors(
 
     try:
         render_priors_flow(overrides=_overrides("render_priors", {"samples": samples, "out": out}, set_),
-                           params_file=str(params) if params else None)
+                           params_file=_params_file(params))
     except ParamsError as e:
         _fail(e)
 
@@ -124,7 +132,7 @@ def train(set_: Optional[list[str]] = SetOpt, params: Optional[Path] = ParamsOpt
     from tasks.params import ParamsError
 
     try:
-        train_flow(overrides=list(set_ or []), params_file=str(params) if params else None)
+        train_flow(overrides=list(set_ or []), params_file=_params_file(params))
     except ParamsError as e:
         _fail(e)
 
@@ -136,7 +144,7 @@ def evaluate(set_: Optional[list[str]] = SetOpt, params: Optional[Path] = Params
     from tasks.params import ParamsError
 
     try:
-        evaluate_flow(overrides=list(set_ or []), params_file=str(params) if params else None)
+        evaluate_flow(overrides=list(set_ or []), params_file=_params_file(params))
     except ParamsError as e:
         _fail(e)
 

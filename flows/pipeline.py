@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 import flows  # noqa: F401
-from tasks.params import REPO_ROOT, load_params
+from tasks.params import load_params, project_root
 
 _EXP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -93,11 +93,11 @@ def pipeline_flow(
     overrides: dotted params.yaml keys and their values, e.g. {"train.steps": 50, "ray.address": "auto"};
         validated against the schema before DVC starts.
     experiment_name: the DVC experiment's name (default: pipeline-<flow run id>).
-    repo: the DVC repository (default: this checkout).
+    repo: the DVC repository (default: this checkout, or the working folder for an installed pics).
     temp: run in DVC's temporary workspace so the checkout's params.yaml is left alone.
     """
     logger = get_run_logger()
-    repo_path = Path(repo).resolve() if repo else REPO_ROOT
+    repo_path = Path(repo).resolve() if repo else project_root()
     sets = override_strings(overrides)
     load_params(repo_path / "params.yaml", sets)  # a bad key fails here, before any stage runs
 

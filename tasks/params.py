@@ -14,8 +14,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout; site-packages for an installed pics
+
+
+def project_root() -> Path:
+    """The folder that holds params.yaml and that its relative paths (data/...) start from: the
+    checkout this code runs from (editable install, ``python -m``, dvc.yaml), else, for an
+    installed (non-editable) pics, the working folder, so nothing is read or written in site-packages."""
+    return REPO_ROOT if (REPO_ROOT / "params.yaml").is_file() else Path.cwd()
 
 
 class Section(BaseModel):
@@ -239,9 +245,19 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
+def default_params_file() -> Path:
+    """The project's params.yaml; ParamsError when there is none (an installed pics run outside a project)."""
+    path = project_root() / "params.yaml"
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found. An installed pics reads params.yaml from the working "
+                          "folder: run it in a project folder that has one, or pass --params FILE")
+    return path
+
+
 def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
-    """Read params.yaml (or ``path``), apply ``key=value`` overrides, validate everything."""
-    path = Path(path) if path else DEFAULT_PARAMS
+    """Read ``path`` (default: the project's params.yaml), apply ``key=value`` overrides, validate
+    everything. A ``path`` that does not exist gives the schema's defaults; a missing default is an error."""
+    path = Path(path) if path else default_params_file()
     if path.exists():
         try:
             data = yaml.safe_load(path.read_text()) or {}
@@ -258,7 +274,7 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
         raise ParamsError(_format_errors(e, str(path))) from None
 
 
-def resolve_path(p: str | Path, root: Path = REPO_ROOT) -> Path:
-    """Paths in params.yaml are relative to the repository root."""
+def resolve_path(p: str | Path, root: Path | None = None) -> Path:
+    """Paths in params.yaml are relative to the project root (see :func:`project_root`)."""
     p = Path(p).expanduser()
-    return p if p.is_absolute() else root / p
+    return p if p.is_absolute() else (root or project_root()) / p

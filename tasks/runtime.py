@@ -9,11 +9,11 @@ import os
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tasks.params import project_root
 
 
 def configure_environment(root: Path | None = None) -> None:
-    root = Path(root or REPO_ROOT)
+    root = Path(root or project_root())
     defaults = {
         # Prefect: project-local home, no telemetry, patient start-up of the temporary server.
         "PREFECT_HOME": str(root / ".prefect"),

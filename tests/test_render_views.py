@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,6 +147,26 @@ def test_osmesa_renders_like_egl(shared_data, tmp_path):
         sils[platform] = np.load(out)
     for k in range(6):
         assert iou(sils["egl"][k], sils["osmesa"][k]) > 0.99
+
+
+MISSING_OSMESA_SCRIPT = textwrap.dedent("""
+    from pics_model.geometry import MultiViewRenderer, RendererError, gl
+    gl.OSMESA_LIBRARY = "OSMesaNotInstalled"  # hides libOSMesa whether or not this machine has it
+    try:
+        MultiViewRenderer(platform="osmesa")
+    except RendererError as e:
+        print("RendererError:", e)
+""")
+
+
+def test_missing_osmesa_library_is_a_renderer_error():
+    """PyOpenGL binds OSMesa without its library and fails later with an AttributeError; the
+    renderer must say what is missing instead (and so the OSMesa test above skips)."""
+    res = subprocess.run([sys.executable, "-c", MISSING_OSMESA_SCRIPT], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1], env={"PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("RendererError: OSMesa unavailable: libOSMesaNotInstalled.so not found")
+    assert "apt-get install libosmesa6" in res.stdout
 
 
 def test_renderer_survives_another_pyrender_renderer_being_deleted(renderer):

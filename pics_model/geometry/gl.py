@@ -7,6 +7,7 @@ not a silent fallback. Ray workers that need a different platform get it via ``r
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 
@@ -15,11 +16,16 @@ import numpy as np
 from .errors import RendererError
 
 PLATFORMS = ("egl", "osmesa")
+# The library PyOpenGL's OSMesa platform loads (libOSMesa.so or .so.N, Debian's libosmesa6). When it
+# is missing, PyOpenGL does not raise: its platform's GL is None and `import OpenGL.GL` later fails
+# with an AttributeError. A module attribute so that a test can name a library that does not exist.
+OSMESA_LIBRARY = "OSMesa"
 
 
 def bound_platform() -> str | None:
-    """The platform OpenGL is already bound to in this process, or None if not imported yet."""
-    if "OpenGL.GL" not in sys.modules:
+    """The platform OpenGL is already bound to in this process, or None if not bound yet
+    (PyOpenGL binds when ``OpenGL.platform`` is first imported)."""
+    if "OpenGL.platform" not in sys.modules:
         return None
     return os.environ.get("PYOPENGL_PLATFORM") or "default"
 
@@ -39,12 +45,22 @@ def import_pyrender(platform: str = "egl"):
     if not hasattr(np, "infty"):
         np.infty = np.inf
     if platform == "osmesa":
-        try:
-            from OpenGL import osmesa  # noqa: F401
-        except Exception as e:  # missing libOSMesa.so or PyOpenGL < 3.1.5
-            raise RendererError(
-                f"OSMesa unavailable ({type(e).__name__}: {e}); it needs `apt-get install libosmesa6` "
-                "and PyOpenGL>=3.1.10 (pip install PyOpenGL==3.1.10 after pyrender)") from e
+        require_osmesa()
     import pyrender
 
     return pyrender
+
+
+def require_osmesa() -> None:
+    """Raise RendererError unless libOSMesa loads and PyOpenGL has its OSMesa bindings."""
+    from OpenGL.platform import ctypesloader
+
+    # PyOpenGL's own loader and name, so this finds exactly what its OSMesa platform would.
+    if ctypesloader.loadLibrary(ctypes.cdll, OSMESA_LIBRARY, mode=ctypes.RTLD_GLOBAL) is None:
+        raise RendererError(f"OSMesa unavailable: lib{OSMESA_LIBRARY}.so not found; it needs "
+                            "`apt-get install libosmesa6` (or use render_priors.platform: egl)")
+    try:
+        from OpenGL import osmesa  # noqa: F401
+    except Exception as e:  # PyOpenGL < 3.1.5 has no OSMesa bindings
+        raise RendererError(f"OSMesa unavailable ({type(e).__name__}: {e}); it needs PyOpenGL>=3.1.10 "
+                            "(pip install PyOpenGL==3.1.10 after pyrender)") from e
