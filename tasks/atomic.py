@@ -32,6 +32,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        # a failed write(2) (e.g. disk full) names no file, a failed open the temporary one: name the real one
+        if e.filename is None or e.filename == str(tmp):
+            e.filename = str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
