@@ -35,7 +35,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def params_file(tmp_path) -> Path:
     """A small params file of our own (the repository's may be mid-edit by another stage)."""
     f = tmp_path / "params.yaml"
-    f.write_text("make_sample:\n  num_images: 2\n  chunk_size: 2\n  num_workers: 1\n"
+    f.write_text("make_sample:\n  num_images: 2\n  width: 96\n  height: 72\n  chunk_size: 2\n  num_workers: 1\n"
                  "decompose:\n  grid_samples: 0\n  shard_size: 4\n")
     return f
 
