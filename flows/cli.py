@@ -53,7 +53,7 @@ def _user_errors(*errors: type[Exception]):
     except OSError as e:
         if e.errno not in _WRITE_ERRNOS:
             raise
-        _fail(f"cannot write {e.filename or 'the output'}: {e.strerror}")
+        _fail(f"{e.filename or 'an output file'}: {e.strerror}")
 
 
 @app.command("make-sample")

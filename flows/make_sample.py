@@ -103,7 +103,12 @@ def main(argv: list[str] | None = None) -> dict:
                     help="override a parameter, e.g. make_sample.num_images=20 (repeatable)")
     ap.add_argument("--params", default=None, help="params.yaml to read (default: the repository's)")
     args = ap.parse_args(argv)
-    return make_sample_flow(overrides=args.overrides, params_file=args.params)
+    from tasks.params import ParamsError
+
+    try:
+        return make_sample_flow(overrides=args.overrides, params_file=args.params)
+    except ParamsError as e:  # bad params, or an output folder that is not make_sample's
+        raise SystemExit(f"make_sample: {e}") from None
 
 
 if __name__ == "__main__":

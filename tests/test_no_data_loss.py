@@ -188,4 +188,12 @@ def test_unwritable_output_is_one_line(tmp_path, decomposed, options, cause):
         r = pics("show-samples", decomposed, "--out", target, "--n", "4")
         assert r.exit_code == 2, r.output
         assert r.exception is None or isinstance(r.exception, SystemExit)
-        assert r.output.strip() == f"cannot write {target}: {cause}"
+        assert r.output.strip() == f"{target}: {cause}"
+
+
+@pytest.mark.slow
+def test_read_only_output_of_a_flow_is_one_line(prefect_harness, tmp_path, params_file):
+    with tmpfs(tmp_path / "mnt", "ro,size=64k") as mnt:
+        r = pics("make-sample", "--out", mnt / "sample", "--params", params_file)
+        assert r.exit_code == 2, r.output
+        assert r.output.strip().splitlines()[-1] == f"{mnt / 'sample'}: Read-only file system"
