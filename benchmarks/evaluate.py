@@ -72,7 +72,9 @@ def plan_for(samples: Path, ckpt: Path, out: Path, n: int, steps: int, actors: i
             f"evaluate.out={out}", f"evaluate.steps={steps}", f"evaluate.max_samples={n}", "evaluate.priors=null",
             "evaluate.batch_size=1", f"evaluate.num_actors={actors}", "evaluate.device=cpu",
             f"evaluate.methods=[{','.join(methods)}]", f"ray.num_cpus={os.cpu_count()}"]
-    return stage.make_plan(load_params(out.parent / "no-params.yaml", over))
+    schema_defaults = out.parent / "empty-params.yaml"
+    schema_defaults.write_text("")
+    return stage.make_plan(load_params(schema_defaults, over))
 
 
 def timed(fn):

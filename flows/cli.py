@@ -5,6 +5,8 @@ Imports of the flows are lazy so that ``pics --help`` stays fast.
 """
 from __future__ import annotations
 
+import errno
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -15,13 +17,16 @@ import flows  # noqa: F401  (sets the offline environment before Prefect is impo
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 SetOpt = typer.Option(None, "--set", help="Override a parameter: section.key=value (repeatable).")
-ParamsOpt = typer.Option(None, "--params", help="params.yaml to read (default: the checkout's; for an "
-                                                "installed pics, the working folder's).")
+ParamsOpt = typer.Option(None, "--params", exists=True, dir_okay=False,
+                         help="params.yaml to read (default: the checkout's; for an installed pics, the working folder's).")
 
 
 def _overrides(section: str, named: dict, extra: Optional[list[str]]) -> list[str]:
-    # Paths typed on the command line are relative to the current folder, not the repository.
-    named = {k: (v.resolve() if isinstance(v, Path) else v) for k, v in named.items()}
+    from tasks.params import quote_value
+
+    # Paths typed on the command line are relative to the current folder, not the repository, and
+    # are strings whatever they hold: quoted, so the YAML that reads overrides keeps them whole.
+    named = {k: (quote_value(v.resolve()) if isinstance(v, Path) else v) for k, v in named.items()}
     out = [f"{section}.{k}={v}" for k, v in named.items() if v is not None]
     return out + list(extra or [])
 
@@ -33,9 +38,29 @@ def _params_file(params: Optional[Path]) -> str:
     return str(params or default_params_file())
 
 
-def _fail(e: Exception) -> None:
+def _fail(e: object) -> None:
     typer.secho(str(e), fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+# Causes of a failed write that the person running the command can fix: one line, no traceback.
+_WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+@contextmanager
+def _user_errors(*errors: type[Exception]):
+    """Bad parameters or inputs (``errors``), and an output that cannot be written (read-only, no
+    permission, disk full), end the command with one red line and exit code 2."""
+    from tasks.params import ParamsError
+
+    try:
+        yield
+    except (ParamsError, *errors) as e:
+        _fail(e)
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        _fail(f"{e.filename or 'an output file'}: {e.strerror}")
 
 
 @app.command("make-sample")
@@ -47,13 +72,10 @@ def make_sample(
 ):
     """Render the embedded LVIS-format dataset (objects that occlude and touch)."""
     from flows.make_sample import make_sample_flow
-    from tasks.params import ParamsError
 
-    try:
+    with _user_errors():
         make_sample_flow(overrides=_overrides("make_sample", {"out": out, "num_images": num_images}, set_),
                          params_file=_params_file(params))
-    except ParamsError as e:
-        _fail(e)
 
 
 @app.command()
@@ -67,13 +89,10 @@ def decompose(
     """Mine interacting object groups and write training shards."""
     from flows.decompose import decompose_flow
     from tasks.decompose.inputs import InputError
-    from tasks.params import ParamsError
 
     named = {"annotations": annotations, "images": images, "out": out}
-    try:
+    with _user_errors(InputError):
         decompose_flow(overrides=_overrides("decompose", named, set_), params_file=_params_file(params))
-    except (ParamsError, InputError) as e:
-        _fail(e)
 
 
 @app.command("show-samples")
@@ -84,8 +103,12 @@ def show_samples(
 ):
     """Draw a grid of decomposed samples: target, masked background, patches, region masks."""
     from tasks.decompose.visualize import write_sample_grid
+    from tasks.shards import list_shards
 
-    path = write_sample_grid(samples, out, n=n)
+    if not list_shards(samples):  # also keeps a mistyped folder from being created by the write
+        _fail(f"{samples}: no sample shards (shard-*.parquet) there; give a decompose output folder")
+    with _user_errors():
+        path = write_sample_grid(samples, out, n=n)
     typer.echo(str(path))
 
 
@@ -98,13 +121,11 @@ def import_webdataset(
 ):
     """Import the reference implementation's tar shards (bg.jpg, obj0.png, mask0.png, ...)."""
     from flows.decompose import import_webdataset_flow
-    from tasks.params import ParamsError
+    from tasks.decompose.inputs import InputError
 
-    try:
+    with _user_errors(InputError):
         import_webdataset_flow(tars=[str(t) for t in tars], out=str(out), overrides=list(set_ or []),
                                params_file=_params_file(params))
-    except ParamsError as e:
-        _fail(e)
 
 
 @app.command("render-priors")
@@ -116,37 +137,28 @@ def render_priors(
 ):
     """Reconstruct each object in 3D and render K views (multi-view shape priors)."""
     from flows.render_priors import render_priors_flow
-    from tasks.params import ParamsError
 
-    try:
+    with _user_errors():
         render_priors_flow(overrides=_overrides("render_priors", {"samples": samples, "out": out}, set_),
                            params_file=_params_file(params))
-    except ParamsError as e:
-        _fail(e)
 
 
 @app.command()
 def train(set_: Optional[list[str]] = SetOpt, params: Optional[Path] = ParamsOpt):
     """Train the PICS model with Ray Train."""
     from flows.train import train_flow
-    from tasks.params import ParamsError
 
-    try:
+    with _user_errors():
         train_flow(overrides=list(set_ or []), params_file=_params_file(params))
-    except ParamsError as e:
-        _fail(e)
 
 
 @app.command()
 def evaluate(set_: Optional[list[str]] = SetOpt, params: Optional[Path] = ParamsOpt):
     """Evaluate a checkpoint on the test split: metrics, baselines, report."""
     from flows.evaluate import evaluate_flow
-    from tasks.params import ParamsError
 
-    try:
+    with _user_errors():
         evaluate_flow(overrides=list(set_ or []), params_file=_params_file(params))
-    except ParamsError as e:
-        _fail(e)
 
 
 @app.command()
@@ -198,15 +210,12 @@ def composite(
 ):
     """Composite objects into a background with a trained checkpoint."""
     from flows.composite import CompositeInputError, composite_cli
-    from tasks.params import ParamsError
 
-    try:
+    with _user_errors(CompositeInputError):
         path = composite_cli(str(background) if background else None, object_, str(checkpoint), str(out),
                              steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, device=device,
                              threads=threads, params_file=str(params) if params else None,
                              sample_dir=str(sample_dir) if sample_dir else None)
-    except (CompositeInputError, ParamsError) as e:
-        _fail(e)
     typer.echo(str(path))
 
 

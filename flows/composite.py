@@ -249,7 +249,7 @@ def composite_cli(background: str | None, objects: list[str] | None, checkpoint:
                   threads: int | None = None, sample_dir: str | None = None) -> Path:
     """The command: unset options default to the ``evaluate:`` section of params.yaml, so a CLI
     composite matches what the evaluation measured. `sample_dir` replaces background/objects."""
-    from tasks.params import load_params
+    from tasks.params import Params, load_params, project_root
 
     if sample_dir is not None:
         if background is not None or objects:
@@ -259,7 +259,10 @@ def composite_cli(background: str | None, objects: list[str] | None, checkpoint:
         raise CompositeInputError("give --background and at least one --object, or --sample-dir")
     else:
         specs = [parse_object(o) for o in objects]
-    p = load_params(params_file).evaluate
+    if params_file is None and not (project_root() / "params.yaml").is_file():
+        p = Params.model_validate({}).evaluate  # an installed pics outside a project: the schema's defaults
+    else:
+        p = load_params(params_file).evaluate
     composite(background, specs, checkpoint,
               steps=p.steps if steps is None else steps, guidance=p.guidance if guidance is None else guidance,
               scheduler=scheduler or p.scheduler, seed=p.seed if seed is None else seed, device=device, out=out,

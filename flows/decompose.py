@@ -140,6 +140,7 @@ def import_webdataset_flow(tars: list[str], out: str, overrides: list[str] | Non
     params = load_params(params_file, overrides)
     p = params.decompose.model_dump()
     out_path = Path(out)
+    webdataset.check_tars(tars)
     webdataset.clear_output(out_path)
     tar_task = task(name="import-tar", task_run_name="import-{index}", **_TASK)(webdataset.import_tar)
     futures = [tar_task.submit(str(t), str(out_path), i, p) for i, t in enumerate(sorted(tars))]

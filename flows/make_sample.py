@@ -22,8 +22,10 @@ from tasks import atomic
 from tasks.make_sample import dataset
 from tasks.params import MakeSampleParams, load_params, resolve_path
 from tasks.runtime import init_ray
+from tasks.shards import check_output_owner, mark_output
 
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
+STAGE = "make_sample"
 
 
 @task(name="make-sample-chunk", task_run_name="make-sample-{first}-{last}", **_TASK)
@@ -67,8 +69,11 @@ def make_sample_flow(overrides: list[str] | None = None, params_file: str | None
     logger = get_run_logger()
     logger.info("rendering %d images %dx%d, %d-%d objects each, seed %d -> %s", p.num_images, p.width, p.height,
                 p.min_objects, p.max_objects, p.seed, out)
+    # the rename below replaces the whole folder: only a folder of make_sample's own may go
+    check_output_owner(out, STAGE, {dataset.IMAGES, dataset.ANNOTATIONS})
     t0 = time.perf_counter()
     with atomic.atomic_dir(out) as tmp:
+        mark_output(tmp, STAGE)
         results = _render(p, tmp / dataset.IMAGES, params.ray, logger)
         lvis = dataset.assemble(p, results)
         atomic.write_bytes(tmp / dataset.ANNOTATIONS, dataset.dumps(lvis))
@@ -98,7 +103,12 @@ def main(argv: list[str] | None = None) -> dict:
                     help="override a parameter, e.g. make_sample.num_images=20 (repeatable)")
     ap.add_argument("--params", default=None, help="params.yaml to read (default: the repository's)")
     args = ap.parse_args(argv)
-    return make_sample_flow(overrides=args.overrides, params_file=args.params)
+    from tasks.params import ParamsError
+
+    try:
+        return make_sample_flow(overrides=args.overrides, params_file=args.params)
+    except ParamsError as e:  # bad params, or an output folder that is not make_sample's
+        raise SystemExit(f"make_sample: {e}") from None
 
 
 if __name__ == "__main__":

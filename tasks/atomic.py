@@ -21,6 +21,13 @@ def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
 
 
+def _name_real_path(e: OSError, tmp: Path, path: Path) -> None:
+    """A failed write(2) (e.g. disk full) names no file, a failed open the temporary one: make the
+    error name the path the caller asked for."""
+    if e.filename is None or e.filename == str(tmp):
+        e.filename = str(path)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary file path; on success it is fsynced and renamed onto ``path``."""
@@ -32,6 +39,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        _name_real_path(e, tmp, path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -61,8 +71,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         yield tmp
         if path.exists():
             old = _tmp_sibling(path)
@@ -71,6 +81,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except OSError as e:
+        _name_real_path(e, tmp, path)
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

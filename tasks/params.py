@@ -222,6 +222,26 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} repeats the one at line {seen[key] + 1}", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def quote_value(text: str) -> str:
+    """``text`` as a quoted YAML scalar that :func:`parse_override` reads back unchanged: a path
+    typed on the command line stays a string even when it holds ``' #'`` or ``': '``."""
+    return yaml.safe_dump(str(text), default_style='"', width=float("inf")).strip()
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"decompose.area_ratio=0.05"`` -> (["decompose", "area_ratio"], 0.05); values parse as YAML."""
     if "=" not in item:
@@ -256,11 +276,14 @@ def default_params_file() -> Path:
 
 def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
     """Read ``path`` (default: the project's params.yaml), apply ``key=value`` overrides, validate
-    everything. A ``path`` that does not exist gives the schema's defaults; a missing default is an error."""
+    everything. A ``path`` that does not exist is an error, and so is a missing default."""
+    if path and not Path(path).is_file():
+        raise ParamsError(f"{path}: no such params file")
     path = Path(path) if path else default_params_file()
     if path.exists():
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            with path.open() as f:  # a stream, so that YAML errors name the file
+                data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ParamsError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(data, dict):

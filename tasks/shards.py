@@ -35,8 +35,11 @@ import pyarrow.parquet as pq
 
 from tasks import atomic
 from tasks.atomic import TMP_PREFIX
+from tasks.params import ParamsError
 
 SHARD_GLOB = "shard-*.parquet"
+# Written into every output folder a stage claims; names the stage whose outputs the folder holds.
+STAGE_MARKER = ".pics-stage.json"
 
 
 def shard_dir(path: str | Path) -> Path:
@@ -84,10 +87,58 @@ def kept_progress(out: Path, rec_path: Path, fingerprint: str) -> dict | None:
     return rec
 
 
-def prepare_run_dir(out: Path, fingerprint: str, shards_dir: str, progress_dir: str) -> None:
-    """Make ``out`` ready for a sharded run with ``fingerprint``: a previous run's shards,
-    progress, manifest and quarantine go when its fingerprint differs (another run's outputs, or
-    none), and temporary files of writers killed mid-write go always."""
+class OutputNotOwnedError(ParamsError):
+    """An output folder holds files that the stage about to write there did not write."""
+
+
+def check_output_owner(out: Path, stage: str, owned: set[str]) -> None:
+    """Raise unless ``stage`` may clean, resume or replace ``out``: it is missing or empty, or it
+    carries ``stage``'s marker and holds nothing but the top-level names in ``owned`` (and
+    leftovers of killed writers). Touches nothing."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputNotOwnedError(f"{out}: output folder of {stage} is a file; choose another folder")
+    entries = {p.name for p in out.iterdir() if not p.name.startswith(TMP_PREFIX)}
+    if not entries:
+        return
+    marker = out / STAGE_MARKER
+    try:
+        owner = json.loads(marker.read_text()).get("stage") if marker.is_file() else None
+    except (OSError, json.JSONDecodeError, AttributeError):
+        owner = None
+    if owner is None:
+        raise OutputNotOwnedError(
+            f"{out}: not empty and not marked as an output folder of {stage} (no {STAGE_MARKER}); "
+            f"{stage} deletes only what it wrote: choose an empty or new folder (a folder left by an "
+            "older pics, which wrote no marker, can be removed by hand)")
+    if owner != stage:
+        raise OutputNotOwnedError(f"{out}: holds the output of {owner}, not of {stage}; choose another folder")
+    foreign = sorted(entries - owned - {STAGE_MARKER})
+    if foreign:
+        raise OutputNotOwnedError(f"{out}: holds files that {stage} did not write ({', '.join(foreign[:5])}"
+                                  f"{', ...' if len(foreign) > 5 else ''}); move them away or choose another folder")
+
+
+def mark_output(out: Path, stage: str) -> None:
+    """Mark ``out`` as ``stage``'s output folder (after :func:`check_output_owner` allowed it)."""
+    atomic.write_json(out / STAGE_MARKER, {"stage": stage})
+
+
+def claim_output(out: Path, stage: str, owned: set[str]) -> None:
+    """:func:`check_output_owner`, then create and mark ``out``: call before anything in it is touched."""
+    check_output_owner(out, stage, owned)
+    out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, stage)
+
+
+def prepare_run_dir(out: Path, fingerprint: str, shards_dir: str, progress_dir: str, stage: str,
+                    owned: set[str]) -> None:
+    """Make ``out`` ready for a sharded run with ``fingerprint``: refused unless ``stage`` owns it
+    (:func:`claim_output`); then a previous run's shards, progress, manifest and quarantine go when
+    its fingerprint differs (another run's outputs, or none), and temporary files of writers
+    killed mid-write go always."""
+    claim_output(out, stage, owned | {shards_dir, progress_dir, "manifest.json", "quarantine.parquet"})
     run_file = out / progress_dir / "run.json"
     previous = json.loads(run_file.read_text()).get("fingerprint") if run_file.is_file() else None
     if previous != fingerprint:

@@ -118,7 +118,9 @@ def test_plan_rejects_missing_inputs_with_the_key(tmp_path):
     from tasks.evaluate.stage import EvaluateInputError, make_plan
     from tasks.params import load_params
 
-    p = load_params(tmp_path / "none.yaml", [f"evaluate.samples={tmp_path}"])
+    empty = tmp_path / "empty.yaml"  # the schema's defaults
+    empty.write_text("")
+    p = load_params(empty, [f"evaluate.samples={tmp_path}"])
     with pytest.raises(EvaluateInputError, match=r"evaluate.samples.*no decompose shards"):
         make_plan(p)
 

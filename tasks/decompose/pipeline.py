@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks import atomic, quarantine
-from tasks.decompose.inputs import Dataset, check_image_root, load_annotations
+from tasks.decompose.inputs import STAGE, Dataset, check_image_root, load_annotations
 from tasks.decompose.shard import PROGRESS_DIR, SHARDS_DIR, TIMING_KEYS, ShardContext, ShardWork, process_shard, shard_name
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import SCHEMA_VERSION
@@ -30,6 +30,8 @@ from tasks.shards import content_hash, kept_progress, prepare_run_dir
 ALGORITHM_VERSION = 1
 # Parameters that change how, not what: they may differ between a killed run and its resume.
 _NOT_IN_FINGERPRINT = {"num_workers", "out", "grid_samples"}
+# The flow's picture of samples (tasks.decompose.visualize.write_sample_grid), also in the output folder.
+GRID_FILES = {"samples.png", "samples.html"}
 
 
 @dataclass
@@ -69,7 +71,7 @@ def prepare(params: dict, annotations: str | Path, images: str | Path, out: str 
     ctx = ShardContext(str(image_root), str(out), str(dataset.path), params, dataset.categories, fp)
     works = plan_works(dataset, params["shard_size"])
 
-    prepare_run_dir(out, fp, SHARDS_DIR, PROGRESS_DIR)
+    prepare_run_dir(out, fp, SHARDS_DIR, PROGRESS_DIR, STAGE, GRID_FILES)
 
     done: dict[str, dict] = {}
     pending: list[ShardWork] = []

@@ -28,7 +28,9 @@ from tasks.decompose import pairing, sample
 from tasks.decompose.shard import SHARDS_DIR, _rng, decode_rgb, shard_name, write_samples
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import SCHEMA_VERSION
-from tasks.shards import content_hash
+from tasks.decompose.inputs import InputError
+from tasks.decompose.pipeline import GRID_FILES
+from tasks.shards import claim_output, content_hash
 
 STAGE = "import_webdataset"
 REQUIRED = ("bg.jpg", "obj0.png", "mask0.png", "obj1.png", "mask1.png")
@@ -160,10 +162,20 @@ def import_tar(tar: str, out: str, index: int, params: dict) -> dict:
             "quarantine": [asdict(q) for q in qrecs]}
 
 
+def check_tars(tars: list[str]) -> None:
+    """Every tar must be a readable file before the output folder is touched (a mistyped name
+    would otherwise import nothing over the previous import)."""
+    missing = [t for t in tars if not Path(t).is_file()]
+    if missing:
+        raise InputError(f"{missing[0]}: no such tar file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
 def clear_output(out: Path) -> None:
-    """An import is not resumable (a tar is quick): drop the shards of an earlier import first."""
+    """An import is not resumable (a tar is quick): drop the shards of an earlier import first,
+    in a folder that holds only an import's output (see tasks.shards.claim_output)."""
     import shutil
 
+    claim_output(out, STAGE, {SHARDS_DIR, "manifest.json", "quarantine.parquet"} | GRID_FILES)
     shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
     for f in ("manifest.json", "quarantine.parquet"):
         (out / f).unlink(missing_ok=True)

@@ -111,7 +111,7 @@ def prepare(params: dict, samples: str | Path, out: str | Path) -> Plan:
         key = "reconstructor" if isinstance(e, ReconstructorNotFoundError) else "reconstructor_weights"
         raise ParamsError(f"render_priors.{key}: {e}") from e
     fp = fingerprint(params)
-    prepare_run_dir(out, fp, SHARDS_DIR, PROGRESS_DIR)
+    prepare_run_dir(out, fp, SHARDS_DIR, PROGRESS_DIR, STAGE, {"priors.png"})
 
     done: dict[str, dict] = {}
     for rec_path in sorted((out / PROGRESS_DIR).glob("priors-*.json")):
