@@ -13,8 +13,8 @@ import torch
 
 from tasks.train import checkpoint as ckpt
 from tasks.train.data import DataError, ShardIndex, StepBatches, batch_rows, scan_shards
+from pics_model.file_hashes import file_record
 from tasks.train.loop import find_resume
-from tasks.shards import sha256_file
 
 
 def _state(step: int, value: float = 1.0) -> ckpt.CheckpointState:
@@ -82,7 +82,7 @@ def _plant(d, name: str, data: bytes) -> None:
     rewrite the marker to match (the marker is no signature)."""
     (d / name).write_bytes(data)
     marker = json.loads((d / ckpt.MARKER).read_text())
-    marker["files"][name] = {"bytes": len(data), "sha256": sha256_file(d / name)}
+    marker["files"][name] = file_record(d / name)
     (d / ckpt.MARKER).write_text(json.dumps(marker))
 
 

@@ -34,8 +34,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pics_model.file_hashes import file_record, mismatch
 from tasks import atomic
-from tasks.shards import sha256_file
 
 MARKER = "COMMITTED"
 WEIGHTS = "trainable.safetensors"
@@ -86,7 +86,7 @@ def write_checkpoint(directory: str | Path, state: CheckpointState, meta: dict |
     for name, write in files.items():
         with atomic.atomic_path(d / name) as tmp:
             write(tmp)
-        manifest[name] = {"bytes": (d / name).stat().st_size, "sha256": sha256_file(d / name)}
+        manifest[name] = file_record(d / name)
     marker = {"step": state.step, "files": manifest, "time": time.time(), **(meta or {})}
     atomic.write_json(d / MARKER, marker)  # the commit point: nothing before it counts
     _fsync_dir(d)
@@ -114,26 +114,9 @@ def read_marker(directory: str | Path, verify: bool = True) -> dict | None:
         int(marker["step"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if verify and mismatch(d, marker) is not None:
+    if verify and mismatch(d, marker["files"], MARKER) is not None:
         return None
     return marker
-
-
-def mismatch(directory: Path, marker: dict) -> str | None:
-    """Which file of ``directory`` differs from its marker and how, or None when all match."""
-    for name, info in marker["files"].items():
-        p = Path(directory) / name
-        try:
-            size, want_size, want_sha = p.stat().st_size, int(info["bytes"]), str(info["sha256"])
-        except FileNotFoundError:
-            return f"{p}: missing (the marker lists it)"
-        except (OSError, KeyError, TypeError, ValueError) as e:
-            return f"{p}: unreadable, or its marker entry is malformed ({e})"
-        if size != want_size:
-            return f"{p}: {size} bytes, the marker recorded {want_size} (truncated or copied in part)"
-        if sha256_file(p) != want_sha:
-            return f"{p}: its sha256 differs from the one the marker recorded (the file is corrupted)"
-    return None
 
 
 def is_committed(directory: str | Path, verify: bool = True) -> bool:
@@ -198,7 +181,7 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     if PICKLED_STATE in marker["files"] or (d / PICKLED_STATE).exists():
         raise CheckpointError(f"{d / PICKLED_STATE}: trainer state in the pickle format of older versions, which is "
                               f"never loaded (unpickling a file can run any code); {fix}")
-    problem = mismatch(d, marker)
+    problem = mismatch(d, marker["files"], MARKER)
     if problem is not None:
         raise CheckpointError(f"{problem}; {fix}")
     try:
