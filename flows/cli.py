@@ -187,13 +187,15 @@ def composite(
 ):
     """Composite objects into a background with a trained checkpoint."""
     from flows.composite import CompositeInputError, composite_cli
+    from pics_model.modeling_pics import WeightsError
+    from pics_model.pipeline_pics import NonFiniteOutputError
     from tasks.params import ParamsError
 
     try:
         path = composite_cli(str(background), object_, str(checkpoint), str(out), steps=steps, guidance=guidance,
                              scheduler=scheduler, seed=seed, device=device, threads=threads,
                              params_file=str(params) if params else None)
-    except (CompositeInputError, ParamsError) as e:
+    except (CompositeInputError, ParamsError, WeightsError, NonFiniteOutputError) as e:
         _fail(e)
     typer.echo(str(path))
 

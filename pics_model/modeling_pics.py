@@ -204,9 +204,10 @@ class PICSModel(nn.Module):
         return (dist.mean + dist.std * noise) * self.config.vae.scaling_factor
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """scaled latents -> images [B,3,R,R] in [-1,1]."""
-        return self.vae.decode(latents.to(self.vae.dtype) / self.config.vae.scaling_factor).sample.clamp(-1, 1)
+    def decode_latents(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """scaled latents -> images [B,3,R,R] in [-1,1] (unclamped: as decoded, inf included)."""
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.config.vae.scaling_factor).sample
+        return images.clamp(-1, 1) if clamp else images
 
     def training_loss(self, batch: dict, generator: torch.Generator | None = None,
                       prediction_type: str | None = None, mask_weight: float = 0.0,
