@@ -121,11 +121,13 @@ def render_priors(
 def train(set_: Optional[list[str]] = SetOpt, params: Optional[Path] = ParamsOpt):
     """Train the PICS model with Ray Train."""
     from flows.train import train_flow
+    from pics_model.modeling_pics import WeightsError
     from tasks.params import ParamsError
+    from tasks.train.checkpoint import CheckpointError
 
     try:
         train_flow(overrides=list(set_ or []), params_file=str(params) if params else None)
-    except ParamsError as e:
+    except (ParamsError, CheckpointError, WeightsError) as e:
         _fail(e)
 
 
@@ -133,11 +135,13 @@ def train(set_: Optional[list[str]] = SetOpt, params: Optional[Path] = ParamsOpt
 def evaluate(set_: Optional[list[str]] = SetOpt, params: Optional[Path] = ParamsOpt):
     """Evaluate a checkpoint on the test split: metrics, baselines, report."""
     from flows.evaluate import evaluate_flow
+    from pics_model.pipeline_pics import NonFiniteOutputError
+    from tasks.evaluate.stage import EvaluateInputError
     from tasks.params import ParamsError
 
     try:
         evaluate_flow(overrides=list(set_ or []), params_file=str(params) if params else None)
-    except ParamsError as e:
+    except (ParamsError, EvaluateInputError, NonFiniteOutputError) as e:
         _fail(e)
 
 

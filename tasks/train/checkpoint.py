@@ -177,25 +177,35 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     marker = read_marker(d, verify=False)
     if marker is None:
         raise CheckpointError(f"{d}: not a committed checkpoint (no valid {MARKER} marker)")
-    fix = f"delete the checkpoint folder {d} (training then resumes from an earlier checkpoint, or starts over)"
-    if PICKLED_STATE in marker["files"] or (d / PICKLED_STATE).exists():
-        raise CheckpointError(f"{d / PICKLED_STATE}: trainer state in the pickle format of older versions, which is "
-                              f"never loaded (unpickling a file can run any code); {fix}")
+    refuse_pickled_state(d)
     problem = mismatch(d, marker["files"], MARKER)
     if problem is not None:
-        raise CheckpointError(f"{problem}; {fix}")
+        raise CheckpointError(f"{problem}; {_fix(d)}")
     try:
         tensors = load_file(str(d / STATE_TENSORS), device=str(map_location))
         trainer = _decode(json.loads((d / STATE).read_text()), tensors)
         step = int(trainer.pop("step"))
     except (OSError, SafetensorError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{d / STATE} / {STATE_TENSORS}: unreadable trainer state ({type(e).__name__}: {e}); "
-                              f"{fix}") from e
+                              f"{_fix(d)}") from e
     if step != int(marker["step"]):
         raise CheckpointError(f"{d}: marker says step {marker['step']}, state says {step}")
     ema = load_file(str(d / EMA_WEIGHTS), device=str(map_location)) if (d / EMA_WEIGHTS).exists() else None
     return CheckpointState(step=step, weights=load_file(str(d / WEIGHTS), device=str(map_location)),
                            trainer=trainer, ema=ema)
+
+
+def refuse_pickled_state(directory: str | Path) -> None:
+    """Raise :class:`CheckpointError` for a checkpoint of an older version, whose trainer state is
+    a pickle: it is never opened, whoever wrote it."""
+    d = Path(directory)
+    if (d / PICKLED_STATE).exists():
+        raise CheckpointError(f"{d / PICKLED_STATE}: trainer state in the pickle format of older versions, which is "
+                              f"never loaded (unpickling a file can run any code); {_fix(d)}")
+
+
+def _fix(d: Path) -> str:
+    return f"delete the checkpoint folder {d} (training then resumes from an earlier checkpoint, or starts over)"
 
 
 # -- the trainer state as JSON + safetensors -----------------------------------------------------
