@@ -110,9 +110,10 @@ def read_marker(directory: str | Path, verify: bool = True) -> dict | None:
     d = Path(directory)
     try:
         marker = json.loads((d / MARKER).read_text())
-        marker["files"].items()
         int(marker["step"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        if not isinstance(marker["files"], dict):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     if verify and mismatch(d, marker["files"], MARKER) is not None:
         return None
@@ -181,18 +182,21 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     problem = mismatch(d, marker["files"], MARKER)
     if problem is not None:
         raise CheckpointError(f"{problem}; {_fix(d)}")
+    reading = d / STATE_TENSORS
     try:
-        tensors = load_file(str(d / STATE_TENSORS), device=str(map_location))
-        trainer = _decode(json.loads((d / STATE).read_text()), tensors)
+        tensors = load_file(str(reading), device=str(map_location))
+        reading = d / STATE
+        trainer = _decode(json.loads(reading.read_text()), tensors)
         step = int(trainer.pop("step"))
+        reading = d / EMA_WEIGHTS
+        ema = load_file(str(reading), device=str(map_location)) if reading.exists() else None
+        reading = d / WEIGHTS
+        weights = load_file(str(reading), device=str(map_location))
     except (OSError, SafetensorError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{d / STATE} / {STATE_TENSORS}: unreadable trainer state ({type(e).__name__}: {e}); "
-                              f"{_fix(d)}") from e
+        raise CheckpointError(f"{reading}: unreadable ({type(e).__name__}: {e}); {_fix(d)}") from e
     if step != int(marker["step"]):
         raise CheckpointError(f"{d}: marker says step {marker['step']}, state says {step}")
-    ema = load_file(str(d / EMA_WEIGHTS), device=str(map_location)) if (d / EMA_WEIGHTS).exists() else None
-    return CheckpointState(step=step, weights=load_file(str(d / WEIGHTS), device=str(map_location)),
-                           trainer=trainer, ema=ema)
+    return CheckpointState(step=step, weights=weights, trainer=trainer, ema=ema)
 
 
 def refuse_pickled_state(directory: str | Path) -> None:
