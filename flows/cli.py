@@ -147,8 +147,10 @@ def render_priors(
 def train(set_: Optional[list[str]] = SetOpt, params: Optional[Path] = ParamsOpt):
     """Train the PICS model with Ray Train."""
     from flows.train import train_flow
+    from pics_model.modeling_pics import WeightsError
+    from tasks.train.checkpoint import CheckpointError
 
-    with _user_errors():
+    with _user_errors(CheckpointError, WeightsError):
         train_flow(overrides=list(set_ or []), params_file=_params_file(params))
 
 
@@ -156,8 +158,10 @@ def train(set_: Optional[list[str]] = SetOpt, params: Optional[Path] = ParamsOpt
 def evaluate(set_: Optional[list[str]] = SetOpt, params: Optional[Path] = ParamsOpt):
     """Evaluate a checkpoint on the test split: metrics, baselines, report."""
     from flows.evaluate import evaluate_flow
+    from pics_model.pipeline_pics import NonFiniteOutputError
+    from tasks.evaluate.stage import EvaluateInputError
 
-    with _user_errors():
+    with _user_errors(EvaluateInputError, NonFiniteOutputError):
         evaluate_flow(overrides=list(set_ or []), params_file=_params_file(params))
 
 
@@ -210,8 +214,10 @@ def composite(
 ):
     """Composite objects into a background with a trained checkpoint."""
     from flows.composite import CompositeInputError, composite_cli
+    from pics_model.modeling_pics import WeightsError
+    from pics_model.pipeline_pics import NonFiniteOutputError
 
-    with _user_errors(CompositeInputError):
+    with _user_errors(CompositeInputError, WeightsError, NonFiniteOutputError):
         path = composite_cli(str(background) if background else None, object_, str(checkpoint), str(out),
                              steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, device=device,
                              threads=threads, params_file=str(params) if params else None,

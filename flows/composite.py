@@ -229,10 +229,13 @@ def composite(background, objects: Sequence, checkpoint, masks: Sequence | None 
 
         model = PICSModel.from_pretrained(checkpoint)
     model = model.to(dev).eval()
-    from pics_model.pipeline_pics import PICSPipeline
+    from pics_model.pipeline_pics import NonFiniteOutputError, PICSPipeline
 
-    result = PICSPipeline(model, scheduler)(bg, patches, boxes=np.stack(tight), num_inference_steps=steps,
-                                            guidance_scale=guidance, seed=seed)
+    try:
+        result = PICSPipeline(model, scheduler)(bg, patches, boxes=np.stack(tight), num_inference_steps=steps,
+                                                guidance_scale=guidance, seed=seed)
+    except NonFiniteOutputError as e:
+        raise NonFiniteOutputError(f"--checkpoint {checkpoint}: {e}") from None
     img = result.images[0]
     if out is not None:
         from tasks import atomic

@@ -12,6 +12,7 @@ h = R / f latent side.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import tempfile
@@ -20,10 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import PICSConfig, UNetConfig, VAEConfig
+from .file_hashes import file_record, mismatch
 from .interaction_block import ROUTING_KEY, InteractionTransformerBlock, RoutingContext, convert_to_itb, itb_blocks
 from .object_encoder import ObjectEncoder
 from .pixel_autoencoder import PixelShuffleAutoencoder
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+HASHES_NAME = "sha256.json"  # size + SHA-256 of the two files above, written after them
 TRAINABLE_SPECS = ("reference", "full", "itb")
 
 
@@ -41,6 +45,11 @@ def _rand(shape, generator: torch.Generator | None, device, dtype=torch.float32,
     gdev = generator.device if generator is not None else torch.device(device)
     fn = torch.randn if normal else torch.rand
     return fn(shape, generator=generator, device=gdev, dtype=dtype).to(device)
+
+
+class WeightsError(ValueError):
+    """A saved model folder whose files cannot be trusted: no recorded hashes, or bytes that
+    differ from them (truncated, partly copied, corrupted)."""
 
 
 def make_ddpm_scheduler(cfg: dict) -> DDPMScheduler:
@@ -216,9 +225,10 @@ class PICSModel(nn.Module):
         return (dist.mean + dist.std * noise) * self.config.vae.scaling_factor
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """scaled latents -> images [B,3,R,R] in [-1,1]."""
-        return self.vae.decode(latents.to(self.vae.dtype) / self.config.vae.scaling_factor).sample.clamp(-1, 1)
+    def decode_latents(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """scaled latents -> images [B,3,R,R] in [-1,1] (unclamped: as decoded, inf included)."""
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.config.vae.scaling_factor).sample
+        return images.clamp(-1, 1) if clamp else images
 
     def training_loss(self, batch: dict, generator: torch.Generator | None = None,
                       prediction_type: str | None = None, mask_weight: float = 0.0,
@@ -338,32 +348,36 @@ class PICSModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
-        """config.json + model.safetensors (every tensor of the model, frozen parts included)."""
+        """config.json + model.safetensors (every tensor of the model, frozen parts included), then
+        sha256.json with both files' size and SHA-256, which `from_pretrained` checks."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        for name, payload in ((WEIGHTS_NAME, None), (CONFIG_NAME, self.config.to_json())):
-            fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.")
-            os.close(fd)
-            try:
-                if payload is None:
-                    save_file(state, tmp, metadata={"format": "pt", "pics_model": "1"})
-                else:
-                    Path(tmp).write_text(payload)
-                os.replace(tmp, d / name)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+        writers = {WEIGHTS_NAME: lambda p: save_file(state, p, metadata={"format": "pt", "pics_model": "1"}),
+                   CONFIG_NAME: lambda p: Path(p).write_text(self.config.to_json())}
+        for name, write in writers.items():
+            _replace_atomically(d / name, write)
+        hashes = json.dumps({name: file_record(d / name) for name in writers}, indent=2)
+        _replace_atomically(d / HASHES_NAME, lambda p: Path(p).write_text(hashes))
         return d
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "PICSModel":
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",
+                        verify: bool = True) -> "PICSModel":
+        """The model saved in ``directory`` by `save_pretrained`. Its files are first checked
+        against sha256.json (`verify_saved`); ``verify=False`` skips that, only to re-save a
+        folder of an older version that you trust (it has no sha256.json)."""
         d = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (d / name).is_file():
                 raise FileNotFoundError(f"{d}: not a saved PICSModel (missing {name})")
+        if verify:
+            verify_saved(d)
         model = cls(PICSConfig.load(d / CONFIG_NAME), load_pretrained=False)
-        state = load_file(str(d / WEIGHTS_NAME), device=str(map_location))
+        try:
+            state = load_file(str(d / WEIGHTS_NAME), device=str(map_location))
+        except SafetensorError as e:
+            raise WeightsError(f"{d / WEIGHTS_NAME}: not a readable safetensors file ({e}); {_REFETCH}") from e
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{d / WEIGHTS_NAME}: weights do not match {d / CONFIG_NAME}: "
@@ -377,6 +391,43 @@ class PICSModel(nn.Module):
         """See `flops_per_sample` (module level); ``device="cpu"`` counts on a real copy of this model."""
         return flops_per_sample(self.config, resolution, training, num_objects, overlap, expert_mode, with_priors,
                                 device, model=self)
+
+
+_REFETCH = "copy or download the model folder again, or re-run the stage that wrote it (e.g. `pics train`)"
+
+
+def verify_saved(directory: str | Path) -> None:
+    """Raise `WeightsError` naming the file and the fix unless config.json and model.safetensors
+    of ``directory`` have the size and SHA-256 that sha256.json recorded when they were saved.
+    A folder without sha256.json (saved before hashes were recorded) is refused too: nothing
+    would tell a flipped byte in it from a trained weight."""
+    d = Path(directory)
+    try:
+        records = json.loads((d / HASHES_NAME).read_text())
+    except FileNotFoundError:
+        raise WeightsError(
+            f"{d / HASHES_NAME}: missing, so the weights cannot be verified (the folder was saved by an older "
+            f"version, or not by PICSModel.save_pretrained); {_REFETCH}; or, if you trust these files, record "
+            f"their hashes: PICSModel.from_pretrained('{d}', verify=False).save_pretrained('{d}')") from None
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{d / HASHES_NAME}: unreadable ({e}); {_REFETCH}") from None
+    if not isinstance(records, dict) or not {CONFIG_NAME, WEIGHTS_NAME} <= set(records):
+        raise WeightsError(f"{d / HASHES_NAME}: does not list {CONFIG_NAME} and {WEIGHTS_NAME}; {_REFETCH}")
+    problem = mismatch(d, {n: records[n] for n in (CONFIG_NAME, WEIGHTS_NAME)}, HASHES_NAME)
+    if problem is not None:
+        raise WeightsError(f"{problem}; {_REFETCH}")
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def flops_per_sample(config: PICSConfig, resolution: int | None = None, training: bool = True,

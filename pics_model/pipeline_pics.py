@@ -23,6 +23,18 @@ from .modeling_pics import PICSModel
 SCHEDULERS = ("ddim", "dpmsolver++")
 
 
+class NonFiniteOutputError(RuntimeError):
+    """The model produced NaN or inf (broken weights, e.g. a diverged training run): no image is
+    made of that, where the paste-back would have turned it into a black region."""
+
+
+def check_finite(values: torch.Tensor, what: str) -> None:
+    bad = int((~torch.isfinite(values)).sum())  # one host sync per composite
+    if bad:
+        raise NonFiniteOutputError(f"PICSPipeline: {bad} of {values.numel()} values of {what} are NaN or inf; "
+                                   "the model's weights are broken (re-train, or use another checkpoint)")
+
+
 @dataclass
 class PICSPipelineOutput:
     """images: composites at the background's size (PIL, or float [H,W,3] in [0,1] for 'np');
@@ -133,7 +145,10 @@ class PICSPipeline:
                 alphas.append(self._reduce_alpha(sink, reps, lat))
                 sink.clear()
 
-        frame = model.decode_latents(latents)[0].float().add(1).div(2).clamp(0, 1)  # [3,R,R]
+        check_finite(latents, "the denoised latents")
+        frame = model.decode_latents(latents, clamp=False)[0].float()  # clamped below, once checked
+        check_finite(frame, "the decoded image")
+        frame = frame.add(1).div(2).clamp(0, 1)  # [3,R,R]
         x0, y0, x1, y1 = [int(round(v)) for v in batch["crop"][0].tolist()]
         frame = frame[:, y0:y1, x0:x1]
         frame = F.interpolate(frame[None], size=(h, w), mode="bicubic", align_corners=False)[0].clamp(0, 1)

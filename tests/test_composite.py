@@ -122,6 +122,45 @@ def test_cli_missing_checkpoint_and_unreadable_background(scene, tmp_path):
     assert r.exit_code == 2 and "bg.jpg: cannot read the image" in " ".join(r.output.split())
 
 
+def _object_args(scene):
+    return ["--background", scene["bg"], "--object", f"{scene['obj1']}:{scene['mask1']}"]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_cli_refuses_corrupted_weights_naming_the_file(scene, tiny_checkpoint, tmp_path, damage):
+    """A same-size byte flip used to composite an all-black region and exit 0; a truncated file
+    ended in a safetensors traceback that did not name it."""
+    import shutil
+
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-4] + b"\xff\xff\xff\x7f" if damage == "flip" else data[: len(data) // 2])  # a NaN
+    out = tmp_path / "comp.png"
+    r = _run(*_object_args(scene), "--checkpoint", ckpt, "--out", out, *STEPS)
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().count("\n") == 0 and f"{weights}: " in r.output, r.output  # one line, naming the file
+    assert not out.exists()
+
+
+def test_cli_non_finite_model_output_is_an_error_not_an_image(scene, tmp_path):
+    import torch
+
+    from pics_model.config import get_preset
+    from pics_model.modeling_pics import PICSModel
+
+    torch.manual_seed(0)
+    model = PICSModel(get_preset("tiny"))
+    with torch.no_grad():
+        model.unet.conv_out.bias.fill_(float("nan"))  # a diverged run, saved (and hashed) as it was
+    model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "comp.png"
+    r = _run(*_object_args(scene), "--checkpoint", tmp_path / "model", "--out", out, *STEPS)
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().count("\n") == 0 and "the denoised latents are NaN or inf" in r.output, r.output
+    assert not out.exists()
+
+
 def test_parse_object_specs():
     assert parse_object("a.png:m.png") == ObjectSpec("a.png", mask="m.png")
     assert parse_object("dir:with/a.png:1,2.5,30,40") == ObjectSpec("dir:with/a.png", box=[1.0, 2.5, 30.0, 40.0])

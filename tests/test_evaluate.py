@@ -126,6 +126,26 @@ def test_plan_rejects_missing_inputs_with_the_key(tmp_path):
 
 
 
+def test_plan_rejects_a_corrupted_checkpoint_naming_the_file(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pics_model.config import get_preset
+    from pics_model.modeling_pics import PICSModel
+    from tasks.evaluate.stage import EvaluateInputError, make_plan
+    from tasks.params import load_params
+
+    pq.write_table(pa.table({"sample_id": ["a"], "split": ["test"]}), tmp_path / "shard-00000.parquet")
+    ckpt = PICSModel(get_preset("tiny")).save_pretrained(tmp_path / "model")
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    p = load_params(tmp_path / "none.yaml", [f"evaluate.samples={tmp_path}", f"evaluate.checkpoint={ckpt}",
+                                             "evaluate.methods=[pics]"])
+    with pytest.raises(EvaluateInputError, match=f"{weights}: its sha256 differs.*evaluate.checkpoint"):
+        make_plan(p)
+
+
+
 @pytest.fixture(scope="module")
 def coco_rows(shared_data, tmp_path_factory):
     """A real COCO image (two cats, remotes, couch) decomposed into test samples."""
@@ -139,6 +159,20 @@ def coco_rows(shared_data, tmp_path_factory):
     rows = list(iter_rows(out, split="test"))
     assert rows, "the real COCO image gave no test sample"
     return rows
+
+
+def test_nan_model_output_fails_the_evaluation_instead_of_scoring_black(coco_rows, tmp_path):
+    from pics_model.config import get_preset
+    from pics_model.modeling_pics import PICSModel
+    from pics_model.pipeline_pics import NonFiniteOutputError
+
+    model = PICSModel(get_preset("tiny"))
+    with torch.no_grad():
+        model.unet.conv_out.bias.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "model")
+    ev = Evaluator(EvalConfig(checkpoint=str(tmp_path / "model"), methods=("pics",), steps=1, record_alpha=False))
+    with pytest.raises(NonFiniteOutputError, match="NaN or inf"):
+        ev(pa.Table.from_pylist(coco_rows[:1]))
 
 
 def test_evaluator_on_a_real_coco_sample_with_a_local_standard_backbone(coco_rows, tmp_path):

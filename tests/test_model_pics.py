@@ -8,7 +8,7 @@ import torch
 from pics_model.config import PICSConfig, config_from_model_params, get_preset
 from pics_model.data import build_item, collate
 from pics_model.interaction_block import InteractionTransformerBlock
-from pics_model.modeling_pics import PICSModel
+from pics_model.modeling_pics import PICSModel, WeightsError
 from pics_model.testing import synthetic_sample
 
 
@@ -147,7 +147,7 @@ def test_save_load_round_trip(tiny, batch, tmp_path):
         for blk in tiny.itb_blocks():  # make the new parameters matter
             blk.back_attn.to_out[0].weight.normal_(0, 0.02)
     tiny.save_pretrained(tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors", "sha256.json"]
     loaded = PICSModel.from_pretrained(tmp_path / "m")
     assert loaded.config == tiny.config
     sa, sb = tiny.state_dict(), loaded.state_dict()
@@ -160,6 +160,29 @@ def test_save_load_round_trip(tiny, batch, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
         (tmp_path / "m" / "model.safetensors").unlink()
         PICSModel.from_pretrained(tmp_path / "m")
+
+
+def test_corrupted_weights_are_refused_naming_the_file(tiny, tmp_path):
+    d = tiny.save_pretrained(tmp_path / "m")
+    weights = d / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0x40]))  # same size: a tensor byte, not the header
+    with pytest.raises(WeightsError, match=f"{weights}: its sha256 differs.*copy or download the model folder again"):
+        PICSModel.from_pretrained(d)
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match=f"{weights}: .* bytes, sha256.json recorded .*truncated"):
+        PICSModel.from_pretrained(d)
+    with pytest.raises(WeightsError, match=f"{weights}: not a readable safetensors file"):
+        PICSModel.from_pretrained(d, verify=False)  # unverified, a truncated file is still named
+
+
+def test_folder_without_hashes_is_refused_until_resaved(tiny, tmp_path):
+    d = tiny.save_pretrained(tmp_path / "m")
+    (d / "sha256.json").unlink()  # as saved by an older version
+    with pytest.raises(WeightsError, match="sha256.json: missing.*verify=False"):
+        PICSModel.from_pretrained(d)
+    PICSModel.from_pretrained(d, verify=False).save_pretrained(d)  # the documented way to adopt it
+    assert PICSModel.from_pretrained(d).config == tiny.config
 
 
 def test_flops_estimate(tiny):

@@ -10,7 +10,7 @@ from PIL import Image
 from pics_model.config import get_preset
 from pics_model.data import expand_boxes
 from pics_model.modeling_pics import PICSModel
-from pics_model.pipeline_pics import PICSPipeline
+from pics_model.pipeline_pics import NonFiniteOutputError, PICSPipeline
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -95,3 +95,15 @@ def test_box_expansion_matches_training_midpoint(model, scene):
     out = pipe(bg, objs[:2], boxes=boxes[:2], num_inference_steps=1, seed=0, output_type="np")
     w0 = boxes[0, 2] - boxes[0, 0]
     assert out.boxes[0][0, 2] - out.boxes[0][0, 0] == pytest.approx(w0 * 1.15, rel=1e-5)
+
+
+def test_non_finite_decoded_image_raises_instead_of_pasting_black(scene):
+    """NaN from the VAE decoder used to become a black region in an image that looked valid."""
+    bg, objs, boxes = scene
+    torch.manual_seed(0)
+    broken = PICSModel(get_preset("tiny")).eval()
+    with torch.no_grad():
+        broken.vae.decoder.conv_out.bias[1] = float("inf")  # the latents stay finite, the image does not
+    with pytest.raises(NonFiniteOutputError, match="of the decoded image are NaN or inf"):
+        PICSPipeline(broken)(bg, objs[:1], boxes=boxes[:1], num_inference_steps=1, seed=0)
+

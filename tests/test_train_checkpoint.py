@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 
@@ -12,6 +13,8 @@ import torch
 
 from tasks.train import checkpoint as ckpt
 from tasks.train.data import DataError, ShardIndex, StepBatches, batch_rows, scan_shards
+from pics_model.file_hashes import file_record
+from tasks.train.loop import find_resume
 
 
 def _state(step: int, value: float = 1.0) -> ckpt.CheckpointState:
@@ -23,7 +26,8 @@ def _state(step: int, value: float = 1.0) -> ckpt.CheckpointState:
 def test_roundtrip_and_marker_written_last(tmp_path):
     d = ckpt.write_checkpoint(tmp_path / ckpt.checkpoint_name(7), _state(7, 2.5), meta={"final": False})
     marker = json.loads((d / ckpt.MARKER).read_text())
-    assert marker["step"] == 7 and set(marker["files"]) == {ckpt.WEIGHTS, ckpt.STATE, ckpt.EMA_WEIGHTS}
+    assert marker["step"] == 7
+    assert set(marker["files"]) == {ckpt.WEIGHTS, ckpt.STATE, ckpt.STATE_TENSORS, ckpt.EMA_WEIGHTS}
     # the marker is the newest file of the folder: everything it lists was complete before it
     newest = max(d.iterdir(), key=lambda p: p.stat().st_mtime_ns)
     assert newest.name == ckpt.MARKER
@@ -50,6 +54,47 @@ def test_partial_copy_with_marker_is_ignored(tmp_path):
     assert ckpt.latest_committed(tmp_path).name == "step-00000010"
     (newer / ckpt.WEIGHTS).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit off
     assert ckpt.latest_committed(tmp_path).name == "step-00000010"
+
+
+def test_load_names_the_file_that_differs_from_the_marker(tmp_path):
+    d = ckpt.write_checkpoint(tmp_path / ckpt.checkpoint_name(20), _state(20))
+    data = (d / ckpt.WEIGHTS).read_bytes()
+    (d / ckpt.WEIGHTS).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit off
+    with pytest.raises(ckpt.CheckpointError, match=f"{ckpt.WEIGHTS}: its sha256 differs.*delete the checkpoint"):
+        ckpt.load_checkpoint(d)
+    (d / ckpt.WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match=f"{ckpt.WEIGHTS}: .* bytes.*truncated"):
+        ckpt.load_checkpoint(d)
+
+
+class _Payload:
+    """Unpickling this creates the file ``flag``: proof that a pickle ran code."""
+
+    def __init__(self, flag):
+        self.flag = str(flag)
+
+    def __reduce__(self):
+        return (open, (self.flag, "w"))
+
+
+def _plant(d, name: str, data: bytes) -> None:
+    """What someone with write access to the checkpoint storage can do: replace a file and
+    rewrite the marker to match (the marker is no signature)."""
+    (d / name).write_bytes(data)
+    marker = json.loads((d / ckpt.MARKER).read_text())
+    marker["files"][name] = file_record(d / name)
+    (d / ckpt.MARKER).write_text(json.dumps(marker))
+
+
+@pytest.mark.parametrize("name", ["trainer_state.pt", ckpt.STATE, ckpt.STATE_TENSORS])
+def test_pickled_trainer_state_is_refused_and_never_run(tmp_path, name):
+    run = tmp_path / "run"
+    d = ckpt.write_checkpoint(run / ckpt.checkpoint_name(30), _state(30))
+    flag = tmp_path / "payload-ran"
+    _plant(d, name, pickle.dumps({"step": 30, "history": _Payload(flag)}))
+    with pytest.raises(ckpt.CheckpointError, match=name.replace(".", r"\.")):
+        find_resume(None, run)  # what a (re)started worker does
+    assert not flag.exists()
 
 
 def test_prune_keeps_newest_k_and_drops_stale_uncommitted(tmp_path):

@@ -140,11 +140,15 @@ class Evaluator:
 
     # ------------------------------------------------------------------------------------------
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from pics_model.pipeline_pics import NonFiniteOutputError
+
         rows = batch.to_pylist() if isinstance(batch, pa.Table) else _rows_from_columns(batch)
         out: list[dict] = []
         for row in rows:
             try:
                 out.extend(self.evaluate_row(row))
+            except NonFiniteOutputError:
+                raise  # a broken model, not a bad sample: no score is measured on NaN
             except Exception as e:  # noqa: BLE001 - one bad sample is quarantined, the run goes on
                 out.append({"sample_id": str(row.get("sample_id")), "method": "",
                             "error": f"{type(e).__name__}: {e}"})

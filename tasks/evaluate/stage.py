@@ -68,6 +68,8 @@ def make_plan(params: Params) -> Plan:
     if needs_model and not (ckpt / "config.json").is_file():
         raise EvaluateInputError(f"{ckpt} (evaluate.checkpoint): not a saved PICSModel (no config.json); "
                                  "run `pics train` or point evaluate.checkpoint at one")
+    if needs_model:
+        _check_weights(ckpt, "evaluate.checkpoint")
     untrained = None
     if "untrained" in p.methods:
         if p.untrained == "auto":
@@ -80,6 +82,8 @@ def make_plan(params: Params) -> Plan:
                 raise EvaluateInputError(f"{untrained} (evaluate.untrained): not a saved PICSModel")
         else:
             notes.append("untrained baseline skipped: evaluate.untrained is null")
+        if untrained is not None:
+            _check_weights(untrained, "evaluate.untrained")
     priors = resolve_path(p.priors) if p.priors else None
     if priors is not None:
         folder = priors / "shards" if (priors / "shards").is_dir() else priors  # render_priors output or shards
@@ -189,6 +193,17 @@ def read_composites(out: Path, sample_ids: set[str]) -> dict[tuple[str, str], by
             if r["sample_id"] in sample_ids:
                 found[(r["sample_id"], r["method"])] = r["png"]
     return found
+
+
+def _check_weights(folder: Path, key: str) -> None:
+    """A model folder whose files differ from their recorded hashes fails the plan in one line,
+    not later in every inference actor."""
+    from pics_model.modeling_pics import WeightsError, verify_saved
+
+    try:
+        verify_saved(folder)
+    except WeightsError as e:
+        raise EvaluateInputError(f"{e} ({key})") from None
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

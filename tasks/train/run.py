@@ -162,6 +162,9 @@ def fit(plan: RunPlan, spec: RunSpec, log=print) -> Path:
     removed = ckpt.remove_uncommitted(plan.run_dir)
     if removed:
         log(f"[train] removed {len(removed)} uncommitted checkpoint folder(s) left by a killed run")
+    resume_from = ckpt.latest_committed(plan.run_dir)
+    if resume_from is not None:
+        ckpt.refuse_pickled_state(resume_from)  # here, in one line, not after every worker's retries
     t = p.train
     # Ray Train's print patch echoes each worker print twice on the driver; plain stdout suffices.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
