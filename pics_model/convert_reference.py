@@ -203,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     over = {"stable_diffusion_path": args.stable_diffusion}
     if args.dinov2:
         over["object_encoder"] = {"weights_path": args.dinov2}
-    model = PICSModel(reference_config(get_preset(args.preset, **over)))
+    config = reference_config(get_preset(args.preset, **over))
+    if config.vae.kind != "kl":
+        raise ValueError(f"preset {args.preset!r} has a {config.vae.kind} latent; a reference checkpoint "
+                         "carries an AutoencoderKL: convert into a preset with a KL autoencoder (sd15, sd21)")
+    model = PICSModel(config)
     report = convert_reference_state_dict(load_reference_checkpoint(args.checkpoint), model)
     out = model.save_pretrained(args.out_dir)
     (out / "conversion_report.json").write_text(report.to_json())

@@ -124,13 +124,19 @@ def test_converted_model_in_reference_mode_equals_the_reference_equations():
     assert (ours_design - expected).abs().max() > 1e-3 * expected.abs().max()  # the mode matters here
 
 
-def test_cli_writes_a_folder_that_runs_as_the_reference(tmp_path):
+def test_cli_writes_a_folder_that_runs_as_the_reference(tmp_path, monkeypatch):
     """`python -m pics_model.convert_reference CKPT OUT`: the folder's config selects the reference
     expert mode, its nearest mask rule and its inference boxes, so loading it needs no flags."""
-    from pics_model.config import get_preset
+    from pics_model import config as model_config
+    from pics_model.config import config_from_model_params, get_preset
     from pics_model.convert_reference import main
     from pics_model.pipeline_pics import PICSPipeline
 
+    # a reference checkpoint carries an AutoencoderKL and no appearance tokens: the tiny preset with
+    # its KL latent and without them stands in
+    tiny_kl = config_from_model_params({"latent": "kl"})
+    tiny_kl = tiny_kl.model_copy(update={"object_encoder": tiny_kl.object_encoder.model_copy(update={"appearance_grid": 0})})
+    monkeypatch.setitem(model_config.PRESETS, "tiny", lambda: tiny_kl)
     torch.manual_seed(0)
     src = PICSModel(get_preset("tiny"))
     torch.save({"state_dict": reference_state_dict(src)}, tmp_path / "reference.ckpt")  # Lightning layout
@@ -142,3 +148,11 @@ def test_cli_writes_a_folder_that_runs_as_the_reference(tmp_path):
     assert model.routing(torch.zeros(1, 2, 3, 64), torch.zeros(1, 2, 64, 64)).mode == "reference"
     a, b = src.state_dict(), model.state_dict()
     assert [k for k in a if not k.startswith("shape_encoder.") and not torch.equal(a[k], b[k])] == []
+
+
+def test_converting_into_a_model_without_a_kl_autoencoder_is_refused(tmp_path):
+    from pics_model.convert_reference import main
+
+    torch.save({"state_dict": {}}, tmp_path / "reference.ckpt")
+    with pytest.raises(ValueError, match="AutoencoderKL"):
+        main([str(tmp_path / "reference.ckpt"), str(tmp_path / "out"), "--preset", "tiny"])
