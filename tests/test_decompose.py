@@ -200,6 +200,29 @@ def test_every_bad_input_is_quarantined_with_its_reason(tmp_path):
     assert {r["image_id"] for r in shards.iter_rows(tmp_path / "out", columns=["image_id"])} == {1, 6}
 
 
+def test_file_names_outside_the_image_root_are_quarantined_and_never_read(tmp_path):
+    pair = [{"segmentation": rect(10, 10, 60, 60)}, {"segmentation": rect(50, 50, 100, 80)}]
+    ann, root = write_dataset(tmp_path / "ds", [{"id": i, "width": 120, "height": 90, "objects": pair}
+                                                for i in (1, 2, 3, 4)], fmt="coco")
+    outside = tmp_path / "ds" / "elsewhere"
+    outside.mkdir()
+    for i in (2, 3):  # real, readable images, but only reachable by leaving the root
+        (root / f"{i:012d}.png").rename(outside / f"x{i}.png")
+    (root / "000000000004.png").rename(root.parent / "x4.png")
+    data = json.loads(ann.read_text())
+    data["images"][1]["file_name"] = "../elsewhere/x2.png"
+    data["images"][2]["file_name"] = str(outside / "x3.png")  # absolute
+    data["images"][3].pop("file_name")
+    data["images"][3]["coco_url"] = "http://host/../x4.png"  # last two parts: ../x4.png
+    ann.write_text(json.dumps(data))
+    m, _ = run_serial(params(area_ratio=0.01), ann, root, tmp_path / "out")
+    q = pq.read_table(tmp_path / "out" / "quarantine.parquet").to_pylist()
+    assert {(r["image_id"], r["reason"]) for r in q} == {(i, "image_path_outside_root") for i in (2, 3, 4)}
+    assert all("outside" in r["detail"] and r["source"] == str(ann) for r in q)
+    assert m["quarantined"] == {"image_path_outside_root": 3} and m["images_with_pair"] == 1
+    assert {r["image_id"] for r in shards.iter_rows(tmp_path / "out", columns=["image_id"])} == {1}
+
+
 @pytest.mark.parametrize("mutate,field", [
     (lambda d: d.pop("annotations"), "annotations"),
     (lambda d: d["annotations"][0].pop("image_id"), "annotations[0].image_id"),
