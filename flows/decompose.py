@@ -142,9 +142,10 @@ def import_webdataset_flow(tars: list[str], out: str, overrides: list[str] | Non
     out_path = Path(out)
     webdataset.clear_output(out_path)
     tar_task = task(name="import-tar", task_run_name="import-{index}", **_TASK)(webdataset.import_tar)
-    futures = [tar_task.submit(str(t), str(out_path), i, p) for i, t in enumerate(sorted(tars))]
+    labelled = webdataset.tar_labels([str(t) for t in tars])
+    futures = [tar_task.submit(t, str(out_path), i, p, label) for i, (t, label) in enumerate(labelled)]
     results = [f.result() for f in futures]
-    manifest = webdataset.finalize(out_path, results, p, [str(t) for t in sorted(tars)])
+    manifest = webdataset.finalize(out_path, results, p, [t for t, _ in labelled])
     if p["grid_samples"] and manifest["samples"]:
         from tasks.decompose.visualize import write_sample_grid
 

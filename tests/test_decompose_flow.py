@@ -99,13 +99,16 @@ def test_import_webdataset_flow(prefect_harness, tmp_path, params_file):
     from tasks.decompose.synthetic import write_reference_tar
 
     tars = []
-    for k in range(2):
-        tars.append(tmp_path / f"lvis-{k:06d}.tar")
+    for k in range(2):  # one name in two folders
+        tars.append(tmp_path / f"part{k}" / "lvis-000000.tar")
+        tars[-1].parent.mkdir()
         write_reference_tar(tars[-1], n_good=2, seed=k)
     res = import_webdataset_flow(tars=[str(t) for t in tars], out=str(tmp_path / "out"),
                                  overrides=["decompose.grid_samples=2"], params_file=params_file)
     assert res["samples"] == 4 and res["quarantined"] == {"missing_member": 2}
     assert len(shards.list_shards(tmp_path / "out")) == 2 and (tmp_path / "out" / "samples.png").is_file()
+    ids = [r["sample_id"] for r in shards.iter_rows(tmp_path / "out", columns=["sample_id"])]
+    assert len(set(ids)) == 4
 
 
 _KILLABLE = """
