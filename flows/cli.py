@@ -26,8 +26,10 @@ def _overrides(section: str, named: dict, extra: Optional[list[str]]) -> list[st
 
 
 def _fail(e: Exception) -> None:
+    from tasks.quarantine import LIMIT_EXIT_CODE, QuarantineLimitError
+
     typer.secho(str(e), fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(LIMIT_EXIT_CODE if isinstance(e, QuarantineLimitError) else 2)
 
 
 @app.command("make-sample")
@@ -60,11 +62,12 @@ def decompose(
     from flows.decompose import decompose_flow
     from tasks.decompose.inputs import InputError
     from tasks.params import ParamsError
+    from tasks.quarantine import QuarantineLimitError
 
     named = {"annotations": annotations, "images": images, "out": out}
     try:
         decompose_flow(overrides=_overrides("decompose", named, set_), params_file=str(params) if params else None)
-    except (ParamsError, InputError) as e:
+    except (ParamsError, InputError, QuarantineLimitError) as e:
         _fail(e)
 
 
@@ -91,11 +94,12 @@ def import_webdataset(
     """Import the reference implementation's tar shards (bg.jpg, obj0.png, mask0.png, ...)."""
     from flows.decompose import import_webdataset_flow
     from tasks.params import ParamsError
+    from tasks.quarantine import QuarantineLimitError
 
     try:
         import_webdataset_flow(tars=[str(t) for t in tars], out=str(out), overrides=list(set_ or []),
                                params_file=str(params) if params else None)
-    except ParamsError as e:
+    except (ParamsError, QuarantineLimitError) as e:
         _fail(e)
 
 
@@ -109,11 +113,12 @@ def render_priors(
     """Reconstruct each object in 3D and render K views (multi-view shape priors)."""
     from flows.render_priors import render_priors_flow
     from tasks.params import ParamsError
+    from tasks.quarantine import QuarantineLimitError
 
     try:
         render_priors_flow(overrides=_overrides("render_priors", {"samples": samples, "out": out}, set_),
                            params_file=str(params) if params else None)
-    except ParamsError as e:
+    except (ParamsError, QuarantineLimitError) as e:
         _fail(e)
 
 

@@ -19,10 +19,11 @@ from PIL import Image
 from tasks import shards
 from tasks.decompose import webdataset
 from tasks.decompose.inputs import InputError
-from tasks.decompose.pipeline import prepare, run_serial
+from tasks.decompose.pipeline import prepare, quarantine_tallies, run_serial
 from tasks.decompose.synthetic import rect, write_dataset, write_reference_tar, write_synthetic_lvis
 from tasks.decompose.visualize import HEADER, TILE, write_sample_grid
 from tasks.params import DecomposeParams
+from tasks.quarantine import QuarantineLimitError, check_limit
 
 
 def params(**kw) -> dict:
@@ -199,6 +200,15 @@ def test_every_bad_input_is_quarantined_with_its_reason(tmp_path):
     assert m["images_with_pair"] + sum(m["skipped"].values()) + sum(m["quarantined"].values()) == m["images_seen"] == 7
     assert sum(m["quarantined_annotations"].values()) == 8
     assert {r["image_id"] for r in shards.iter_rows(tmp_path / "out", columns=["image_id"])} == {1, 6}
+    assert m["annotations_seen"] == 21
+    with pytest.raises(QuarantineLimitError) as e:  # more than half the images: the run fails, outputs written
+        check_limit("decompose", tmp_path / "out", quarantine_tallies(m), 0.5, "decompose.max_quarantine_fraction")
+    assert str(e.value).splitlines() == [
+        "decompose: images: 4 of 7 quarantined (57.1%: image_size_mismatch 1, missing_image 1, truncated_image 1); "
+        "annotations: 8 of 21 quarantined (38.1%: invalid_polygon 3, empty_mask 1, invalid_rle 1)",
+        f"quarantined more images than decompose.max_quarantine_fraction = 0.5 allows (or all of them); "
+        f"outputs written to {tmp_path / 'out'} (manifest.json, quarantine.parquet)"]
+    check_limit("decompose", tmp_path / "out", quarantine_tallies(m), 0.6, "decompose.max_quarantine_fraction")
 
 
 def test_file_names_outside_the_image_root_are_quarantined_and_never_read(tmp_path):

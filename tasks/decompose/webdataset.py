@@ -260,3 +260,10 @@ def finalize(out: Path, results: list[dict], params: dict, tars: list[str]) -> d
     }
     atomic.write_json(out / "manifest.json", manifest)
     return manifest
+
+
+def quarantine_tallies(manifest: dict) -> dict[str, tuple[int, dict[str, int]]]:
+    """Samples seen and quarantined; a tar that could not be opened at all counts as one lost input."""
+    unreadable = len(manifest["tars_unreadable"])
+    lost = {"unreadable_tar": unreadable} if unreadable else {}
+    return {"samples": (manifest["images_seen"] + unreadable, {**manifest["quarantined"], **lost})}
