@@ -111,7 +111,7 @@ def read_tar(path: str | Path) -> tuple[dict[str, dict[str, bytes]], str | None,
         except (tarfile.ReadError, EOFError) as e:
             cut = f"truncated: {e}"
         else:
-            if current is not None and not _ended_cleanly(tf):
+            if not _ended_cleanly(tf):
                 cut = f"truncated: no end-of-archive block after byte {tf.offset}"
     if cut is None:
         return dict(groups), None, None
@@ -213,6 +213,7 @@ def import_tar(tar: str, out: str, index: int, params: dict, label: str | None =
         qrecs.append(QuarantineRecord(STAGE, "unreadable_tar", _detail(e), tar))
     if cut is not None:
         qrecs.append(QuarantineRecord(STAGE, "truncated_tar", cut, tar))
+    if cut_key is not None:
         qrecs.append(QuarantineRecord(STAGE, "truncated_sample", f"the tar ends inside or right after it ({cut})",
                                       f"{tar}:{printable(cut_key)}", item_key=sample_id(label, cut_key)))
     for key in sorted(groups):
@@ -226,7 +227,7 @@ def import_tar(tar: str, out: str, index: int, params: dict, label: str | None =
     if rows:
         rel = f"{SHARDS_DIR}/{shard_name(index)}.parquet"
         sha = write_samples(Path(out) / rel, rows)
-    return {"tar": tar, "file": rel, "sha256": sha, "samples_seen": len(groups) + (cut is not None),
+    return {"tar": tar, "file": rel, "sha256": sha, "samples_seen": len(groups) + (cut_key is not None),
             "samples": len(rows), "tar_unreadable": any(q.reason == "unreadable_tar" for q in qrecs),
             "tar_truncated": cut is not None,
             "quarantined": dict(Counter(q.reason for q in qrecs if q.reason not in _TAR_REASONS)),
