@@ -104,7 +104,8 @@ def test_import_webdataset_flow(prefect_harness, tmp_path, params_file):
         tars[-1].parent.mkdir()
         write_reference_tar(tars[-1], n_good=2, seed=k)
     res = import_webdataset_flow(tars=[str(t) for t in tars], out=str(tmp_path / "out"),
-                                 overrides=["decompose.grid_samples=2"], params_file=params_file)
+                                 overrides=["decompose.grid_samples=2", "decompose.max_quarantine_fraction=0.5"],
+                                 params_file=params_file)  # one sample in three is bad
     assert res["samples"] == 4 and res["quarantined"] == {"missing_member": 2}
     assert len(shards.list_shards(tmp_path / "out")) == 2 and (tmp_path / "out" / "samples.png").is_file()
     ids = [r["sample_id"] for r in shards.iter_rows(tmp_path / "out", columns=["sample_id"])]
