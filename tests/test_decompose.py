@@ -379,7 +379,8 @@ def test_webdataset_member_names_never_become_ids(tmp_path):
     assert m["samples"] == 2 and len(q) == 1
     ids = [r["sample_id"] for r in rows] + [r["item_key"] for r in q]
     assert all(re.fullmatch(r"wds-[0-9a-f]{20}", i) for i in ids) and len(set(ids)) == 3
-    assert sorted(r["source_image"] for r in rows) == ["odd.tar:../../etc/x:y.bg.jpg", "odd.tar:caf\\xe9 \u00e9t\u00e9.bg.jpg"]
+    assert sorted(r["source_image"] for r in rows) == ["odd.tar:../../etc/x:y.bg.jpg",
+                                                       "odd.tar:caf\\xe9 \u00e9t\u00e9.bg.jpg"]
 
 
 def test_webdataset_truncated_tar_keeps_its_complete_samples(tmp_path):
