@@ -39,8 +39,10 @@ def _params_file(params: Optional[Path]) -> str:
 
 
 def _fail(e: object) -> None:
+    from tasks.quarantine import LIMIT_EXIT_CODE, QuarantineLimitError
+
     typer.secho(str(e), fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(LIMIT_EXIT_CODE if isinstance(e, QuarantineLimitError) else 2)
 
 
 # Causes of a failed write that the person running the command can fix: one line, no traceback.
@@ -89,9 +91,10 @@ def decompose(
     """Mine interacting object groups and write training shards."""
     from flows.decompose import decompose_flow
     from tasks.decompose.inputs import InputError
+    from tasks.quarantine import QuarantineLimitError
 
     named = {"annotations": annotations, "images": images, "out": out}
-    with _user_errors(InputError):
+    with _user_errors(InputError, QuarantineLimitError):
         decompose_flow(overrides=_overrides("decompose", named, set_), params_file=_params_file(params))
 
 
@@ -122,8 +125,9 @@ def import_webdataset(
     """Import the reference implementation's tar shards (bg.jpg, obj0.png, mask0.png, ...)."""
     from flows.decompose import import_webdataset_flow
     from tasks.decompose.inputs import InputError
+    from tasks.quarantine import QuarantineLimitError
 
-    with _user_errors(InputError):
+    with _user_errors(InputError, QuarantineLimitError):
         import_webdataset_flow(tars=[str(t) for t in tars], out=str(out), overrides=list(set_ or []),
                                params_file=_params_file(params))
 
@@ -137,8 +141,9 @@ def render_priors(
 ):
     """Reconstruct each object in 3D and render K views (multi-view shape priors)."""
     from flows.render_priors import render_priors_flow
+    from tasks.quarantine import QuarantineLimitError
 
-    with _user_errors():
+    with _user_errors(QuarantineLimitError):
         render_priors_flow(overrides=_overrides("render_priors", {"samples": samples, "out": out}, set_),
                            params_file=_params_file(params))
 

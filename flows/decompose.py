@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import sys
 from pathlib import Path
 
 import flows  # noqa: F401  (offline Prefect/Ray environment before Prefect is imported)
@@ -18,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
+from tasks import quarantine
 from tasks.decompose import pipeline
 from tasks.params import load_params, resolve_path
 from tasks.runtime import init_ray
@@ -116,6 +118,8 @@ def decompose_flow(overrides: list[str] | None = None, params_file: str | None =
     _publish(manifest, grid, out)
     log.info("%d samples, skipped %s, quarantined %s", manifest["samples"], manifest["skipped"],
              manifest["quarantined"])
+    log.info(quarantine.check_limit("decompose", out, pipeline.quarantine_tallies(manifest),
+                                    p.max_quarantine_fraction, "decompose.max_quarantine_fraction"))
     return {
         "out": str(out),
         "images_seen": manifest["images_seen"],
@@ -143,13 +147,16 @@ def import_webdataset_flow(tars: list[str], out: str, overrides: list[str] | Non
     webdataset.check_tars(tars)
     webdataset.clear_output(out_path)
     tar_task = task(name="import-tar", task_run_name="import-{index}", **_TASK)(webdataset.import_tar)
-    futures = [tar_task.submit(str(t), str(out_path), i, p) for i, t in enumerate(sorted(tars))]
+    labelled = webdataset.tar_labels([str(t) for t in tars])
+    futures = [tar_task.submit(t, str(out_path), i, p, label) for i, (t, label) in enumerate(labelled)]
     results = [f.result() for f in futures]
-    manifest = webdataset.finalize(out_path, results, p, [str(t) for t in sorted(tars)])
+    manifest = webdataset.finalize(out_path, results, p, [t for t, _ in labelled])
     if p["grid_samples"] and manifest["samples"]:
         from tasks.decompose.visualize import write_sample_grid
 
         write_sample_grid(out_path, n=p["grid_samples"])
+    get_run_logger().info(quarantine.check_limit("import-webdataset", out_path, webdataset.quarantine_tallies(manifest),
+                                                 p["max_quarantine_fraction"], "decompose.max_quarantine_fraction"))
     return {"out": str(out_path), "samples": manifest["samples"], "quarantined": manifest["quarantined"],
             "content_hash": manifest["content_hash"]}
 
@@ -167,6 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
         return decompose_flow(overrides=args.overrides, params_file=args.params)
     except (ParamsError, InputError) as e:
         raise SystemExit(f"decompose: {e}") from None
+    except quarantine.QuarantineLimitError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(quarantine.LIMIT_EXIT_CODE) from None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
+from tasks import quarantine
 from tasks.params import load_params, resolve_path
 from tasks.render_priors import pipeline
 from tasks.runtime import init_ray
@@ -121,6 +123,8 @@ def render_priors_flow(overrides: list[str] | None = None, params_file: str | No
     _publish(manifest, grid, out)
     log.info("%d priors, quarantined %s, %.1f s", manifest["rendered"], manifest["quarantined"],
              time.perf_counter() - t0)
+    log.info(quarantine.check_limit("render_priors", out, pipeline.quarantine_tallies(manifest),
+                                    p.max_quarantine_fraction, "render_priors.max_quarantine_fraction"))
     return {
         "out": str(out),
         "samples": manifest["samples"],
@@ -148,6 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
         return render_priors_flow(overrides=args.overrides, params_file=args.params)
     except ParamsError as e:  # bad params, missing samples, unknown plug-in, missing weights
         raise SystemExit(f"render_priors: {e}") from None
+    except quarantine.QuarantineLimitError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(quarantine.LIMIT_EXIT_CODE) from None
 
 
 if __name__ == "__main__":

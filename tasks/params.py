@@ -79,6 +79,8 @@ class DecomposeParams(Section):
     seed: int = 0
     png_compression: int = Field(1, ge=0, le=9)  # zlib level of patch/mask PNGs: 1 is ~3x faster than 6, ~10% larger
     grid_samples: int = Field(8, ge=0)  # samples drawn in the flow's picture (samples.png/html); 0: none
+    # more images or annotations quarantined than this (or all): outputs written, then exit 3
+    max_quarantine_fraction: float = Field(0.1, ge=0.0, le=1.0)
 
 
 class RenderPriorsParams(Section):
@@ -97,6 +99,7 @@ class RenderPriorsParams(Section):
     thickness: float = Field(1.0, gt=0.0)  # built-in reconstructor: 1.0 inflates a disc into a ball
     gl_threads: int = Field(1, ge=1)  # llvmpipe threads per worker (LP_NUM_THREADS); one worker per core
     grid_objects: int = Field(4, ge=0)  # objects drawn in the flow's picture (priors.png); 0: none
+    max_quarantine_fraction: float = Field(0.1, ge=0.0, le=1.0)  # more objects quarantined (or all): exit 3
 
     @model_validator(mode="after")
     def _elevation(self):

@@ -6,6 +6,7 @@ does). Values the user already exported win: everything here is a default.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -34,6 +35,35 @@ def configure_environment(root: Path | None = None) -> None:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+
+
+_watchdog_pid: int | None = None
+
+
+def start_watchdog() -> int | None:
+    """Start, once per process, the watchdog (``tasks/watchdog.py``) that ends everything this
+    process starts (Prefect's temporary server, Ray, DVC...) when this process ends, even by SIGKILL,
+    which no ``atexit`` hook sees. Returns its pid; None where there is no ``/proc`` (not Linux).
+    """
+    global _watchdog_pid
+    if _watchdog_pid is not None or not Path("/proc/self/stat").exists():
+        return _watchdog_pid
+    import uuid
+
+    from tasks import watchdog
+
+    token = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k != watchdog.TOKEN_VAR}
+    # Inherited by every process started from now on: a fresh token per driver, so a driver that a
+    # driver started (DVC stages of `pics pipeline`) answers to a watchdog of its own.
+    os.environ[watchdog.TOKEN_VAR] = token
+    devnull = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
+    # posix_spawn, not subprocess: no Popen object that warns at exit about a child still running;
+    # /dev/null for stdio so that a reader of this process's output is not kept waiting by it.
+    _watchdog_pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", watchdog.__file__,
+                                                    str(os.getpid()), token], env,
+                                   file_actions=devnull, setsid=True)
+    return _watchdog_pid
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, object_store_mb: int = 500):

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import random
+import re
 import tarfile
 
 import cv2
@@ -18,10 +19,11 @@ from PIL import Image
 from tasks import shards
 from tasks.decompose import webdataset
 from tasks.decompose.inputs import InputError
-from tasks.decompose.pipeline import prepare, run_serial
+from tasks.decompose.pipeline import prepare, quarantine_tallies, run_serial
 from tasks.decompose.synthetic import rect, write_dataset, write_reference_tar, write_synthetic_lvis
 from tasks.decompose.visualize import HEADER, TILE, write_sample_grid
 from tasks.params import DecomposeParams
+from tasks.quarantine import QuarantineLimitError, check_limit
 
 
 def params(**kw) -> dict:
@@ -198,6 +200,38 @@ def test_every_bad_input_is_quarantined_with_its_reason(tmp_path):
     assert m["images_with_pair"] + sum(m["skipped"].values()) + sum(m["quarantined"].values()) == m["images_seen"] == 7
     assert sum(m["quarantined_annotations"].values()) == 8
     assert {r["image_id"] for r in shards.iter_rows(tmp_path / "out", columns=["image_id"])} == {1, 6}
+    assert m["annotations_seen"] == 21
+    with pytest.raises(QuarantineLimitError) as e:  # more than half the images: the run fails, outputs written
+        check_limit("decompose", tmp_path / "out", quarantine_tallies(m), 0.5, "decompose.max_quarantine_fraction")
+    assert str(e.value).splitlines() == [
+        "decompose: images: 4 of 7 quarantined (57.1%: image_size_mismatch 1, missing_image 1, truncated_image 1); "
+        "annotations: 8 of 21 quarantined (38.1%: invalid_polygon 3, empty_mask 1, invalid_rle 1)",
+        f"quarantined more images than decompose.max_quarantine_fraction = 0.5 allows (or all of them); "
+        f"outputs written to {tmp_path / 'out'} (manifest.json, quarantine.parquet)"]
+    check_limit("decompose", tmp_path / "out", quarantine_tallies(m), 0.6, "decompose.max_quarantine_fraction")
+
+
+def test_file_names_outside_the_image_root_are_quarantined_and_never_read(tmp_path):
+    pair = [{"segmentation": rect(10, 10, 60, 60)}, {"segmentation": rect(50, 50, 100, 80)}]
+    ann, root = write_dataset(tmp_path / "ds", [{"id": i, "width": 120, "height": 90, "objects": pair}
+                                                for i in (1, 2, 3, 4)], fmt="coco")
+    outside = tmp_path / "ds" / "elsewhere"
+    outside.mkdir()
+    for i in (2, 3):  # real, readable images, but only reachable by leaving the root
+        (root / f"{i:012d}.png").rename(outside / f"x{i}.png")
+    (root / "000000000004.png").rename(root.parent / "x4.png")
+    data = json.loads(ann.read_text())
+    data["images"][1]["file_name"] = "../elsewhere/x2.png"
+    data["images"][2]["file_name"] = str(outside / "x3.png")  # absolute
+    data["images"][3].pop("file_name")
+    data["images"][3]["coco_url"] = "http://host/../x4.png"  # last two parts: ../x4.png
+    ann.write_text(json.dumps(data))
+    m, _ = run_serial(params(area_ratio=0.01), ann, root, tmp_path / "out")
+    q = pq.read_table(tmp_path / "out" / "quarantine.parquet").to_pylist()
+    assert {(r["image_id"], r["reason"]) for r in q} == {(i, "image_path_outside_root") for i in (2, 3, 4)}
+    assert all("outside" in r["detail"] and r["source"] == str(ann) for r in q)
+    assert m["quarantined"] == {"image_path_outside_root": 3} and m["images_with_pair"] == 1
+    assert {r["image_id"] for r in shards.iter_rows(tmp_path / "out", columns=["image_id"])} == {1}
 
 
 @pytest.mark.parametrize("mutate,field", [
@@ -295,7 +329,8 @@ def test_webdataset_import(tmp_path):
     m = webdataset.finalize(out, [res], params(), [str(tar)])
     assert m["images_seen"] == 3 and m["samples"] == 2 and m["quarantined"] == {"missing_member": 1}
     q = pq.read_table(out / "quarantine.parquet").to_pylist()
-    assert [(r["item_key"], r["reason"]) for r in q] == [("lvis/000002", "missing_member")]
+    assert [(r["item_key"], r["reason"]) for r in q] == [(webdataset.sample_id("lvis-000000.tar", "lvis/000002"),
+                                                         "missing_member")]
     samples = list(shards.iter_samples(out))
     assert len(samples) == 2
     for s, row in zip(samples, shards.iter_rows(out)):
@@ -307,6 +342,81 @@ def test_webdataset_import(tmp_path):
         assert s["patches"].shape == (2, 224, 224, 3) and s["region_map"].shape == (512, 512)
         assert s["pair_mask_iou"][0] == pytest.approx((20 * 40) / (50 * 60 + 70 * 50 - 20 * 40))
         assert s["pair_contact_px"][0] > 0 and s["category_ids"] == [-1, -1]
+
+
+def _import(tars: list, out) -> tuple[dict, list[dict]]:
+    results = [webdataset.import_tar(t, str(out), i, params(), label)
+               for i, (t, label) in enumerate(webdataset.tar_labels([str(t) for t in tars]))]
+    m = webdataset.finalize(out, results, params(), [str(t) for t in tars])
+    return m, pq.read_table(out / "quarantine.parquet").to_pylist()
+
+
+def test_webdataset_ids_unique_across_same_named_tars_in_different_folders(tmp_path):
+    tars = [tmp_path / d / "lvis-000000.tar" for d in ("train", "val")]
+    for t in tars:
+        t.parent.mkdir()
+        write_reference_tar(t)  # the same key names (and here the same bytes) in both
+    m, _ = _import([*tars, tmp_path / "val" / ".." / "val" / "lvis-000000.tar"], tmp_path / "out")  # one tar twice
+    rows = list(shards.iter_rows(tmp_path / "out", columns=["sample_id", "image_id", "source_image"]))
+    assert m["samples"] == 4 and len(shards.list_shards(tmp_path / "out")) == 2
+    assert len({r["sample_id"] for r in rows}) == 4 and len({r["image_id"] for r in rows}) == 4
+    assert {r["source_image"].split(":")[0] for r in rows} == {"train/lvis-000000.tar", "val/lvis-000000.tar"}
+
+
+def test_webdataset_member_names_never_become_ids(tmp_path):
+    tar = tmp_path / "x.tar"
+    write_reference_tar(tar)
+    odd = tmp_path / "odd.tar"
+    with tarfile.open(tar) as src, tarfile.open(odd, "w", encoding="utf-8", errors="surrogateescape") as dst:
+        for mem in src:  # the same samples under hostile names: a climb out, a colon, undecodable bytes
+            key, ext = webdataset.split_key(mem.name)
+            new = {"lvis/000000": "../../etc/x:y", "lvis/000001": "caf\udce9 \u00e9t\u00e9"}.get(key, key)
+            data = src.extractfile(mem).read()
+            mem.name = f"{new}.{ext}"
+            dst.addfile(mem, io.BytesIO(data))
+    m, q = _import([odd], tmp_path / "out")
+    rows = list(shards.iter_rows(tmp_path / "out", columns=["sample_id", "source_image"]))
+    assert m["samples"] == 2 and len(q) == 1
+    ids = [r["sample_id"] for r in rows] + [r["item_key"] for r in q]
+    assert all(re.fullmatch(r"wds-[0-9a-f]{20}", i) for i in ids) and len(set(ids)) == 3
+    assert sorted(r["source_image"] for r in rows) == ["odd.tar:../../etc/x:y.bg.jpg",
+                                                       "odd.tar:caf\\xe9 \u00e9t\u00e9.bg.jpg"]
+
+
+def test_webdataset_truncated_tar_keeps_its_complete_samples(tmp_path):
+    tar = tmp_path / "lvis-000000.tar"
+    write_reference_tar(tar, n_good=3)  # keys 0-2 complete, key 3 without mask1
+    with tarfile.open(tar) as tf:
+        members = {m.name: m for m in tf}
+    data = tar.read_bytes()
+    cut_in_data = members["lvis/000002.obj1.png"].offset_data + 100
+    cut_in_header = members["lvis/000002.bg.jpg"].offset + 100
+    for name, cut, kept in [("data", cut_in_data, 2), ("header", cut_in_header, 1)]:
+        t = tmp_path / name / "lvis-000000.tar"
+        t.parent.mkdir()
+        t.write_bytes(data[:cut])
+        m, q = _import([t], tmp_path / f"out-{name}")
+        assert m["samples"] == kept and m["tars_truncated"] == [str(t)] and m["tars_unreadable"] == []
+        cut_key = "lvis/000002" if name == "data" else "lvis/000001"  # a cut after a sample cannot prove it whole
+        assert [(r["reason"], r["item_key"]) for r in q] == [
+            ("truncated_tar", ""), ("truncated_sample", webdataset.sample_id("lvis-000000.tar", cut_key))]
+        assert m["quarantined"] == {"truncated_sample": 1} and m["images_seen"] == kept + 1
+    _, q = _import([tar], tmp_path / "out-whole")  # the complete tar: no truncation reported
+    assert [r["reason"] for r in q] == ["missing_member"]
+
+
+def test_webdataset_quarantine_details_are_deterministic(tmp_path):
+    tar = tmp_path / "bad.tar"
+    with tarfile.open(tar, "w") as tf:
+        for name, data in [("k.bg.jpg", b"not an image"), ("k.obj0.png", b"x"), ("k.mask0.png", b"x"),
+                           ("k.obj1.png", b"x"), ("k.mask1.png", b"x")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    _, q1 = _import([tar], tmp_path / "a")
+    _, q2 = _import([tar], tmp_path / "b")
+    assert [r["reason"] for r in q1] == ["unreadable_image"]
+    assert q1 == q2 and " at 0x" not in q1[0]["detail"] and "cannot identify image" in q1[0]["detail"]
 
 
 # -- the picture -----------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ import pycocotools.mask as mask_utils
 import pytest
 
 from tasks import shards
-from tasks.decompose.pipeline import run_serial
+from tasks.decompose.pipeline import quarantine_tallies, run_serial
 from tasks.params import DecomposeParams
+from tasks.quarantine import QuarantineLimitError, check_limit
 
 
 def params(**kw) -> dict:
@@ -40,6 +41,11 @@ def test_lvis_v05_missing_images_quarantined_present_one_decomposes(shared_data,
     s = shards.decode_sample(rows[0])
     assert s["image"].shape == (429, 640, 3) and s["masks"].shape == (2, 429, 640)
     assert all(n for n in s["category_names"])
+    # The fixture holds 1 of its 100 images: a real run on it passes only the limit of 1.0, which
+    # fails a run only when every image or annotation is quarantined.
+    with pytest.raises(QuarantineLimitError, match=r"images: 99 of 100 quarantined \(99\.0%: missing_image 99\)"):
+        check_limit("decompose", tmp_path, quarantine_tallies(m), params()["max_quarantine_fraction"], "x")
+    check_limit("decompose", tmp_path, quarantine_tallies(m), 1.0, "x")
 
 
 def test_lvis_v1_form_of_the_same_file(shared_data, tmp_path):

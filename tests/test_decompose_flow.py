@@ -99,13 +99,57 @@ def test_import_webdataset_flow(prefect_harness, tmp_path, params_file):
     from tasks.decompose.synthetic import write_reference_tar
 
     tars = []
-    for k in range(2):
-        tars.append(tmp_path / f"lvis-{k:06d}.tar")
+    for k in range(2):  # one name in two folders
+        tars.append(tmp_path / f"part{k}" / "lvis-000000.tar")
+        tars[-1].parent.mkdir()
         write_reference_tar(tars[-1], n_good=2, seed=k)
     res = import_webdataset_flow(tars=[str(t) for t in tars], out=str(tmp_path / "out"),
-                                 overrides=["decompose.grid_samples=2"], params_file=params_file)
+                                 overrides=["decompose.grid_samples=2", "decompose.max_quarantine_fraction=0.5"],
+                                 params_file=params_file)  # one sample in three is bad
     assert res["samples"] == 4 and res["quarantined"] == {"missing_member": 2}
     assert len(shards.list_shards(tmp_path / "out")) == 2 and (tmp_path / "out" / "samples.png").is_file()
+    ids = [r["sample_id"] for r in shards.iter_rows(tmp_path / "out", columns=["sample_id"])]
+    assert len(set(ids)) == 4
+
+
+def test_too_much_quarantined_writes_outputs_then_exits_3(prefect_harness, local_ray, tmp_path, params_file):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.decompose import main
+    from tasks.decompose.synthetic import rect, write_dataset, write_reference_tar
+
+    pair = [{"segmentation": rect(10, 10, 60, 60)}, {"segmentation": rect(50, 50, 100, 80)}]
+    ann, root = write_dataset(tmp_path / "ds", [{"id": i, "width": 120, "height": 90, "objects": pair, "file": i > 2}
+                                                for i in range(1, 6)])  # images 1 and 2 missing: 40 %
+    cmd = ["decompose", "--annotations", str(ann), "--images", str(root), "--params", params_file,
+           "--set", "decompose.grid_samples=0"]
+    r = CliRunner().invoke(app, [*cmd, "--out", str(tmp_path / "some")])
+    assert r.exit_code == 3, r.output
+    assert "images: 2 of 5 quarantined (40.0%: missing_image 2)" in r.output
+    assert "decompose.max_quarantine_fraction = 0.1" in r.output
+    m = json.loads((tmp_path / "some" / "manifest.json").read_text())  # everything written all the same
+    assert m["quarantined"] == {"missing_image": 2} and m["images_with_pair"] == 3
+    assert pq.read_table(tmp_path / "some" / "quarantine.parquet").num_rows == 2
+    assert m["content_hash"] == shards.content_hash(tmp_path / "some") and len(shards.list_shards(tmp_path / "some"))
+    r = CliRunner().invoke(app, [*cmd, "--out", str(tmp_path / "ok"), "--set", "decompose.max_quarantine_fraction=0.5"])
+    assert r.exit_code == 0, r.output
+
+    for f in root.iterdir():  # every image gone: a failure at any fraction
+        f.unlink()
+    with pytest.raises(SystemExit) as e:
+        main(["--params", params_file, *[f"--set=decompose.{k}={v}" for k, v in [
+            ("annotations", ann), ("images", root), ("out", tmp_path / "none"), ("grid_samples", 0),
+            ("max_quarantine_fraction", 1.0)]]])
+    assert e.value.code == 3
+    assert json.loads((tmp_path / "none" / "manifest.json").read_text())["quarantined"] == {"missing_image": 5}
+
+    tar = tmp_path / "lvis-000000.tar"
+    write_reference_tar(tar, n_good=0)  # its one sample lacks mask1.png
+    r = CliRunner().invoke(app, ["import-webdataset", str(tar), "--out", str(tmp_path / "wds"), "--params", params_file,
+                                 "--set", "decompose.max_quarantine_fraction=1.0"])
+    assert r.exit_code == 3 and "samples: 1 of 1 quarantined (100.0%: missing_member 1)" in r.output
+    assert (tmp_path / "wds" / "manifest.json").is_file() and (tmp_path / "wds" / "quarantine.parquet").is_file()
 
 
 _KILLABLE = """

@@ -67,6 +67,26 @@ def test_flow_on_ray_matches_serial_and_resumes(prefect_harness, local_ray, samp
     assert again["shards_run"] == 0 and again["kept_from_earlier_runs"] == 4 and again["rendered"] == 4
 
 
+def test_cli_exits_3_after_writing_outputs_when_every_object_is_quarantined(prefect_harness, local_ray, shared_data,
+                                                                              tmp_path):
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    objs = load_objects(shared_data / "coco_hf_39769/instances_39769.json", shared_data / "coco_hf_39769")
+    empty = [dict(o, mask=np.zeros_like(o["mask"])) for o in objs[:2]]
+    d = tmp_path / "samples"
+    write_sample_shard(d / "shards" / "shard-00000.parquet", [sample_row("a", 39769, empty)])
+    r = CliRunner().invoke(app, ["render-priors", "--samples", str(d), "--out", str(tmp_path / "o"),
+                                 "--set", "render_priors.max_quarantine_fraction=1.0",
+                                 "--set", "render_priors.grid_objects=0"])
+    assert r.exit_code == 3 and "objects: 2 of 2 quarantined (100.0%: empty_mask 2)" in r.output
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["quarantined"] == {"empty_mask": 2}
+    assert pq.read_table(tmp_path / "o" / "quarantine.parquet").num_rows == 2
+
+
 def test_cli_reports_bad_inputs(prefect_harness, samples, tmp_path):
     from typer.testing import CliRunner
 

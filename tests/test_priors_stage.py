@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.params import RenderPriorsParams
+from tasks.quarantine import QuarantineLimitError, check_limit
 from tasks.render_priors import pipeline
 from tasks.render_priors.coco_objects import load_objects, png_bytes, sample_row, write_sample_shard
 from tasks.schema import PRIOR_SCHEMA, object_key
@@ -61,6 +62,10 @@ def test_stage_dedupes_quarantines_and_counts(samples, tmp_path, coco):
     assert manifest["rendered"] == 3
     assert manifest["quarantined"] == {"bad_patch": 1, "degenerate_mesh": 1, "empty_mask": 1}
     assert manifest["rendered"] + sum(manifest["quarantined"].values()) == manifest["distinct_objects"]
+    with pytest.raises(QuarantineLimitError, match=r"objects: 3 of 6 quarantined \(50\.0%: bad_patch 1, "
+                                                   r"degenerate_mesh 1, empty_mask 1\)"):
+        check_limit("render_priors", out, pipeline.quarantine_tallies(manifest), p["max_quarantine_fraction"], "x")
+    check_limit("render_priors", out, pipeline.quarantine_tallies(manifest), 0.5, "x")  # half: not more than half
     assert manifest["timing"]["render_ms_per_view"] > 0 and manifest["timing"]["wall_s"] > 0
     assert manifest["renderer"]["gl_renderer"]
 

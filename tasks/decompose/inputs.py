@@ -195,8 +195,22 @@ def image_candidates(record: dict) -> list[str]:
     return uniq
 
 
+def leaves_root(rel: str) -> bool:
+    """True for a name that points outside the image root: absolute, or climbing out with ``..``.
+
+    Decided on the name alone (no symlink is followed): a root may well be a link farm into a
+    dataset elsewhere, but an annotation file must not steer the stage to read any file it names.
+    """
+    return os.path.isabs(rel) or os.path.normpath(rel).split(os.sep, 1)[0] == os.pardir
+
+
+def name_outside_root(record: dict) -> str | None:
+    """The first of the record's image names that leaves the root, if any (such an image is never read)."""
+    return next((rel for rel in image_candidates(record) if leaves_root(rel)), None)
+
+
 def resolve_image(root: Path, record: dict) -> str | None:
     for rel in image_candidates(record):
-        if (root / rel).is_file():
+        if not leaves_root(rel) and (root / rel).is_file():
             return rel
     return None

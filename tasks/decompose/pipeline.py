@@ -29,7 +29,7 @@ from tasks.shards import content_hash, kept_progress, prepare_run_dir
 # Bump when the code's output for the same inputs changes, so old shards are not resumed.
 ALGORITHM_VERSION = 1
 # Parameters that change how, not what: they may differ between a killed run and its resume.
-_NOT_IN_FINGERPRINT = {"num_workers", "out", "grid_samples"}
+_NOT_IN_FINGERPRINT = {"num_workers", "out", "grid_samples", "max_quarantine_fraction"}
 # The flow's picture of samples (tasks.decompose.visualize.write_sample_grid), also in the output folder.
 GRID_FILES = {"samples.png", "samples.html"}
 
@@ -122,6 +122,7 @@ def finalize(plan: Plan, results: list[dict]) -> dict:
                    "annotations_sha256": plan.dataset.sha256, "images": plan.ctx.image_root},
         "params": plan.ctx.params,
         "images_seen": sum(r["images_seen"] for r in ordered),
+        "annotations_seen": sum(map(len, plan.dataset.anns_by_image.values())) + len(plan.dataset.quarantine),
         "images_with_pair": sum(r["images_with_pair"] for r in ordered),
         "samples": sum(r["samples"] for r in ordered),
         "splits": total("splits"),
@@ -139,6 +140,12 @@ def finalize(plan: Plan, results: list[dict]) -> dict:
     return manifest
 
 
+def quarantine_tallies(manifest: dict) -> dict[str, tuple[int, dict[str, int]]]:
+    """What :func:`tasks.quarantine.check_limit` weighs: images and annotations, seen and quarantined."""
+    return {"images": (manifest["images_seen"], manifest["quarantined"]),
+            "annotations": (manifest["annotations_seen"], manifest["quarantined_annotations"])}
+
+
 def sum_timings(results: list[dict]) -> dict[str, float]:
     return {k: round(sum(r.get("timings", {}).get(k, 0.0) for r in results), 4) for k in TIMING_KEYS}
 
@@ -150,4 +157,5 @@ def run_serial(params: dict, annotations, images, out) -> tuple[dict, list[dict]
     return finalize(plan, results), results
 
 
-__all__ = ["Plan", "prepare", "finalize", "run_serial", "plan_works", "fingerprint", "shard_name", "sum_timings"]
+__all__ = ["Plan", "prepare", "finalize", "run_serial", "plan_works", "fingerprint", "shard_name", "sum_timings",
+           "quarantine_tallies"]

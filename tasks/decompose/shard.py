@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from tasks import atomic
 from tasks.decompose import masks as M
 from tasks.decompose import pairing, sample
-from tasks.decompose.inputs import STAGE, resolve_image
+from tasks.decompose.inputs import STAGE, name_outside_root, resolve_image
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import SAMPLE_SCHEMA
 from tasks.shards import Timers
@@ -131,6 +131,10 @@ def process_image(record: dict, anns: list[dict], ctx: ShardContext, timers: Tim
         return out
 
     with timers("decode"):
+        outside = name_outside_root(record)
+        if outside is not None:
+            return q_image("image_path_outside_root", f"file name {outside!r} points outside the image root {root}",
+                           ctx.annotations)
         rel = resolve_image(root, record)
         if rel is None:
             from tasks.decompose.inputs import image_candidates

@@ -35,7 +35,8 @@ from tasks.shards import content_hash, kept_progress, list_shards, prepare_run_d
 # Bump when the code's output for the same inputs changes, so old shards are not resumed.
 ALGORITHM_VERSION = 1
 # Parameters that change how, not what: a killed run may be resumed with other values.
-_NOT_IN_FINGERPRINT = {"samples", "out", "shard_size", "num_workers", "platform", "gl_threads", "grid_objects"}
+_NOT_IN_FINGERPRINT = {"samples", "out", "shard_size", "num_workers", "platform", "gl_threads", "grid_objects",
+                       "max_quarantine_fraction"}
 _SCAN_COLUMNS = ["sample_id", "image_id", "annotation_ids", "patches", "patch_masks"]
 
 
@@ -194,6 +195,11 @@ def finalize(plan: Plan, results: list[dict], wall_s: float | None = None) -> di
     return manifest
 
 
+def quarantine_tallies(manifest: dict) -> dict[str, tuple[int, dict[str, int]]]:
+    """What :func:`tasks.quarantine.check_limit` weighs: distinct objects, seen and quarantined."""
+    return {"objects": (manifest["distinct_objects"], manifest["quarantined"])}
+
+
 def run_serial(params: dict, samples, out) -> tuple[dict, list[dict]]:
     """The whole stage in this process, no Prefect and no Ray (tests, the benchmark's baseline)."""
     t0 = time.perf_counter()
@@ -202,4 +208,5 @@ def run_serial(params: dict, samples, out) -> tuple[dict, list[dict]]:
     return finalize(plan, results, time.perf_counter() - t0), results
 
 
-__all__ = ["Plan", "Scan", "prepare", "finalize", "run_serial", "scan_samples", "fingerprint", "sum_timings"]
+__all__ = ["Plan", "Scan", "prepare", "finalize", "run_serial", "scan_samples", "fingerprint", "sum_timings",
+           "quarantine_tallies"]
