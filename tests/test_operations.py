@@ -55,7 +55,7 @@ def test_pipeline_deployment_on_prefect_server_and_two_node_ray(repo_copy, tmp_p
                 # area_ratio as well: `dvc exp run -S` of a changed value, through a deployment run.
                 overrides = [*as_set_args(), f"ray.address={cluster.address}", "decompose.area_ratio=0.05"]
                 try:
-                    deadline = time.monotonic() + 180
+                    deadline = time.monotonic() + 600
                     while deployment not in prefect(env, "deployment", "ls").split():
                         assert serve.poll() is None and time.monotonic() < deadline, "pics serve registered nothing"
                         time.sleep(2)

@@ -61,7 +61,7 @@ def test_cli_listings_and_deployments_of_prefect_yaml_beside_pics_serve(repo_cop
                                  stderr=subprocess.STDOUT)
         try:
             expected = _full_names(served=False) | _full_names(served=True)
-            deadline = time.monotonic() + 180
+            deadline = time.monotonic() + 600  # it imports every stage: minutes on a loaded machine
             while not expected <= (listed := set(prefect(env, "deployment", "ls").split())):
                 assert serve.poll() is None and time.monotonic() < deadline, (expected - listed, listed)
                 time.sleep(2)
