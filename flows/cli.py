@@ -177,17 +177,11 @@ def pipeline(
     in_workspace: bool = typer.Option(False, help="Run in the workspace instead of a temporary copy."),
 ):
     """Run the whole pipeline as one DVC experiment (`dvc exp run -S ...`)."""
-    import yaml
-
     from flows.pipeline import pipeline_flow
     from tasks.params import ParamsError
 
-    overrides = {}
-    for s in set_ or []:
-        k, _, v = s.partition("=")
-        overrides[k] = yaml.safe_load(v)
     try:
-        pipeline_flow(overrides=overrides, experiment_name=name, temp=not in_workspace)
+        pipeline_flow(overrides=list(set_ or []), experiment_name=name, temp=not in_workspace)
     except ParamsError as e:
         _fail(e)
 

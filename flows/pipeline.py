@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from filelock import FileLock
 from prefect import flow, get_run_logger
@@ -26,11 +25,6 @@ import flows  # noqa: F401
 from tasks.params import load_params, project_root
 
 _EXP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
-
-def override_strings(overrides: dict[str, Any] | None) -> list[str]:
-    """{"decompose.area_ratio": 0.05} -> ["decompose.area_ratio=0.05"]; values as JSON, a YAML subset."""
-    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in (overrides or {}).items()]
 
 
 def dvc_lock(repo: Path) -> FileLock:
@@ -83,22 +77,22 @@ def experiment_record(repo: Path, name: str) -> dict:
 
 @flow(name="pipeline")
 def pipeline_flow(
-    overrides: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
     experiment_name: str | None = None,
     repo: str | None = None,
     temp: bool = True,
 ) -> dict:
     """Run make_sample -> decompose -> render_priors -> train -> evaluate as one DVC experiment.
 
-    overrides: dotted params.yaml keys and their values, e.g. {"train.steps": 50, "ray.address": "auto"};
-        validated against the schema before DVC starts.
+    overrides: "section.key=value" strings, as every stage flow takes them, e.g. ["train.steps=50",
+        "ray.address=auto"]; validated against the schema before DVC starts, then passed as `-S`.
     experiment_name: the DVC experiment's name (default: pipeline-<flow run id>).
     repo: the DVC repository (default: this checkout, or the working folder for an installed pics).
     temp: run in DVC's temporary workspace so the checkout's params.yaml is left alone.
     """
     logger = get_run_logger()
     repo_path = Path(repo).resolve() if repo else project_root()
-    sets = override_strings(overrides)
+    sets = list(overrides or [])
     load_params(repo_path / "params.yaml", sets)  # a bad key fails here, before any stage runs
 
     if experiment_name is None:
@@ -140,18 +134,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    import yaml
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value")
     ap.add_argument("--name", default=None, help="experiment name")
     ap.add_argument("--in-workspace", action="store_true", help="run in the workspace, not a temp copy")
     a = ap.parse_args(argv)
-    overrides = {}
-    for s in a.sets:
-        k, _, v = s.partition("=")
-        overrides[k] = yaml.safe_load(v)
-    result = pipeline_flow(overrides=overrides, experiment_name=a.name, temp=not a.in_workspace)
+    result = pipeline_flow(overrides=a.sets, experiment_name=a.name, temp=not a.in_workspace)
     print(json.dumps(result, indent=2, default=str))
 
 

@@ -18,8 +18,9 @@ from tests.shrink import as_set_args
 pytestmark = pytest.mark.slow
 
 
-def _run(cmd: list[str], cwd: Path, timeout: float = 900) -> str:
+def _run(cmd: list[str], cwd: Path, timeout: float = 1800) -> str:
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as on a user's machine: imports leave __pycache__/ in deps
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("PREFECT_API_URL", None)  # stages start their own temporary server, as in `make run`
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -32,9 +33,8 @@ def test_dvc_repro_runs_every_stage(repo_copy):
     shrunk = apply_overrides(yaml.safe_load(params_file.read_text()), as_set_args())
     params_file.write_text(yaml.safe_dump(shrunk, sort_keys=False))
     load_params(params_file)  # the shrunk file is still valid under the schema
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "snapshot"]):
-        subprocess.run(cmd, cwd=repo_copy, check=True)
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "snapshot"]):
+        _git(repo_copy, *args)
 
     _run([sys.executable, "-m", "dvc", "repro"], repo_copy)
 
@@ -56,7 +56,42 @@ def test_dvc_repro_runs_every_stage(repo_copy):
     assert eval_metrics
     assert list((data / "evaluate" / "report").glob("*.html"))
 
-    # Everything is up to date now. (`dvc exp run -S decompose.area_ratio=0.05` is exercised through the
-    # pipeline deployment in test_operations.py, which runs exactly that command.)
+    # Everything is up to date now, bytecode of the stages' code included: a second repro runs nothing.
     status = _run([sys.executable, "-m", "dvc", "status"], repo_copy)
     assert "changed" not in status
+    again = _run([sys.executable, "-m", "dvc", "repro"], repo_copy)
+    assert "Running stage" not in again, again
+
+    # The run, recorded as a user records it: dvc.lock, metrics and plots are git's.
+    _git(repo_copy, "add", "-A")
+    _git(repo_copy, "commit", "-qm", "baseline run")
+    committed = _git(repo_copy, "ls-files").split()
+    assert {"dvc.lock", "data/train/metrics.json", "data/train/heldout.csv",
+            "data/evaluate/metrics.json", "data/evaluate/plots/occlusion.csv"} <= set(committed)
+
+    # An experiment that reruns evaluate only; `dvc exp show`/`exp diff` compare real values.
+    _run([sys.executable, "-m", "dvc", "exp", "run", "--name", "one-sample", "-S", "evaluate.max_samples=1"], repo_copy)
+    shown = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo_copy))
+    (baseline,) = shown
+    exp = next(r["data"] for e in baseline["experiments"] for r in e["revs"] if r["name"] == "one-sample")
+    assert baseline["data"]["metrics"]["data/evaluate/metrics.json"]["data"] == eval_metrics
+    assert baseline["data"]["metrics"]["data/train/metrics.json"]["data"] == train_metrics
+    assert exp["metrics"]["data/evaluate/metrics.json"]["data"]["n_samples"] == 1
+    assert exp["metrics"]["data/train/metrics.json"]["data"] == train_metrics  # train did not rerun
+    assert exp["params"]["params.yaml"]["data"]["evaluate"]["max_samples"] == 1
+    diff = json.loads(_run([sys.executable, "-m", "dvc", "exp", "diff", "HEAD", "one-sample", "--json"], repo_copy))
+    changed = diff["params"]["params.yaml"]["evaluate.max_samples"]
+    assert (changed["old"], changed["new"]) == (shrunk["evaluate"]["max_samples"], 1)
+    assert diff["metrics"]["data/evaluate/metrics.json"]["n_samples"] == {
+        "old": eval_metrics["n_samples"], "new": 1, "diff": 1 - eval_metrics["n_samples"]}
+
+    # The plots page renders offline: vega inlined, no script from the network, one line per method.
+    _run([sys.executable, "-m", "dvc", "plots", "show", "-o", "plots-page"], repo_copy)
+    page = (repo_copy / "plots-page" / "index.html").read_text()
+    assert "<script src" not in page and page.count("vegaEmbed(") >= 4
+    assert '"color": {"field": "method"' in page and '"color": {"field": "weights"' in page
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout
