@@ -55,3 +55,11 @@ def repo_copy(tmp_path) -> Path:
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / f)
     return dst
+
+
+@pytest.fixture
+def schema_defaults(tmp_path):
+    """An empty params file: load_params gives the schema's defaults (a missing file is an error)."""
+    path = tmp_path / "empty-params.yaml"
+    path.write_text("")
+    return path

@@ -114,19 +114,17 @@ def test_bad_sample_is_an_error_row_not_a_crash(tmp_path):
     assert out.schema == RESULT_SCHEMA
 
 
-def test_plan_rejects_missing_inputs_with_the_key(tmp_path):
+def test_plan_rejects_missing_inputs_with_the_key(tmp_path, schema_defaults):
     from tasks.evaluate.stage import EvaluateInputError, make_plan
     from tasks.params import load_params
 
-    empty = tmp_path / "empty.yaml"  # the schema's defaults
-    empty.write_text("")
-    p = load_params(empty, [f"evaluate.samples={tmp_path}"])
+    p = load_params(schema_defaults, [f"evaluate.samples={tmp_path}"])
     with pytest.raises(EvaluateInputError, match=r"evaluate.samples.*no decompose shards"):
         make_plan(p)
 
 
 
-def test_plan_rejects_a_corrupted_checkpoint_naming_the_file(tmp_path):
+def test_plan_rejects_a_corrupted_checkpoint_naming_the_file(tmp_path, schema_defaults):
     import pyarrow.parquet as pq
 
     from pics_model.config import get_preset
@@ -139,11 +137,10 @@ def test_plan_rejects_a_corrupted_checkpoint_naming_the_file(tmp_path):
     weights = ckpt / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-    p = load_params(tmp_path / "none.yaml", [f"evaluate.samples={tmp_path}", f"evaluate.checkpoint={ckpt}",
+    p = load_params(schema_defaults, [f"evaluate.samples={tmp_path}", f"evaluate.checkpoint={ckpt}",
                                              "evaluate.methods=[pics]"])
     with pytest.raises(EvaluateInputError, match=f"{weights}: its sha256 differs.*evaluate.checkpoint"):
         make_plan(p)
-
 
 
 @pytest.fixture(scope="module")
