@@ -8,7 +8,17 @@ import pytest
 from tasks.evaluate import occlusion
 from tasks.evaluate.stats import bootstrap_ci
 
-LEVELS = (8, 4, 2)  # a 16 px frame seen by blocks at three token grids
+LEVELS = (8, 4, 2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only contend on a loaded machine
+    yield
+    torch.set_num_threads(n)  # a 16 px frame seen by blocks at three token grids
 
 
 def _layout(rng: np.random.Generator, size: int = 16) -> dict:
@@ -115,3 +125,25 @@ def test_mixed_samples_give_an_interval_around_the_pooled_accuracy():
     out = occlusion.summarize(stats)
     lo, hi = out["occlusion_accuracy_ci95"]
     assert 0 < lo < out["occlusion_accuracy"] < hi < 1
+
+
+def test_training_gate_probe_gives_per_timestep_block_maps():
+    """The held-out probe of training (tasks/train/loop.py): one forward of the item at each probe
+    timestep, each giving every block's maps; the same generator seed gives the same maps."""
+    import torch
+
+    from pics_model.config import get_preset
+    from pics_model.data import build_item, collate
+    from pics_model.modeling_pics import PICSModel
+    from pics_model.testing import synthetic_sample
+    from tasks.train.loop import gate_probe
+
+    torch.manual_seed(0)
+    model = PICSModel(get_preset("tiny")).eval()
+    cfg = model.config
+    batch = collate([build_item(synthetic_sample(np.random.default_rng(0), views=None), cfg.resolution, None,
+                                object_size=cfg.object_encoder.image_size)])
+    runs = [gate_probe(model, batch, [100, 900], torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert len(runs[0]) == 2 and len(runs[0][0]) == len(model.itb_blocks())
+    for (w0, r0), (w1, r1) in zip(runs[0][1], runs[1][1]):
+        assert w0.shape == r0.shape and w0.shape[0] == 2 and (r0 == r1).all() and np.array_equal(w0, w1)
