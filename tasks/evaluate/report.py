@@ -194,7 +194,7 @@ def _paired_tables(summary: dict) -> str:
         if not d:
             continue
         a, b = name.split("_vs_")
-        rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{v['mean']:+.4f}</td><td>{_ci(v.get('ci95'))}</td>"
+        rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v.get('mean'))}</td><td>{_ci(v.get('ci95'))}</td>"
                        f"<td>{v.get('wins', '-')} / {v['n']}</td></tr>" for k, v in d.items())
         out.append(f"<h3>{html.escape(LABELS.get(a, a))} vs {html.escape(LABELS.get(b, b))}, paired per sample</h3>"
                    f"<table><tr><th>metric</th><th>mean difference</th><th>95 % bootstrap interval</th>"
