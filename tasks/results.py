@@ -217,7 +217,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def replace_block(readme_text: str, block: str, readme: Path) -> str:
-    if readme_text.count(BEGIN) != 1 or readme_text.count(END) != 1 or readme_text.index(BEGIN) > readme_text.index(END):
+    if (readme_text.count(BEGIN) != 1 or readme_text.count(END) != 1
+            or readme_text.index(BEGIN) > readme_text.index(END)):
         raise ResultsError(f"{readme}: needs exactly one {BEGIN} ... {END} pair")
     head, rest = readme_text.split(BEGIN)
     _, tail = rest.split(END)

@@ -389,7 +389,8 @@ class Trainer:
         self.model.train(was_training)
         a = rows.numpy()
         n_sl = len(ts) * nl
-        stats = [{"levels": levels, "credit": r[:n_sl].reshape(len(ts), nl), "ties": r[n_sl:2 * n_sl].reshape(len(ts), nl),
+        stats = [{"levels": levels, "credit": r[:n_sl].reshape(len(ts), nl),
+                  "ties": r[n_sl:2 * n_sl].reshape(len(ts), nl),
                   "routed": r[2 * n_sl:2 * n_sl + nl], "pixels": r[2 * n_sl + nl:]} for r in a]
         out = occlusion.summarize(stats)
         if out is not None:
