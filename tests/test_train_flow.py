@@ -218,7 +218,7 @@ def test_two_gloo_workers_end_with_identical_weights(runs):
     assert [r["step"] for r in h["occlusion"]] == [0, STEPS, STEPS] and h["occlusion"][-1]["weights"] == "ema"
     acc, ci = m["occlusion_accuracy_final"], m["occlusion_accuracy_final_ci95"]  # ci: None under 2 routed samples
     assert 0 <= acc <= 1 and (ci is None or ci[0] <= acc <= ci[1]) and 0 < m["occlusion_coverage"] <= 1
-    assert m["occlusion_samples"] == 2
+    assert 1 <= m["occlusion_samples"] <= 2  # held-out samples whose shapes overlap
     assert set(h["occlusion"][0]["occlusion_by_timestep"]) == {"100", "300", "500", "700", "900"}
 
 
