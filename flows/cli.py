@@ -224,5 +224,39 @@ def composite(
     typer.echo(str(path))
 
 
+@app.command()
+def results(
+    evaluate: Optional[Path] = typer.Option(None, help="Evaluate metrics (default: <evaluate.out>/metrics.json)."),
+    train: Optional[Path] = typer.Option(None, help="Train metrics (default: <train.out>/metrics.json)."),
+    readme: Optional[Path] = typer.Option(None, help="README to rewrite (default: the repository's)."),
+    out: Optional[Path] = typer.Option(None, help="Snapshot folder in git (default: docs/results)."),
+    check: bool = typer.Option(False, "--check", help="Only check that the README matches the snapshot."),
+    params: Optional[Path] = ParamsOpt,
+):
+    """Write the README's results section and figures from the run's metrics files (a snapshot in docs/results)."""
+    from tasks import results as res
+    from tasks.params import REPO_ROOT, ParamsError, load_params, resolve_path
+
+    readme = (readme or REPO_ROOT / "README.md").resolve()
+    out = (out or REPO_ROOT / "docs" / "results").resolve()
+    try:
+        if check:
+            problem = res.check_readme(readme, out)
+            if problem:
+                _fail(res.ResultsError(problem))
+            typer.echo(f"{readme}: results section matches {out}")
+            return
+        p = load_params(params, [])
+        ev = (evaluate or resolve_path(p.evaluate.out) / "metrics.json").resolve()
+        tr_dir = (train.parent if train else resolve_path(p.train.out)).resolve()
+        res.snapshot(ev, (train or tr_dir / "metrics.json").resolve(), tr_dir / "occlusion.csv", out)
+        for fig in res.draw_figures(out):
+            typer.echo(str(fig))
+        res.write_readme(readme, out)
+    except (res.ResultsError, ParamsError) as e:
+        _fail(e)
+    typer.echo(str(readme))
+
+
 if __name__ == "__main__":
     app()

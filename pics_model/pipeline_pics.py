@@ -41,13 +41,27 @@ class PICSPipelineOutput:
     generated: the decoded frames before paste-back (same type); union_masks: [H,W] bool pasted
     region; boxes: [N,4] expanded boxes used (source px); alpha_maps: per denoising step a float
     array [N,h,w] on the latent grid - each object's routing weight (1 exclusive, alpha in
-    overlaps, 0 elsewhere) averaged over all ITBs, conditional branch - or None."""
+    overlaps, 0 elsewhere) averaged over all ITBs, conditional branch - or None; gate_maps: per
+    denoising step, per ITB call, (weights [N,g,g], routed [N,g,g] bool) of the conditional branch
+    on that block's own token grid (see `block_gates`) - or None."""
 
     images: list
     generated: list
     union_masks: list[np.ndarray]
     boxes: list[np.ndarray]
     alpha_maps: list[np.ndarray] | None = field(default=None)
+    gate_maps: list[list[tuple[np.ndarray, np.ndarray]]] | None = field(default=None)
+
+
+def block_gates(sink: list, ctx, row: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The alpha sink of one forward -> per ITB call, in call order, batch row ``row``'s routing
+    weights [N,g,g] (float32: 1 exclusive, alpha in overlaps, 0 elsewhere) and the block's routing
+    masks [N,g,g] bool (the plan's token regions: where both objects' masks hold, the gate ran)."""
+    out = []
+    for (hh, ww), wts in sink:
+        routed = ctx.plan(hh * ww).m[row].view(-1, hh, ww)
+        out.append((wts[row].view(-1, hh, ww).cpu().numpy(), routed.cpu().numpy()))
+    return out
 
 
 def make_scheduler(name: str, model: PICSModel):
@@ -134,6 +148,7 @@ class PICSPipeline:
         sched.set_timesteps(num_inference_steps, device=dev)
         latents = latents * sched.init_noise_sigma
         alphas = [] if record_alpha else None
+        gates = [] if record_alpha else None
         for t in sched.timesteps:
             x_in = sched.scale_model_input(torch.cat([latents] * reps), t)
             pred = model.denoise(x_in, t.expand(reps).to(dev), hint, ctx)
@@ -143,6 +158,7 @@ class PICSPipeline:
             latents = sched.step(pred, t, latents).prev_sample
             if record_alpha:
                 alphas.append(self._reduce_alpha(sink, reps, lat))
+                gates.append(block_gates(sink, ctx, row=reps - 1))  # the conditional sample
                 sink.clear()
 
         check_finite(latents, "the denoised latents")
@@ -163,7 +179,7 @@ class PICSPipeline:
         else:
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
         return PICSPipelineOutput(images=images, generated=generated, union_masks=[union], boxes=[expanded],
-                                  alpha_maps=alphas)
+                                  alpha_maps=alphas, gate_maps=gates)
 
     @staticmethod
     def _union_src(boxes: np.ndarray, h: int, w: int) -> np.ndarray:

@@ -165,6 +165,9 @@ class TrainParams(Section):
     keep_checkpoints: int = Field(2, ge=1)
     eval_every: int = Field(100, ge=0)  # held-out loss every N steps (always at the start and the end)
     heldout_samples: int = Field(16, ge=1)
+    # held-out occlusion-order accuracy of the alpha gate (with the held-out loss): one forward per
+    # sample at each of these noise timesteps; [] turns it off
+    occlusion_timesteps: list[int] = [100, 300, 500, 700, 900]
     sample_every: int = Field(100, ge=0)  # 0: no sample composites
     sample_count: int = Field(4, ge=1)
     sample_steps: int = Field(10, ge=1)

@@ -20,36 +20,6 @@ def test_cell_fraction_uses_the_square_padded_frame():
     assert f.tolist() == [[0.5, 0.0], [0.5, 0.0]]
 
 
-def _truth_sample(ranks):
-    amodal = np.zeros((2, 8, 8), np.uint8)
-    amodal[0, 0:6, 0:6] = 1
-    amodal[1, 2:8, 2:8] = 1  # overlap rows/cols 2..5: 16 occluded pixels
-    return {"depth_ranks": ranks, "amodal_masks": amodal}
-
-
-def test_occlusion_accuracy_counts_sign_of_the_gate_per_occluded_pixel():
-    truth = occlusion.occlusion_truth(_truth_sample([1, 0]), grid=4)  # object 1 is nearer
-    assert len(truth) == 1 and truth[0][:2] == (1, 0)
-    assert truth[0][2].sum() == pytest.approx(16.0)
-    w = np.zeros((2, 4, 4))
-    w[0, 0:3, 0:3], w[1, 1:4, 1:4] = 1.0, 1.0
-    right, wrong, tie = w.copy(), w.copy(), w.copy()
-    right[0, 1:3, 1:3], right[1, 1:3, 1:3] = 0.3, 0.7
-    wrong[0, 1:3, 1:3], wrong[1, 1:3, 1:3] = 0.8, 0.2
-    tie[0, 1:3, 1:3], tie[1, 1:3, 1:3] = 0.5, 0.5
-    credit, total = occlusion.occlusion_credit([tie, wrong, right], truth)
-    assert total == pytest.approx(16.0)
-    assert (credit / total).tolist() == pytest.approx([0.5, 0.0, 1.0])
-    # swapping the objects' order (and their weights) gives the same accuracy: order invariance
-    truth_sw = occlusion.occlusion_truth({"depth_ranks": [0, 1], "amodal_masks": _truth_sample(None)["amodal_masks"][::-1]}, 4)
-    credit_sw, _ = occlusion.occlusion_credit([tie[::-1], wrong[::-1], right[::-1]], truth_sw)
-    assert credit_sw.tolist() == pytest.approx(credit.tolist())
-    # unrouted cells count as wrong; unknown depth -> nothing to evaluate
-    none = np.zeros_like(w)
-    assert occlusion.occlusion_credit([none], truth)[0][0] == 0.0
-    assert occlusion.occlusion_truth({"depth_ranks": None, "amodal_masks": None}, 4) == []
-
-
 def test_paste_object_scales_the_silhouette_onto_the_box():
     patch = np.full((20, 20, 3), 255, np.uint8)
     pmask = np.zeros((20, 20), np.uint8)
@@ -74,6 +44,11 @@ def _row(sid, method, **kw):
     return r
 
 
+def _occ(credit):
+    return {"occ_levels": [4, 2], "occ_credit": credit, "occ_ties": [0.0] * 4, "occ_routed": [4.0, 0.0],
+            "occ_pixels": [8.0, 0.0]}
+
+
 def test_summary_means_fid_and_trained_minus_untrained():
     gen = torch.Generator().manual_seed(0)
     feats = {k: torch.randn(4, 8, generator=gen) for k in (GROUND_TRUTH, "pics", "untrained")}
@@ -83,25 +58,30 @@ def test_summary_means_fid_and_trained_minus_untrained():
         rows.append(_row(sid, GROUND_TRUTH, fid_features=feats[GROUND_TRUTH][i].tolist()))
         rows.append(_row(sid, "pics", seconds=1.0, mpsnr=10.0 + i, mssim=0.5,
                          mlpips_mobilenetv2_proxy=0.2, fid_features=feats["pics"][i].tolist(),
-                         occ_credit=[1.0, 3.0], occ_pixels=4.0))
+                         **_occ([1.0, 0.0, 3.0, 0.0])))
         rows.append(_row(sid, "untrained", seconds=1.0, mpsnr=9.0 if i else None, mssim=0.6,
                          mlpips_mobilenetv2_proxy=0.3, fid_features=feats["untrained"][i].tolist(),
-                         occ_credit=[2.0, 2.0], occ_pixels=4.0))
+                         **_occ([2.0, 0.0, 2.0, 0.0])))
     rows.append(_row("bad", "", error="ValueError: broken"))
     s = summarize(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA))
     assert s["n_samples"] == 4 and s["n_failed"] == 1
     p, u = s["methods"]["pics"], s["methods"]["untrained"]
     assert p["mpsnr"] == pytest.approx(11.5) and u["mpsnr"] == pytest.approx(9.0) and u["n_overlap"] == 3
     assert p["fid_mobilenetv2_proxy"] == pytest.approx(frechet_distance(feats[GROUND_TRUTH], feats["pics"]), rel=1e-5)
-    assert p["occlusion_curve"] == [0.25, 0.75] and u["occlusion_accuracy"] == 0.5
+    # two steps x two levels (4x4 routed 4 of 8 pixels, 2x2 none): pooled over steps and samples
+    assert p["occlusion_curve"] == [0.25, 0.75] and p["occlusion_accuracy"] == 0.5 and u["occlusion_accuracy"] == 0.5
+    assert p["occlusion_coverage"] == 0.5 and p["occlusion_accuracy_by_level"] == {"4x4": 0.5}
+    assert p["occlusion_coverage_by_level"] == {"4x4": 0.5} and p["occlusion_accuracy_ci95"] == [0.5, 0.5]
     d = s["trained_minus_untrained"]
     assert d["mpsnr"] == pytest.approx(2.5) and d["mssim"] == pytest.approx(-0.1)
     assert d["mlpips_mobilenetv2_proxy"] == pytest.approx(0.1)  # lower is better: sign flipped
-    pr = s["trained_vs_untrained"]["mpsnr"]  # paired over the 3 samples both have: diffs 2, 3, 4
+    pr = s["paired"]["pics_vs_untrained"]["mpsnr"]  # paired over the 3 samples both have: diffs 2, 3, 4
     assert pr["mean"] == pytest.approx(3.0) and pr["wins"] == 3 and pr["n"] == 3
-    assert pr["sem"] == pytest.approx(1 / math.sqrt(3))
+    assert pr["sem"] == pytest.approx(1 / math.sqrt(3)) and 2.0 <= pr["ci95"][0] < 3.0 < pr["ci95"][1] <= 4.0
+    assert s["paired"]["pics_vs_untrained"]["occlusion_accuracy"] == {"mean": 0.0, "ci95": [0.0, 0.0], "n": 4}
     flat = dvc_metrics(s)
-    assert "occlusion_curve" not in flat["pics"] and flat["pics"]["occlusion_accuracy"] == 0.75
+    assert "occlusion_curve" not in flat["pics"] and flat["pics"]["occlusion_accuracy"] == 0.5
+    assert flat["pics"]["occlusion_accuracy_ci95"] == [0.5, 0.5] and flat["paired"] == s["paired"]
     assert not any(k in ("fid", "lpips", "clip_score") for k in flat["pics"])  # proxies never standard names
 
 

@@ -73,8 +73,13 @@ def test_flow_on_ray_writes_scores_metrics_report_and_matches_local(prefect_harn
     # the rendered scenes know their depth order: the alpha gate is scored at every step
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["methods"]["pics"]["occlusion_curve"]) == 2
-    assert 0.0 <= m["pics"]["occlusion_accuracy"] <= 1.0 and m["pics"]["occluded_pixels"] > 0
+    assert 0.0 <= m["pics"]["occlusion_accuracy"] <= 1.0 and 0.0 < m["pics"]["occlusion_coverage"] <= 1.0
+    lo, hi = m["pics"]["occlusion_accuracy_ci95"]
+    assert lo <= m["pics"]["occlusion_accuracy"] <= hi and m["pics"]["occlusion_accuracy_by_level"]
     assert "trained_minus_untrained" in m
+    for pair in ("pics_vs_untrained", "pics_vs_sequential"):  # paired per sample, with intervals
+        d = m["paired"][pair]["mpsnr"]
+        assert d["n"] == n and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
     # copy-paste re-inserts the target's own pixels; a random network must not beat it on the overlap
     assert m["copy_paste"]["mpsnr"] > m["pics"]["mpsnr"]
 

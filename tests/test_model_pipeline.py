@@ -51,7 +51,7 @@ def test_pipeline_runs_and_is_order_invariant(model, scene, sampler):
     img = out.images[0]
     assert img.shape == (48, 80, 3) and np.isfinite(img).all()
     swapped = pipe(bg, objs[:2][::-1], boxes=boxes[:2][::-1], num_inference_steps=3, guidance_scale=5.0,
-                   seed=3, output_type="np")
+                   seed=3, record_alpha=True, output_type="np")
     assert np.abs(swapped.images[0] - img).max() < 1e-4
     other = pipe(bg, [objs[2], objs[1]], boxes=boxes[:2], num_inference_steps=3, seed=3, output_type="np")
     assert np.abs(other.images[0] - img).max() > 1e-3  # the objects do matter
@@ -64,6 +64,31 @@ def test_pipeline_runs_and_is_order_invariant(model, scene, sampler):
     assert len(out.alpha_maps) == 3 and out.alpha_maps[0].shape == (2, 16, 16)
     a = out.alpha_maps[-1]
     assert a.min() >= 0 and a.max() <= 1 + 1e-6 and ((a > 0) & (a < 1)).any()
+    _check_gate_maps(out, swapped, boxes[:2], bg.shape[:2])
+
+
+def _check_gate_maps(out, swapped, boxes, hw):
+    """Per-block gate maps: each block on its own token grid, weights only where routed, alpha pairs
+    summing to 1; the occlusion accuracy they give does not depend on the objects' order."""
+    from tasks.evaluate import occlusion
+
+    assert len(out.gate_maps) == 3
+    sides = set()
+    for w, routed in out.gate_maps[-1]:
+        sides.add(w.shape[-1])
+        assert w.shape == routed.shape and routed.dtype == bool and ((w > 0) <= routed).all()
+        both = routed[0] & routed[1]
+        np.testing.assert_allclose((w[0] + w[1])[both], 1.0, atol=1e-5)
+    assert len(sides) >= 2
+    amodal = np.zeros((2, *hw), np.uint8)
+    for k, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
+        amodal[k, y0:y1, x0:x1] = 1
+    modal = amodal.copy()
+    modal[0][amodal[1] > 0] = 0  # object 1 in front
+    acc = [occlusion.summarize([occlusion.sample_stats(o.gate_maps, occlusion.occlusion_truth(
+        {"amodal_masks": amodal[order], "masks": modal[order]}))]) for o, order in ((out, [0, 1]), (swapped, [1, 0]))]
+    assert acc[0]["occlusion_accuracy"] == pytest.approx(acc[1]["occlusion_accuracy"], abs=1e-6)
+    assert acc[0]["occlusion_coverage"] == acc[1]["occlusion_coverage"] > 0
 
 
 def test_pipeline_seed_masks_and_object_counts(model, scene):

@@ -63,7 +63,8 @@ def write_fixture(root: Path, n_images: int = 20, test_every: int = 5, seed: int
             (ImageDraw.Draw(m).ellipse if k == 0 else ImageDraw.Draw(m).rectangle)(box, fill=255)
             img.paste(tuple(int(c) for c in rng.integers(0, 255, 3)), mask=m)
             masks.append(np.asarray(m) > 0)
-        # the later shape occludes the earlier one: visible masks
+        # the later shape occludes the earlier one: visible masks (the whole shapes are the amodal ones)
+        amodal = [m.copy() for m in masks]
         masks[0] &= ~masks[1]
         image = np.asarray(img)
         for m in masks:
@@ -81,14 +82,15 @@ def write_fixture(root: Path, n_images: int = 20, test_every: int = 5, seed: int
             region[int((y0 + py) * scale):math.ceil((y1 + py) * scale),
                    int((x0 + px) * scale):math.ceil((x1 + px) * scale)] |= 1 << k
         p_png, m_png = [_png(p) for p in patches], [_png(m) for m in pmasks]
-        rle = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode() for m in masks]
+        rle, amodal_rle = ([mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode() for m in ms]
+                           for ms in (masks, amodal))
         rows.append({
             "sample_id": f"{i}-{2 * i}-{2 * i + 1}", "split": "test" if i % test_every == 0 else "train",
             "source_image": f"{i}.png", "image_id": i, "width": w, "height": h, "image_bytes": _png(image),
             "n_objects": 2, "annotation_ids": [2 * i, 2 * i + 1], "category_ids": [1, 2],
             "category_names": ["ellipse", "box"], "masks_rle": rle, "boxes_tight": boxes, "boxes_expanded": exp,
             "patches": p_png, "patch_masks": m_png, "region_map": _png(region), "pair_box_iou": [0.1],
-            "pair_mask_iou": [0.0], "pair_contact_px": [3], "depth_ranks": [1, 0], "amodal_rle": None})
+            "pair_mask_iou": [0.0], "pair_contact_px": [3], "depth_ranks": [1, 0], "amodal_rle": amodal_rle})
         for k in range(2):
             rgba = np.concatenate([patches[k], pmasks[k][..., None]], -1)
             vs = [_png(np.asarray(Image.fromarray(rgba, "RGBA").rotate(60 * v))) for v in range(views)]
@@ -243,6 +245,14 @@ def test_two_gloo_workers_end_with_identical_weights(runs):
     assert m["autoencoder_psnr_heldout"] >= 30.0  # the tiny preset's exact latent (issue 12 target)
     assert (Path(plain["out"]) / "loss.png").stat().st_size > 0
     assert (Path(plain["out"]) / "loss.csv").read_text().count("\n") == STEPS + 1
+    # the gate's held-out occlusion accuracy: a curve (start, eval steps, end raw + EMA), the final value
+    occ = (Path(plain["out"]) / "occlusion.csv").read_text().splitlines()
+    assert occ[0].startswith("step,weights,accuracy,ci95_low,ci95_high,coverage") and len(occ) == 1 + 3
+    assert [r["step"] for r in h["occlusion"]] == [0, STEPS, STEPS] and h["occlusion"][-1]["weights"] == "ema"
+    acc, ci = m["occlusion_accuracy_final"], m["occlusion_accuracy_final_ci95"]  # ci: None under 2 routed samples
+    assert 0 <= acc <= 1 and (ci is None or ci[0] <= acc <= ci[1]) and 0 < m["occlusion_coverage"] <= 1
+    assert 1 <= m["occlusion_samples"] <= 2  # held-out samples whose shapes overlap
+    assert set(h["occlusion"][0]["occlusion_by_timestep"]) == {"100", "300", "500", "700", "900"}
 
 
 @pytest.mark.slow
@@ -256,3 +266,4 @@ def test_killed_worker_resumes_and_continues_the_same_run(runs):
     assert [s for s, _ in h_killed["loss"]] == list(range(1, STEPS + 1))
     assert h_killed["loss"] == h_plain["loss"]
     assert h_killed["rank_digests"] == h_plain["rank_digests"]
+    assert h_killed["occlusion"] == h_plain["occlusion"]  # the probe's noise depends on the item only

@@ -36,7 +36,11 @@ RESULT_SCHEMA = pa.schema(
      ("with_priors", pa.bool_())]
     + [(c, pa.float64()) for c in SCORE_COLUMNS]
     + [("fid_features", pa.list_(pa.float32())),
-       ("occ_credit", pa.list_(pa.float64())), ("occ_pixels", pa.float64()),
+       # occlusion-order sums (tasks/evaluate/occlusion.py): token-grid sides L; per step and level
+       # credit and ties [S*L], flattened; per level routed and evaluated pixels [L]
+       ("occ_levels", pa.list_(pa.int32())), ("occ_credit", pa.list_(pa.float64())),
+       ("occ_ties", pa.list_(pa.float64())), ("occ_routed", pa.list_(pa.float64())),
+       ("occ_pixels", pa.list_(pa.float64())),
        ("alpha_diff", pa.binary()), ("alpha_grid", pa.int32()), ("visibility", pa.binary()),
        ("png", pa.binary())]
 )
@@ -183,7 +187,7 @@ class Evaluator:
         results: dict[str, dict] = {}
         for method in cfg.methods:
             t0 = time.perf_counter()
-            alpha = None
+            alpha = gates = None
             if method == "copy_paste":
                 img = baselines.copy_paste(s, s["expanded"], inpainted)
                 extra = t_inpaint
@@ -198,11 +202,12 @@ class Evaluator:
                 o = pipe(s["image"], s["patches"], boxes=s["boxes_tight"], num_inference_steps=cfg.steps,
                          guidance_scale=cfg.guidance, seed=seed, record_alpha=cfg.record_alpha, priors=priors,
                          output_type="pil")
-                img, alpha, extra = np.asarray(o.images[0]), o.alpha_maps, 0.0
+                img, alpha, gates, extra = np.asarray(o.images[0]), o.alpha_maps, o.gate_maps, 0.0
                 if not np.allclose(o.boxes[0], s["expanded"], atol=1e-3):
                     raise RuntimeError(f"{s['sample_id']}: pipeline used boxes {o.boxes[0].tolist()}, "
                                        f"evaluation expected {s['expanded'].tolist()}")
-            results[method] = {"image": img, "seconds": time.perf_counter() - t0 + extra, "alpha": alpha}
+            results[method] = {"image": img, "seconds": time.perf_counter() - t0 + extra, "alpha": alpha,
+                               "gates": gates}
         return s, results
 
     @torch.no_grad()
@@ -238,7 +243,7 @@ class Evaluator:
                 100 * cos.clamp_min(0) if kind == "clip" else (1 - cos if kind == "dreamsim" else cos))
 
         grid = self._grid()
-        truth = occlusion.occlusion_truth(s, grid) if grid else []
+        truth = occlusion.occlusion_truth(s) if grid else occlusion.OcclusionTruth([])
         rows = [{"sample_id": s["sample_id"], "method": GROUND_TRUTH, "n_objects": n, "overlap_px": int(overlap.sum()),
                  "with_priors": s["with_priors"],
                  "height": h, "width": w, "fid_features": feats[0].tolist(), "png": png_bytes(s["image"]),
@@ -250,10 +255,14 @@ class Evaluator:
                  "fid_features": feats[i + 1].tolist(), "png": png_bytes(results[m]["image"])}
             for k, v in {**scores, **sims}.items():
                 r[k] = _finite(v[i])
-            alpha = results[m]["alpha"]
+            alpha, gates = results[m]["alpha"], results[m]["gates"]
             if alpha:
-                credit, count = occlusion.occlusion_credit(alpha, truth)
-                r.update(occ_credit=credit.tolist(), occ_pixels=count, alpha_grid=alpha[0].shape[-1])
+                r["alpha_grid"] = alpha[0].shape[-1]
+            if gates and truth:
+                st = occlusion.sample_stats(gates, truth)
+                r.update(occ_levels=st["levels"], occ_credit=st["credit"].ravel().tolist(),
+                         occ_ties=st["ties"].ravel().tolist(), occ_routed=st["routed"].tolist(),
+                         occ_pixels=st["pixels"].tolist())
                 if n >= 2:
                     r["alpha_diff"] = np.stack([a[0] - a[1] for a in alpha]).astype(np.float16).tobytes()
             rows.append(r)

@@ -184,16 +184,25 @@ def metrics_table_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _trained_line(summary: dict) -> str:
-    d = summary.get("trained_vs_untrained")
-    if not d:
+def _ci(ci) -> str:
+    return f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "-"
+
+
+def _paired_tables(summary: dict) -> str:
+    out = []
+    for name, d in (summary.get("paired") or {}).items():
+        if not d:
+            continue
+        a, b = name.split("_vs_")
+        rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v.get('mean'))}</td><td>{_ci(v.get('ci95'))}</td>"
+                       f"<td>{v.get('wins', '-')} / {v['n']}</td></tr>" for k, v in d.items())
+        out.append(f"<h3>{html.escape(LABELS.get(a, a))} vs {html.escape(LABELS.get(b, b))}, paired per sample</h3>"
+                   f"<table><tr><th>metric</th><th>mean difference</th><th>95 % bootstrap interval</th>"
+                   f"<th>wins</th></tr>{rows}</table>")
+    if not out:
         return ""
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{v['mean']:+.4f}</td><td>{v['sem']:.4f}</td>"
-                   f"<td>{v['wins']} / {v['n']}</td></tr>" for k, v in d.items())
-    return ("<h3>Trained vs untrained, paired per sample</h3><p>Difference trained - untrained, sign flipped "
-            "where lower is better (positive = training helped), with the standard error of the mean and the "
-            f"samples the trained model wins.</p><table><tr><th>metric</th><th>mean</th><th>s.e.m.</th>"
-            f"<th>wins</th></tr>{rows}</table>")
+    return ("<p>Differences first - second per test sample, sign flipped where lower is better (positive = "
+            "the first is better); intervals resample samples (1000 resamples, seed 0).</p>" + "".join(out))
 
 
 def write_html(summary: dict, params: dict, path: str | Path, grid: str | None, occlusion_png: str | None,
@@ -201,8 +210,9 @@ def write_html(summary: dict, params: dict, path: str | Path, grid: str | None, 
     occ = ""
     if occlusion_png:
         occ = (f"<h2>Occlusion-order accuracy over denoising</h2><img src='{occlusion_png}'>"
-               "<p>Share of truly occluded pixels (both amodal masks) where the object with the larger "
-               "alpha-gate weight is the nearer one (sign of s_a - s_b); ties count 1/2.</p>")
+               "<p>Per ITB, on its own overlap tokens: the share of occluded pixels (both amodal masks, one "
+               "of the two visible) whose visible object has the larger gate score (sign of s_a - s_b); "
+               "ties count 1/2; pooled over blocks and samples (docs/metrics.md).</p>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>PICS evaluation</title>
 <style>body{{font-family:sans-serif;margin:20px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} img{{max-width:100%}}</style></head><body>
@@ -211,7 +221,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} img{{max-width:1
 {summary['n_failed']} quarantined. Checkpoint
 <code>{html.escape(str(params.get('checkpoint')))}</code>; {params.get('steps')} {html.escape(str(params.get('scheduler')))}
 steps, guidance {params.get('guidance')}, seed {params.get('seed')}.</p>
-<h2>Methods side by side</h2>{metrics_table_html(summary)}{_trained_line(summary)}
+<h2>Methods side by side</h2>{metrics_table_html(summary)}{_paired_tables(summary)}
 <p>m-metrics: on the overlap of the objects' expanded boxes (docs/metrics.md). Names ending in
 <code>_mobilenetv2_proxy</code> use the bundled ImageNet MobileNetV2 in place of the standard
 backbones (Inception for FID, AlexNet/VGG for LPIPS, CLIP/DINOv2 for object similarity): they rank

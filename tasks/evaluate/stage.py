@@ -7,7 +7,7 @@ Outputs under ``evaluate.out``::
     summary.json            the same with the per-step occlusion curves
     scores.parquet          one row per (sample, method), ground truth included (no images)
     composites/part-*.parquet  (sample_id, method, png) for every composite
-    plots/occlusion.csv     DVC plot: accuracy per denoising step and method
+    plots/occlusion.csv     DVC plot: occlusion-order accuracy per denoising step and method
     plots/methods.csv       DVC plot: masked metrics per method
     quarantine.parquet      samples that failed, with the reason
     report/index.html, report/grid.png, report/occlusion.png
@@ -244,7 +244,7 @@ def write_outputs(plan: Plan, table: pa.Table, timing: dict) -> dict:
     occ = {}
     for r in ok:
         if r["method"] != GROUND_TRUTH:
-            occ[r["sample_id"]] = max(occ.get(r["sample_id"], 0.0), r["occ_pixels"] or 0.0)
+            occ[r["sample_id"]] = max(occ.get(r["sample_id"], 0.0), sum(r["occ_pixels"] or []))
         else:
             occ.setdefault(r["sample_id"], 0.0)
     chosen = sorted(occ, key=lambda k: (-occ[k], k))[: plan.params["grid_samples"]]

@@ -7,9 +7,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from tasks.evaluate import metrics
+from tasks.evaluate import metrics, occlusion
 from tasks.evaluate.inference import GROUND_TRUTH, LOWER_IS_BETTER, METHODS, SCORE_COLUMNS
+from tasks.evaluate.stats import bootstrap_ci
 
+# paired comparisons reported in metrics.json: (a, b) -> "a_vs_b", differences a - b per sample
+PAIRED = (("pics", "untrained"), ("pics", "sequential"), ("sequential", "untrained"))
 MASKED = ("mpsnr", "mssim", "mlpips_mobilenetv2_proxy")
 TABLE_COLUMNS = ("mpsnr", "mssim", "mlpips_mobilenetv2_proxy", "psnr", "ssim", "lpips_mobilenetv2_proxy",
                  "fid_mobilenetv2_proxy", "objsim_mobilenetv2_proxy", "clip_score", "dinov2_score", "dreamsim")
@@ -44,19 +47,14 @@ def summarize(results: pa.Table) -> dict:
             real = torch.tensor([gt[i] for i in mine])
             s["fid_mobilenetv2_proxy"] = _num(metrics.frechet_distance(real, fake))
         s["seconds_per_sample"] = _num(float(np.mean([r["seconds"] for r in rs])))
-        occ = [r for r in rs if r["occ_credit"] is not None]
-        pixels = sum(r["occ_pixels"] or 0.0 for r in occ)
-        if occ and pixels > 0:
-            credit = np.sum([r["occ_credit"] for r in occ], axis=0)
-            curve = (credit / pixels).tolist()
-            s["occlusion_accuracy"] = _num(curve[-1])
-            s["occlusion_accuracy_mean_over_steps"] = _num(float(np.mean(curve)))
-            s["occlusion_curve"] = [_num(v) for v in curve]
-            s["occluded_pixels"] = _num(pixels)
+        occ = occlusion.summarize([occlusion_stats(r) for r in rs if r.get("occ_levels")])
+        if occ:
+            s.update(occ)
         out["methods"][method] = s
     ms = out["methods"]
-    if "pics" in by_method and "untrained" in by_method:
-        out["trained_vs_untrained"] = paired(by_method["pics"], by_method["untrained"])
+    pairs = {f"{a}_vs_{b}": paired(by_method[a], by_method[b]) for a, b in PAIRED if a in by_method and b in by_method}
+    if pairs:
+        out["paired"] = pairs
     if "pics" in ms and "untrained" in ms:
         # what training bought on the overlap: positive = the trained model is better
         out["trained_minus_untrained"] = {
@@ -65,9 +63,20 @@ def summarize(results: pa.Table) -> dict:
     return out
 
 
+def occlusion_stats(row: dict) -> dict:
+    """A result row's occlusion columns -> the per-sample stats of `occlusion.summarize`."""
+    levels = list(row["occ_levels"])
+    shape = (-1, len(levels))
+    return {"levels": levels, "credit": np.asarray(row["occ_credit"], np.float64).reshape(shape),
+            "ties": np.asarray(row["occ_ties"], np.float64).reshape(shape),
+            "routed": np.asarray(row["occ_routed"], np.float64), "pixels": np.asarray(row["occ_pixels"], np.float64)}
+
+
 def paired(rows_a: list[dict], rows_b: list[dict]) -> dict:
     """Per-sample paired differences a - b (sign flipped where lower is better, so > 0 = a better):
-    mean, standard error of the mean, and how many samples a wins, per metric."""
+    mean, bootstrap 95 % interval over samples, standard error of the mean, and how many samples
+    a wins, per metric; for occlusion accuracy the difference of the pooled accuracies on the
+    samples both have, with the same paired bootstrap."""
     b = {r["sample_id"]: r for r in rows_b}
     out = {}
     for c in MASKED + ("psnr", "ssim"):
@@ -75,8 +84,16 @@ def paired(rows_a: list[dict], rows_b: list[dict]) -> dict:
              if r["sample_id"] in b and r[c] is not None and b[r["sample_id"]][c] is not None]
         if len(d) >= 2:
             x = np.asarray(d)
-            out[c] = {"mean": _num(x.mean()), "sem": _num(x.std(ddof=1) / math.sqrt(len(x))),
-                      "wins": int((x > 0).sum()), "n": len(x)}
+            out[c] = {"mean": _num(x.mean()), "ci95": bootstrap_ci(lambda i: x[i].mean(1), len(x)),
+                      "sem": _num(x.std(ddof=1) / math.sqrt(len(x))), "wins": int((x > 0).sum()), "n": len(x)}
+    both = [(occlusion.pooled_sums(occlusion_stats(r)), occlusion.pooled_sums(occlusion_stats(b[r["sample_id"]])))
+            for r in rows_a if r.get("occ_levels") and r["sample_id"] in b and b[r["sample_id"]].get("occ_levels")]
+    both = [(sa, sb) for sa, sb in both if sa[1] > 0 and sb[1] > 0]
+    if len(both) >= 2:
+        (ca, ra), (cb, rb) = (np.asarray(v).T for v in zip(*both))
+        diff = lambda i: ca[i].sum(-1) / ra[i].sum(-1) - cb[i].sum(-1) / rb[i].sum(-1)  # noqa: E731
+        out["occlusion_accuracy"] = {"mean": _num(float(diff(np.arange(len(ca))))),
+                                     "ci95": bootstrap_ci(diff, len(ca)), "n": len(ca)}
     return out
 
 
@@ -96,8 +113,11 @@ def dvc_metrics(summary: dict) -> dict:
     out = {"n_samples": summary["n_samples"], "n_failed": summary["n_failed"]}
     if "trained_minus_untrained" in summary:
         out["trained_minus_untrained"] = summary["trained_minus_untrained"]
+    if "paired" in summary:
+        out["paired"] = summary["paired"]
     for m, s in summary["methods"].items():
-        out[m] = {k: v for k, v in s.items() if not isinstance(v, list) and v is not None}
+        # curves stay in summary.json; intervals ([low, high]) are metrics
+        out[m] = {k: v for k, v in s.items() if v is not None and (not isinstance(v, list) or k.endswith("_ci95"))}
     return out
 
 

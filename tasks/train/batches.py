@@ -121,11 +121,15 @@ def rows_of_split(shards_dir: str | Path, split: str, limit: int | None = None) 
                 return
 
 
-def heldout_items(spec, builder) -> list[dict]:
-    """The fixed held-out set: the first ``heldout_samples`` test rows, no augmentation, each as a
-    batch of one (so its noise and timestep depend only on its position, not on the world size).
-    Falls back to training rows when the shards have no test split."""
+def heldout_rows(spec) -> list[dict]:
+    """The fixed held-out rows: the first ``heldout_samples`` test rows, or training rows when the
+    shards have no test split."""
     rows = list(rows_of_split(spec.shards_dir, "test", spec.heldout_samples))
-    if not rows:
-        rows = list(rows_of_split(spec.shards_dir, "train", spec.heldout_samples))
+    return rows or list(rows_of_split(spec.shards_dir, "train", spec.heldout_samples))
+
+
+def heldout_items(spec, builder, rows: list[dict] | None = None) -> list[dict]:
+    """The held-out set (``heldout_rows``), no augmentation, each as a batch of one (so its noise
+    and timestep depend only on its position, not on the world size)."""
+    rows = heldout_rows(spec) if rows is None else rows
     return [builder.collate([builder.item(r, seed=i, augment=False)]) for i, r in enumerate(rows)]

@@ -51,9 +51,37 @@ class LossModule(nn.Module):
         self.prediction_type = prediction_type
         self.mask_weight = mask_weight
 
-    def forward(self, batch: dict, generator: torch.Generator | None = None, **kwargs):
+    def forward(self, batch: dict, generator: torch.Generator | None = None, gate_timesteps=None, **kwargs):
+        if gate_timesteps is not None:  # the held-out gate probe, through forward for the same reason
+            return gate_probe(self.model, batch, gate_timesteps, generator)
         return self.model.training_loss(batch, generator=generator, prediction_type=self.prediction_type,
                                         mask_weight=self.mask_weight, **kwargs)
+
+
+def gate_probe(model: nn.Module, batch: dict, timesteps, generator: torch.Generator) -> list[list[tuple]]:
+    """A batch of one held-out item, its target noised at each of ``timesteps`` (noise and latent
+    drawn from ``generator``), objects always kept; one forward. Returns per timestep the per-ITB
+    (weights, routed) maps of ``pipeline_pics.block_gates``."""
+    from pics_model.pipeline_pics import block_gates
+
+    dev, k = model.device, len(timesteps)
+    latents = model.encode_images(batch["target"].to(dev), generator).to(model.dtype)
+    latents = latents.expand(k, *latents.shape[1:])
+    noise = torch.randn(latents.shape, generator=generator, device=dev, dtype=latents.dtype)
+    t = torch.as_tensor(list(timesteps), device=dev, dtype=torch.long)
+    noisy = model.noise_scheduler.add_noise(latents, noise, t)
+    priors = batch.get("priors")
+    codes = model.encode_objects(batch["objects"].to(dev), None if priors is None else priors.to(dev),
+                                 None if priors is None else batch["prior_valid"].to(dev))
+
+    def rep(x: torch.Tensor) -> torch.Tensor:
+        return x.to(dev).repeat(k, *([1] * (x.ndim - 1)))
+
+    valid = batch.get("object_valid")
+    sink: list = []
+    ctx = model.routing(rep(codes), rep(batch["routing_masks"]), None if valid is None else rep(valid), sink)
+    model.denoise(noisy, t, rep(batch["hint"]), ctx)
+    return [block_gates(sink, ctx, row=i) for i in range(k)]
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -196,7 +224,8 @@ class Trainer:
         accepts = inspect.signature(self.model.training_loss).parameters
         self.eval_kwargs = {"cond_drop_prob": 0.0} if "cond_drop_prob" in accepts else {}
 
-        self.history: dict[str, list] = {"train": [], "loss": [], "heldout": [], "events": [], "quarantine": []}
+        self.history: dict[str, list] = {"train": [], "loss": [], "heldout": [], "events": [], "quarantine": [],
+                                         "occlusion": []}
         state, resumed_from = self._find_resume()
         if state is not None:
             self._load_weights(state)
@@ -265,6 +294,7 @@ class Trainer:
                                       "shadow_params": [state.ema[n].to(self.device) for n in self.param_names]})
         set_rng_state(state.trainer["rng"])
         self.history = state.trainer["history"]
+        self.history.setdefault("occlusion", [])  # checkpoints written before the gate probe existed
         self.step = state.step
 
     def save(self, metrics: dict, final: bool = False) -> None:
@@ -323,14 +353,66 @@ class Trainer:
         self.model.train(was_training)
         return float(total[0] / total[1])
 
+    @torch.no_grad()
+    def heldout_occlusion(self, items: list[dict], truths: list) -> dict | None:
+        """Occlusion-order accuracy of the gate on the held-out items (tasks/evaluate/occlusion.py)
+        at ``spec.occlusion_timesteps``, fixed noise per item; rank r takes items r, r + W, ...
+        and the per-item sums are all-reduced, so every rank returns the same summary. None when
+        the probe is off or no item knows its occlusion order."""
+        import torch.distributed as dist
+
+        from tasks.evaluate import occlusion
+
+        ts = list(self.spec.occlusion_timesteps)
+        if not ts or not any(truths) or not hasattr(self.model, "token_counts"):
+            return None
+        lat = self.model.config.latent_size
+        levels = [int(math.isqrt(n)) for n in self.model.token_counts((lat, lat))]
+        nl = len(levels)
+        width = 2 * len(ts) * nl + 2 * nl
+        rows = torch.zeros(len(items), width, dtype=torch.float64)
+        eval_model = self.ddp if self.spec.strategy == "fsdp" else self.wrapper
+        was_training = self.model.training
+        self.model.eval()
+        for k in range(math.ceil(len(items) / self.world)):
+            i = k * self.world + self.rank
+            item = items[min(i, len(items) - 1)]
+            gen = torch.Generator(self.device).manual_seed(step_seed(self.spec.seed, -1, i, stream=2))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                gates = eval_model(to_device(item, self.device), gen, gate_timesteps=ts)
+            if i < len(items) and truths[i]:  # padding rounds keep FSDP's collectives in step
+                st = occlusion.sample_stats(gates, truths[i], levels)
+                rows[i] = torch.from_numpy(np.concatenate([st["credit"].ravel(), st["ties"].ravel(),
+                                                           st["routed"], st["pixels"]]))
+        if self.world > 1:
+            dist.all_reduce(rows)
+        self.model.train(was_training)
+        a = rows.numpy()
+        n_sl = len(ts) * nl
+        stats = [{"levels": levels, "credit": r[:n_sl].reshape(len(ts), nl),
+                  "ties": r[n_sl:2 * n_sl].reshape(len(ts), nl),
+                  "routed": r[2 * n_sl:2 * n_sl + nl], "pixels": r[2 * n_sl + nl:]} for r in a]
+        out = occlusion.summarize(stats)
+        if out is not None:
+            out["occlusion_by_timestep"] = dict(zip(map(str, ts), out.pop("occlusion_curve", [])))
+        return out
+
+    def evaluate_heldout(self, heldout: list[dict], truths: list, weights: str) -> None:
+        """The held-out loss and the gate's occlusion accuracy at this step, into the history."""
+        self.history["heldout"].append({"step": self.step, "loss": self.heldout_loss(heldout), "weights": weights})
+        occ = self.heldout_occlusion(heldout, truths)
+        if occ is not None:
+            self.history["occlusion"].append({"step": self.step, "weights": weights, **occ})
+
     # -- the loop ----------------------------------------------------------------------------
-    def run(self, make_batch, heldout: list[dict], samples_fn=None) -> None:
+    def run(self, make_batch, heldout: list[dict], samples_fn=None, truths: list | None = None) -> None:
         import torch.distributed as dist
 
         spec = self.spec
+        truths = truths or []
         index = scan_shards(spec.shards_dir, "train")
         if self.step == 0 and not self.history["heldout"]:
-            self.history["heldout"].append({"step": 0, "loss": self.heldout_loss(heldout), "weights": "raw"})
+            self.evaluate_heldout(heldout, truths, "raw")
         if self.step >= spec.steps:
             return
         dataset = StepBatches(index, make_batch, self.step, spec.steps, self.rank, self.world,
@@ -380,7 +462,7 @@ class Trainer:
                 window = {"t": 0.0, "data": 0.0, "n": 0}
             self._maybe_fail()
             if spec.eval_every and self.step % spec.eval_every == 0 and self.step < spec.steps:
-                self.history["heldout"].append({"step": self.step, "loss": self.heldout_loss(heldout), "weights": "raw"})
+                self.evaluate_heldout(heldout, truths, "raw")
             if samples_fn is not None and self.rank == 0 and spec.sample_every and (
                     self.step % spec.sample_every == 0 or self.step == spec.steps):
                 samples_fn(self.model, self.step)
@@ -389,19 +471,21 @@ class Trainer:
         if bar is not None:
             bar.close()
 
-    def finish(self, heldout: list[dict]) -> None:
-        """Final held-out losses (raw and EMA weights), per-rank digests, the final checkpoint."""
+    def finish(self, heldout: list[dict], truths: list | None = None) -> None:
+        """Final held-out losses and occlusion accuracies (raw and EMA weights), per-rank digests,
+        the final checkpoint."""
         import torch.distributed as dist
 
         if self.history.get("rank_digests") and self.step >= self.spec.steps:
             return  # resumed from the final checkpoint itself: nothing left to do or to write
         done = {h["weights"] for h in self.history["heldout"] if h["step"] == self.spec.steps}
+        truths = truths or []
         if "raw" not in done:
-            self.history["heldout"].append({"step": self.step, "loss": self.heldout_loss(heldout), "weights": "raw"})
+            self.evaluate_heldout(heldout, truths, "raw")
         if self.ema is not None and "ema" not in done:
             self.ema.store(self.params)
             self.ema.copy_to(self.params)
-            self.history["heldout"].append({"step": self.step, "loss": self.heldout_loss(heldout), "weights": "ema"})
+            self.evaluate_heldout(heldout, truths, "ema")
             self.ema.restore(self.params)
         digest = weights_digest(self.model, self.param_names) if self.spec.strategy != "fsdp" else None
         digests = [digest] * self.world
@@ -443,18 +527,23 @@ class Trainer:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    from tasks.train.batches import heldout_items
+    from tasks.evaluate.occlusion import occlusion_truth
+    from tasks.shards import decode_sample
+    from tasks.train.batches import heldout_items, heldout_rows
 
     spec = RunSpec.from_dict(config)
     trainer = Trainer(spec)
     priors = PriorStore(spec.priors_dir) if spec.priors_dir else None
     builder = load_class(spec.batch_builder)(resolution=spec.resolution, augment=spec.augment, priors=priors,
                            object_size=spec.object_size)
-    heldout = heldout_items(spec, builder)
+    rows = heldout_rows(spec)
+    heldout = heldout_items(spec, builder, rows)
+    # which object is visible where they occlude (embedded data: amodal masks); empty elsewhere
+    truths = [occlusion_truth(decode_sample(r)) for r in rows] if spec.occlusion_timesteps else []
     samples = None
     if spec.sample_every and spec.strategy != "fsdp":  # FSDP: rank 0 alone cannot run the sharded model
         from tasks.train.samples import SampleWriter
 
         samples = SampleWriter(spec, builder, heldout)
-    trainer.run(builder, heldout, samples)
-    trainer.finish(heldout)
+    trainer.run(builder, heldout, samples, truths)
+    trainer.finish(heldout, truths)

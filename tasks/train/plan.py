@@ -19,7 +19,7 @@ from tasks.train.data import DataError, scan_shards, shard_files
 OPERATIONAL_KEYS = {"out", "num_workers", "use_gpu", "cpus_per_worker", "max_failures", "resume",
                     "loader_workers", "feature_cache", "feature_cache_mb", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
                     "sample_count", "sample_steps", "sample_guidance", "peak_tflops", "fail_at_step", "fail_rank", "fail_mode",
-                    "eval_every"}
+                    "eval_every", "occlusion_timesteps"}
 
 
 @dataclass

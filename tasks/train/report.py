@@ -78,14 +78,50 @@ def _plot(history: dict, path: Path) -> None:
     atomic.write_bytes(path, buf.getvalue())
 
 
+def occlusion_rows(history: dict) -> list[dict]:
+    """The held-out occlusion-order curve: one row per evaluation (step, weights), pooled accuracy
+    with its bootstrap interval, coverage, ties, and the accuracy per token-grid level."""
+    rows = []
+    for h in history.get("occlusion", []):
+        ci = h.get("occlusion_accuracy_ci95") or [None, None]
+        row = {"step": h["step"], "weights": h["weights"], "accuracy": h.get("occlusion_accuracy"),
+               "ci95_low": ci[0], "ci95_high": ci[1], "coverage": h.get("occlusion_coverage"),
+               "ties": h.get("occlusion_ties"), "samples": h.get("occlusion_samples")}
+        row.update({f"accuracy_{k}": v for k, v in (h.get("occlusion_accuracy_by_level") or {}).items()})
+        rows.append(row)
+    return rows
+
+
+def occlusion_metrics(history: dict, step: int, weights: str) -> dict:
+    """metrics.json entries: the held-out occlusion accuracy at the start and of the final weights."""
+    def at(s, w):
+        v = [h for h in history.get("occlusion", []) if h["step"] == s and h["weights"] == w]
+        return v[-1] if v else {}
+
+    first, last = at(0, "raw"), at(step, weights)
+    if not last:
+        return {}
+    return {"occlusion_accuracy_initial": first.get("occlusion_accuracy"),
+            "occlusion_accuracy_final": last.get("occlusion_accuracy"),
+            "occlusion_accuracy_final_ci95": last.get("occlusion_accuracy_ci95"),
+            "occlusion_accuracy_final_by_level": last.get("occlusion_accuracy_by_level"),
+            "occlusion_coverage": last.get("occlusion_coverage"),
+            "occlusion_ties_final": last.get("occlusion_ties"),
+            "occlusion_samples": last.get("occlusion_samples")}
+
+
 def write_outputs(out: Path, run_dir: Path, checkpoint_dir: Path, init_info: dict, extra: dict) -> dict:
-    """Write ``metrics.json``, ``loss.csv``, ``heldout.csv``, ``train_log.csv``, ``loss.png`` and
-    copy sample composites into ``out``; returns the metrics."""
+    """Write ``metrics.json``, ``loss.csv``, ``heldout.csv``, ``occlusion.csv``, ``train_log.csv``,
+    ``loss.png`` and copy sample composites into ``out``; returns the metrics."""
     state = ckpt.load_checkpoint(checkpoint_dir)
     h = state.trainer["history"]
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_bytes(out / "loss.csv", _csv([{"step": s, "loss": l} for s, l in h["loss"]], ["step", "loss"]))
     atomic.write_bytes(out / "heldout.csv", _csv(h["heldout"], ["step", "loss", "weights"]))
+    occ = occlusion_rows(h)
+    occ_cols = ["step", "weights", "accuracy", "ci95_low", "ci95_high", "coverage", "ties", "samples"]
+    occ_cols += sorted({k for r in occ for k in r} - set(occ_cols), key=lambda k: (len(k), k), reverse=True)
+    atomic.write_bytes(out / "occlusion.csv", _csv(occ, occ_cols))
     cols = ["step", "loss", "lr", "grad_norm", "samples_per_s", "data_wait_frac", "mfu", "mem_mb",
             "cache_vae_hit_rate", "cache_objects_hit_rate"]
     atomic.write_bytes(out / "train_log.csv", _csv(h["train"], cols))
@@ -127,6 +163,8 @@ def write_outputs(out: Path, run_dir: Path, checkpoint_dir: Path, init_info: dic
         "autoencoder_psnr_heldout": ae.get("psnr_after") if isinstance(ae, dict) else None,
         "autoencoder_posterior_std": ae.get("posterior_std") if isinstance(ae, dict) else None,
         "ranks_identical": len(set(h.get("rank_digests") or [])) == 1 if h.get("rank_digests") else None,
+        # the exported model's weights: EMA when the run kept them
+        **occlusion_metrics(h, state.step, "ema" if final_ema is not None else "raw"),
         **extra,
     }
     atomic.write_json(out / "metrics.json", metrics)

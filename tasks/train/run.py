@@ -140,6 +140,7 @@ def make_spec(plan: RunPlan, flops_per_sample: float | None, peak: float | None)
         feature_cache=t.feature_cache, feature_cache_mb=t.feature_cache_mb,
         log_every=t.log_every, checkpoint_every=t.checkpoint_every, eval_every=t.eval_every,
         sample_every=t.sample_every, heldout_samples=t.heldout_samples, sample_count=t.sample_count,
+        occlusion_timesteps=tuple(t.occlusion_timesteps),
         sample_steps=t.sample_steps, sample_guidance=t.sample_guidance, flops_per_sample=flops_per_sample, peak_flops_per_worker=peak,
         fail_at_step=t.fail_at_step, fail_rank=t.fail_rank, fail_mode=t.fail_mode)
 

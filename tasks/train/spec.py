@@ -46,6 +46,7 @@ class RunSpec:
     eval_every: int = 0  # 0: held-out loss only at the start and the end
     sample_every: int = 100
     heldout_samples: int = 16
+    occlusion_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)  # held-out gate probe; () = off
     sample_count: int = 4
     sample_steps: int = 10
     sample_guidance: float = 3.0
