@@ -72,7 +72,7 @@ def test_dvc_repro_runs_every_stage(repo_copy):
     # An experiment that reruns evaluate only; `dvc exp show`/`exp diff` compare real values.
     _run([sys.executable, "-m", "dvc", "exp", "run", "--name", "one-sample", "-S", "evaluate.max_samples=1"], repo_copy)
     shown = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo_copy))
-    (baseline,) = shown
+    (baseline,) = [row for row in shown if row["rev"] != "workspace"]  # the commit the experiment is based on
     exp = next(r["data"] for e in baseline["experiments"] for r in e["revs"] if r["name"] == "one-sample")
     assert baseline["data"]["metrics"]["data/evaluate/metrics.json"]["data"] == eval_metrics
     assert baseline["data"]["metrics"]["data/train/metrics.json"]["data"] == train_metrics

@@ -49,11 +49,12 @@ def test_pipeline_deployment_on_prefect_server_and_two_node_ray(repo_copy, tmp_p
                 cluster.add_node(num_cpus=1)
                 cluster.wait_for_nodes()
                 assert len(cluster.list_all_nodes()) == 2
+                ray_address = cluster.address  # None once the cluster is shut down
 
                 serve = subprocess.Popen([str(BIN / "pics"), "serve", "pipeline"], cwd=repo_copy, env=env,
                                          stdout=log, stderr=subprocess.STDOUT)
                 # area_ratio as well: `dvc exp run -S` of a changed value, through a deployment run.
-                overrides = [*as_set_args(), f"ray.address={cluster.address}", "decompose.area_ratio=0.05"]
+                overrides = [*as_set_args(), f"ray.address={ray_address}", "decompose.area_ratio=0.05"]
                 try:
                     deadline = time.monotonic() + 600
                     while deployment not in prefect(env, "deployment", "ls").split():
@@ -84,7 +85,7 @@ def test_pipeline_deployment_on_prefect_server_and_two_node_ray(repo_copy, tmp_p
             for rev in e["revs"]}
     params = exps["ops-it"]["params"]["params.yaml"]["data"]
     assert params["train"]["steps"] == SHRUNK_OVERRIDES["train.steps"]
-    assert params["ray"]["address"] == cluster.address
+    assert params["ray"]["address"] == ray_address
     assert params["decompose"]["area_ratio"] == 0.05
     metrics = {f: m["data"] for f, m in exps["ops-it"]["metrics"].items()}
     assert metrics["data/train/metrics.json"]["steps"] == SHRUNK_OVERRIDES["train.steps"]
