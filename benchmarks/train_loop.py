@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 from tasks.train import checkpoint as ckpt  # noqa: E402
 from tasks.train.plan import plan_run  # noqa: E402
-from tasks.train.run import fit, make_spec, peak_flops_per_worker, prepare_init  # noqa: E402
+from tasks.train.run import fit, peak_flops_per_worker, prepare_init  # noqa: E402
 
 
 def model_only(plan, batch_size: int, steps: int, warmup: int, threads: int) -> dict:
@@ -73,7 +73,7 @@ def loop(base: list[str], workers: int, per_worker: int, steps: int, out: Path) 
     plan = plan_run(params)
     prepare_init(plan, log=lambda *_: None)
     t0 = time.perf_counter()
-    final = fit(plan, make_spec(plan, None, None), log=print)
+    final = fit(plan, log=print)
     wall = time.perf_counter() - t0
     rows = ckpt.load_checkpoint(final).trainer["history"]["train"]
     steady = rows[1:] if len(rows) > 1 else rows

@@ -51,16 +51,16 @@ def init_task(plan):
 def fit_task(plan, init_info):
     from pics_model.modeling_pics import PICSModel
 
-    from tasks.train.run import fit, make_spec, peak_flops_per_worker
+    from tasks.train.plan import Flops
+    from tasks.train.run import fit, peak_flops_per_worker
 
     model = PICSModel.from_pretrained(plan.init_dir)
     breakdown = model.flops_per_sample(with_priors=plan.priors_dir is not None)
     flops = float(breakdown["total"])
     peak, peak_src = peak_flops_per_worker(plan)
     del model
-    spec = make_spec(plan, flops, peak)
     t0 = time.perf_counter()
-    final_ckpt = fit(plan, spec, log=_log())
+    final_ckpt = fit(plan, Flops(flops, peak), log=_log())
     return final_ckpt, {"flops_per_sample": flops, "flops_per_sample_breakdown": breakdown,
                         "peak_flops_per_worker": peak, "peak_flops_source": peak_src,
                         "wall_s": time.perf_counter() - t0}

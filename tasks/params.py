@@ -173,10 +173,6 @@ class TrainParams(Section):
     sample_steps: int = Field(10, ge=1)
     sample_guidance: float = Field(3.0, ge=0.0)
     peak_tflops: float | None = Field(None, gt=0.0)  # per worker, for MFU; None: measured/known
-    # test hook: one worker fails once after this step (raise, or exit = a killed process)
-    fail_at_step: int | None = Field(None, ge=1)
-    fail_rank: int = Field(0, ge=0)
-    fail_mode: Literal["raise", "exit"] = "raise"
 
 
 class EvaluateParams(Section):

@@ -128,7 +128,7 @@ def test_mixed_samples_give_an_interval_around_the_pooled_accuracy():
 
 
 def test_training_gate_probe_gives_per_timestep_block_maps():
-    """The held-out probe of training (tasks/train/loop.py): one forward of the item at each probe
+    """The held-out probe of training (tasks/train/evaluation.py): one forward of the item at each probe
     timestep, each giving every block's maps; the same generator seed gives the same maps."""
     import torch
 
@@ -136,7 +136,7 @@ def test_training_gate_probe_gives_per_timestep_block_maps():
     from pics_model.data import build_item, collate
     from pics_model.modeling_pics import PICSModel
     from pics_model.testing import synthetic_sample
-    from tasks.train.loop import gate_probe
+    from tasks.train.evaluation import gate_probe
 
     torch.manual_seed(0)
     model = PICSModel(get_preset("tiny")).eval()

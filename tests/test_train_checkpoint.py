@@ -14,7 +14,7 @@ import torch
 from tasks.train import checkpoint as ckpt
 from tasks.train.data import DataError, ShardIndex, StepBatches, batch_rows, scan_shards
 from pics_model.file_hashes import file_record
-from tasks.train.loop import find_resume
+from tasks.train.state import find_resume
 
 
 def _state(step: int, value: float = 1.0) -> ckpt.CheckpointState:

@@ -188,7 +188,7 @@ def test_resume_ignores_unmarked_checkpoint(tmp_path):
     import torch
 
     from tasks.train import checkpoint as ckpt
-    from tasks.train.loop import find_resume
+    from tasks.train.state import find_resume
 
     def state(step):
         return ckpt.CheckpointState(step, {"w": torch.full((2,), float(step))}, {"history": {}})
@@ -209,8 +209,12 @@ def runs(fixture_root, prefect_harness):
     """'plain': 2 workers, STEPS steps. 'killed': the same, rank 1 exits hard after step 3 once."""
     from flows.train import train_flow
 
+    from tasks.train.fault_injection import ENV
+
     plain = train_flow(overrides=overrides(fixture_root, "plain"))
-    killed = train_flow(overrides=overrides(fixture_root, "killed", fail_at_step=3, fail_rank=1, fail_mode="exit"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ENV, json.dumps({"step": 3, "rank": 1, "mode": "exit"}))
+        killed = train_flow(overrides=overrides(fixture_root, "killed"))
     return plain, killed
 
 
@@ -226,7 +230,7 @@ def test_two_gloo_workers_end_with_identical_weights(runs):
 
     from pics_model.modeling_pics import PICSModel
     from tasks.train.checkpoint import load_checkpoint
-    from tasks.train.loop import weights_digest
+    from tasks.train.state import weights_digest
 
     plain, _ = runs
     h = _history(plain)

@@ -121,15 +121,13 @@ def rows_of_split(shards_dir: str | Path, split: str, limit: int | None = None) 
                 return
 
 
-def heldout_rows(spec) -> list[dict]:
-    """The fixed held-out rows: the first ``heldout_samples`` test rows, or training rows when the
-    shards have no test split."""
-    rows = list(rows_of_split(spec.shards_dir, "test", spec.heldout_samples))
-    return rows or list(rows_of_split(spec.shards_dir, "train", spec.heldout_samples))
+def heldout_rows(shards_dir: str | Path, count: int) -> list[dict]:
+    """The fixed held-out rows: the first ``count`` test rows, or training rows when the shards
+    have no test split."""
+    return list(rows_of_split(shards_dir, "test", count)) or list(rows_of_split(shards_dir, "train", count))
 
 
-def heldout_items(spec, builder, rows: list[dict] | None = None) -> list[dict]:
-    """The held-out set (``heldout_rows``), no augmentation, each as a batch of one (so its noise
-    and timestep depend only on its position, not on the world size)."""
-    rows = heldout_rows(spec) if rows is None else rows
+def heldout_items(builder: BatchBuilder, rows: list[dict]) -> list[dict]:
+    """``rows`` without augmentation, each as a batch of one (so its noise and timestep depend
+    only on its position, not on the world size)."""
     return [builder.collate([builder.item(r, seed=i, augment=False)]) for i, r in enumerate(rows)]

@@ -13,6 +13,7 @@ out to ``torch.utils.data`` workers instead (``train.loader_workers``).
 """
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,22 @@ class StepBatches(torch.utils.data.IterableDataset):
 
 def _as_is(x):
     return x
+
+
+def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
+    """A 63-bit seed per (run seed, step, rank, stream): noise independent of restarts."""
+    h = hashlib.blake2b(f"{seed}/{step}/{rank}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 def step_loader(dataset: StepBatches, num_workers: int = 0) -> torch.utils.data.DataLoader:

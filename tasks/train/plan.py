@@ -18,8 +18,7 @@ from tasks.train.data import DataError, scan_shards, shard_files
 # out of the run's identity, so changing them resumes the same run instead of starting over.
 OPERATIONAL_KEYS = {"out", "num_workers", "use_gpu", "cpus_per_worker", "max_failures", "resume",
                     "loader_workers", "feature_cache", "feature_cache_mb", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
-                    "sample_count", "sample_steps", "sample_guidance", "peak_tflops", "fail_at_step", "fail_rank", "fail_mode",
-                    "eval_every", "occlusion_timesteps"}
+                    "sample_count", "sample_steps", "sample_guidance", "peak_tflops", "eval_every", "occlusion_timesteps"}
 
 
 @dataclass
@@ -45,6 +44,23 @@ class RunPlan:
     def init_dir(self) -> Path:
         return self.run_dir / "init"
 
+    @property
+    def per_rank_batch(self) -> int:
+        return self.params.train.batch_size // self.params.train.num_workers
+
+    @property
+    def augment(self) -> dict | None:
+        """pics_model.data.AugmentConfig fields for the training batches; None: no augmentation."""
+        t = self.params.train
+        return {"rotate_max_deg": t.rotation_deg} if t.augment else None
+
+
+@dataclass(frozen=True)
+class Flops:
+    """The figures behind the MFU column of the training log."""
+    per_sample: float  # training FLOPs of one sample (forward + backward)
+    peak_per_worker: float  # FLOP/s one worker can reach
+
 
 def _fingerprint(files: list[Path]) -> list[tuple[str, int]]:
     return [(f.name, f.stat().st_size) for f in files]
@@ -66,8 +82,6 @@ def plan_run(params: Params) -> RunPlan:
         raise ParamsError("train.strategy=fsdp needs train.use_gpu=true (Ray Train's FSDP is GPU-only)")
     if strategy == "fsdp" and t.ema_decay:
         raise ParamsError("train.ema_decay: EMA is not supported with FSDP here; set train.ema_decay=null")
-    if t.fail_at_step is not None and t.fail_rank >= t.num_workers:
-        raise ParamsError(f"train.fail_rank={t.fail_rank} is not a rank of {t.num_workers} workers")
     storage = params.ray.storage_path
     if storage and "://" in storage:
         raise ParamsError(f"ray.storage_path={storage!r}: checkpoints need a filesystem path that every "

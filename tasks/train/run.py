@@ -1,9 +1,10 @@
-"""The driver side of a training run: the initial model, the RunSpec, the Ray Train TorchTrainer.
+"""The driver side of a training run: the initial model, the Ray Train TorchTrainer.
 
 ``prepare_init`` builds the starting model once per run (tiny: with its autoencoder fitted on the
 training images) and saves it atomically to ``<run_dir>/init``; every worker loads it from there,
 so all ranks start from the same weights and a restarted run starts from the same init.
-``fit`` runs the TorchTrainer and returns the newest committed checkpoint.
+``fit`` runs the TorchTrainer (every worker gets the plan, with its typed params) and returns
+the newest committed checkpoint.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from tasks import atomic
 from tasks.params import ParamsError
 from tasks.train import checkpoint as ckpt
 from tasks.train.autoencoder import fit_autoencoder
-from tasks.train.plan import RunPlan, check_resources
-from tasks.train.spec import RunSpec
+from tasks.train.fault_injection import from_env as failure_from_env
+from tasks.train.plan import Flops, RunPlan, check_resources
 
 INIT_INFO = "init_info.json"
 
@@ -123,30 +124,9 @@ def peak_flops_per_worker(plan: RunPlan) -> tuple[float, str]:
     return rate, f"measured fp32 1024^3 matmul, {threads} thread(s)"
 
 
-def make_spec(plan: RunPlan, flops_per_sample: float | None, peak: float | None) -> RunSpec:
-    t = plan.params.train
-    augment = None
-    if t.augment:
-        augment = {"rotate_max_deg": t.rotation_deg}
-    return RunSpec(
-        run_dir=str(plan.run_dir), init_dir=str(plan.init_dir), shards_dir=str(plan.shards_dir),
-        priors_dir=str(plan.priors_dir) if plan.priors_dir else None,
-        steps=t.steps, global_batch=t.batch_size, num_workers=t.num_workers, seed=t.seed,
-        lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_schedule=t.lr_schedule,
-        grad_clip=t.grad_clip, trainable=t.trainable, prediction_type=t.prediction_type,
-        mask_weight=t.mask_weight, ema_decay=t.ema_decay, mixed_precision=plan.mixed_precision,
-        grad_checkpointing=t.grad_checkpointing, compile=t.compile, strategy=plan.strategy,
-        resolution=plan.resolution, object_size=plan.object_size, augment=augment, loader_workers=t.loader_workers,
-        feature_cache=t.feature_cache, feature_cache_mb=t.feature_cache_mb,
-        log_every=t.log_every, checkpoint_every=t.checkpoint_every, eval_every=t.eval_every,
-        sample_every=t.sample_every, heldout_samples=t.heldout_samples, sample_count=t.sample_count,
-        occlusion_timesteps=tuple(t.occlusion_timesteps),
-        sample_steps=t.sample_steps, sample_guidance=t.sample_guidance, flops_per_sample=flops_per_sample, peak_flops_per_worker=peak,
-        fail_at_step=t.fail_at_step, fail_rank=t.fail_rank, fail_mode=t.fail_mode)
-
-
-def fit(plan: RunPlan, spec: RunSpec, log=print) -> Path:
-    """Run the TorchTrainer; returns the newest committed checkpoint of the run."""
+def fit(plan: RunPlan, flops: Flops | None = None, log=print) -> Path:
+    """Run the TorchTrainer; returns the newest committed checkpoint of the run. ``flops``: the
+    figures for the log's MFU column (None: no MFU)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -158,6 +138,7 @@ def fit(plan: RunPlan, spec: RunSpec, log=print) -> Path:
     if done is not None:
         log(f"[train] {done} already holds the final step of this run; not training again")
         return done
+    failure = failure_from_env(p.train.num_workers)  # a test hook, not a parameter
     ray = init_ray(p.ray.address, p.ray.num_cpus, p.ray.object_store_mb)
     check_resources(plan, ray.cluster_resources())
     removed = ckpt.remove_uncommitted(plan.run_dir)
@@ -171,7 +152,7 @@ def fit(plan: RunPlan, spec: RunSpec, log=print) -> Path:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=spec.to_dict(),
+        train_loop_config={"plan": plan, "flops": flops, "failure": failure},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),

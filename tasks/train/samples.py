@@ -14,7 +14,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from tasks import atomic
-from tasks.train.batches import rows_of_split
+from tasks.params import TrainParams
+from tasks.train.batches import heldout_rows
 
 
 def _fit(img: np.ndarray, size: int) -> Image.Image:
@@ -26,15 +27,13 @@ def _fit(img: np.ndarray, size: int) -> Image.Image:
 
 
 class SampleWriter:
-    """Callable ``(model, step)``: renders the first ``sample_count`` held-out samples."""
+    """Callable ``(model, step)``: renders the first ``train.sample_count`` held-out samples into ``out``."""
 
-    def __init__(self, spec, builder, heldout=None, cell: int = 128):
-        rows = list(rows_of_split(spec.shards_dir, "test", spec.sample_count)) or \
-            list(rows_of_split(spec.shards_dir, "train", spec.sample_count))
-        self.samples = [builder.sample(r) for r in rows]
-        self.spec = spec
+    def __init__(self, t: TrainParams, builder, shards_dir: Path, out: Path, cell: int = 128):
+        self.samples = [builder.sample(r) for r in heldout_rows(shards_dir, t.sample_count)]
+        self.t = t
         self.cell = cell
-        self.out = Path(spec.run_dir) / "samples"
+        self.out = out
 
     @torch.no_grad()
     def __call__(self, model, step: int) -> Path:
@@ -47,8 +46,8 @@ class SampleWriter:
             rows = []
             for i, s in enumerate(self.samples):
                 res = pipe(s["image"], list(s["patches"]), masks=list(s["masks"]),
-                           priors=s.get("priors"), num_inference_steps=self.spec.sample_steps,
-                           guidance_scale=self.spec.sample_guidance, seed=self.spec.seed + i, output_type="np")
+                           priors=s.get("priors"), num_inference_steps=self.t.sample_steps,
+                           guidance_scale=self.t.sample_guidance, seed=self.t.seed + i, output_type="np")
                 comp = (res.images[0] * 255 + 0.5).clip(0, 255).astype(np.uint8)
                 masked = s["image"].copy()
                 masked[res.union_masks[0]] = 0
