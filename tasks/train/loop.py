@@ -29,7 +29,8 @@ from torch import nn
 
 from tasks import atomic
 from tasks.train import checkpoint as ckpt
-from tasks.train.data import PriorStore, StepBatches, scan_shards, step_loader
+from tasks.render_priors.store import PriorStore
+from tasks.train.data import StepBatches, scan_shards, step_loader
 from tasks.train.spec import RunSpec
 
 
