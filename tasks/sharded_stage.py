@@ -36,6 +36,11 @@ shards in flight. ``finalize(plan, results, wall_s)`` merges the kept and new re
 ``manifest.json`` (``atomic.write_json``) and returns the manifest; ``wall_s`` is the seconds since
 prepare started, for a stage that records its speed.
 
+Workers write their shards themselves and return only the small record, so no data travels back
+to the driver; on a cluster the output folder (and the inputs) must be on storage every node sees.
+Randomness must come from the item (e.g. a generator seeded by an image id), never from the worker
+or the order, so that a shard's bytes do not depend on who ran it.
+
 Output folder of a sharded stage::
 
     .pics-stage.json             the owning stage (tasks.shards.claim_output)
@@ -55,8 +60,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-
-import pyarrow.parquet as pq
 
 from pics_model.file_hashes import sha256_file
 from tasks import atomic
@@ -150,9 +153,7 @@ def resume(out: Path, fingerprint: str) -> dict[str, dict]:
 
 def write_shard(path: Path, table, **write_options) -> str:
     """Atomically write ``table`` as parquet (``pq.write_table`` options); returns its sha256."""
-    with atomic.atomic_path(path) as tmp:
-        pq.write_table(table, tmp, **write_options)
-    return sha256_file(path)
+    return sha256_file(atomic.write_parquet(path, table, **write_options))
 
 
 def write_progress(out: Path, record: dict) -> None:
