@@ -30,7 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows.sharded import run_shards  # noqa: E402  (configures the offline Prefect/Ray environment)
+import flows  # noqa: E402,F401  (offline Prefect/Ray environment before Prefect is imported)
+from flows.sharded import run_shards  # noqa: E402
 from prefect import flow  # noqa: E402
 
 from tasks.decompose import pipeline  # noqa: E402

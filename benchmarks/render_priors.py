@@ -190,7 +190,7 @@ def run_child(platform: str, args) -> dict:
 # ---------------------------------------------------------------- part 2: the stage ----------
 
 def stage(args, work: Path) -> dict:
-    from flows.sharded import run_shards  # configures the offline Prefect/Ray environment
+    from flows.sharded import run_shards
     from tasks.params import RenderPriorsParams
     from tasks.render_priors import pipeline
     from tasks.render_priors.coco_objects import sample_row, write_sample_shard
@@ -281,6 +281,7 @@ def main():
     if not args.skip_stage:
         work = Path(tempfile.mkdtemp(prefix="bench-priors-"))
         try:
+            import flows  # noqa: F401  (offline Prefect/Ray environment before Prefect is imported)
             from prefect import flow
 
             s = flow(name="benchmark-render-priors")(lambda: stage(args, work))()  # as the pipeline runs it
