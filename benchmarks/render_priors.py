@@ -14,9 +14,10 @@ one thread (LP_NUM_THREADS=1), so its rate is a per-core rate:
   * naive: a new OffscreenRenderer (GL context) per view, same shading;
   * pyrender defaults: reused renderer but pyrender's lit PBR shader and 4x MSAA;
   * objects/s in one process: PNG decode -> reconstruct -> K views -> PNG/depth encode, ours vs naive.
-Part 2, the stage: ``run_serial`` (one process, no Ray) and the Ray fan-out with ``--workers``
-workers on the same sample shard (reading, writing parquet included; Prefect's 15-35 ms per shard
-task is not included). Ray start-up and worker warm-up are paid before timing.
+Part 2, the stage: ``run_serial`` (one process, no Ray; the baseline) and the pipeline's fan-out
+(``flows.sharded.run_shards``: a Prefect task per shard, each one Ray task) with 1 and ``--workers``
+workers on the same sample shard (reading, writing parquet and Prefect's 15-35 ms per shard task
+included). Ray start-up, the Prefect server and worker warm-up are paid before timing.
 
 This machine is a shared 2-core CPU box (Mesa llvmpipe, no GPU was lent): the load average is
 printed beside the figures. Other processes skew every figure.
@@ -70,7 +71,8 @@ def child(platform: str, views: int, resolution: int, variants: int, naive_objec
 
     from pics_model.geometry import MultiViewRenderer, RendererError, get_reconstructor
     from tasks.render_priors.coco_objects import png_bytes
-    from tasks.render_priors.work import decode_png, encode_depth, encode_rgba
+    from tasks.codec import decode_png, encode_rgba
+    from tasks.render_priors.work import encode_depth
 
     try:
         r = MultiViewRenderer(resolution=resolution, num_views=views, elevation_deg=15.0, platform=platform)
@@ -118,7 +120,7 @@ def child(platform: str, views: int, resolution: int, variants: int, naive_objec
 
     def end_to_end(blob_list, naive: bool) -> None:
         for pb, mb in blob_list:
-            mesh = recon(decode_png(pb, True), decode_png(mb, False) >= 128)
+            mesh = recon(decode_png(pb, "rgb"), decode_png(mb, "gray") >= 128)
             if naive:
                 res = naive_views(mesh)
                 color = [c for c, _ in res]
@@ -188,13 +190,12 @@ def run_child(platform: str, args) -> dict:
 # ---------------------------------------------------------------- part 2: the stage ----------
 
 def stage(args, work: Path) -> dict:
+    from flows.sharded import run_shards
     from tasks.params import RenderPriorsParams
     from tasks.render_priors import pipeline
     from tasks.render_priors.coco_objects import sample_row, write_sample_shard
-    from tasks.render_priors.runner import run_on_ray
-    from tasks.runtime import configure_environment, init_ray
+    from tasks.runtime import init_ray
 
-    configure_environment()
     objs = real_objects(args.variants)
     rows = [sample_row(f"s{i}", o["image_id"], [o]) for i, o in enumerate(objs)]
     samples = work / "samples"
@@ -214,14 +215,15 @@ def stage(args, work: Path) -> dict:
     warm = params(work / "warm")
     warm["shard_size"] = 1
     plan = pipeline.prepare(warm, samples, work / "warm")
-    run_on_ray(plan.works[:args.workers * 2], plan.ctx, args.workers)  # workers up, GL contexts made
+    plan.works[args.workers * 2:] = []
+    run_shards(pipeline.RENDER_PRIORS, plan, args.workers)  # workers up, GL contexts made
 
     ray_s = {}
     for workers in (1, args.workers):
         out = work / f"ray{workers}"
         t = time.perf_counter()
         plan = pipeline.prepare(params(out), samples, out)
-        res = run_on_ray(plan.works, plan.ctx, workers)
+        res = run_shards(pipeline.RENDER_PRIORS, plan, workers)
         pipeline.finalize(plan, res, time.perf_counter() - t)
         ray_s[workers] = time.perf_counter() - t
     split = pipeline.sum_timings(results)
@@ -279,7 +281,10 @@ def main():
     if not args.skip_stage:
         work = Path(tempfile.mkdtemp(prefix="bench-priors-"))
         try:
-            s = stage(args, work)
+            import flows  # noqa: F401  (offline Prefect/Ray environment before Prefect is imported)
+            from prefect import flow
+
+            s = flow(name="benchmark-render-priors")(lambda: stage(args, work))()  # as the pipeline runs it
         finally:
             shutil.rmtree(work, ignore_errors=True)
         report["stage"] = s

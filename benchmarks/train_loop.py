@@ -42,7 +42,7 @@ def model_only(plan, batch_size: int, steps: int, warmup: int, threads: int) -> 
     from pics_model.modeling_pics import PICSModel
 
     from tasks.train.batches import BatchBuilder, rows_of_split
-    from tasks.train.data import PriorStore
+    from tasks.render_priors.store import PriorStore
 
     torch.set_num_threads(threads)
     model = PICSModel.from_pretrained(plan.init_dir)

@@ -8,69 +8,24 @@ grid and publishes it as an artifact. Killed and started again, it keeps the fin
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import sys
 from pathlib import Path
 
 import flows  # noqa: F401  (offline Prefect/Ray environment before Prefect is imported)
+from flows.sharded import publish, run_stage
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
 
 from tasks import quarantine
 from tasks.decompose import pipeline
 from tasks.params import load_params, resolve_path
-from tasks.runtime import init_ray
 
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
 
 
-class Box:
-    """Opaque holder for task arguments: Prefect walks lists, dicts and dataclasses in task
-    parameters looking for futures, which for a shard of LVIS means millions of polygon numbers."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-
-@task(name="decompose-prepare", **_TASK)
-def prepare_task(params: dict, annotations: str, images: str, out: str) -> pipeline.Plan:
-    return pipeline.prepare(params, annotations, images, out)
-
-
-@task(name="decompose-shard", task_run_name="decompose-{name}", retries=1, **_TASK)
-def shard_task(name: str, work: Box, ctx_ref) -> dict:
-    import ray
-
-    from tasks.decompose.runner import remote_process_shard
-
-    return ray.get(remote_process_shard().remote(work.value, ctx_ref))
-
-
-@task(name="decompose-finalize", **_TASK)
-def finalize_task(plan: Box, results: list[dict]) -> dict:
-    return pipeline.finalize(plan.value, results)
-
-
-def _run_shards(plan: pipeline.Plan, num_workers: int) -> list[dict]:
-    """Submit shard tasks keeping at most ``num_workers`` in flight (Prefect's thread pool is unbounded)."""
-    import ray
-
-    ctx_ref = ray.put(plan.ctx)
-    todo = list(plan.pending)
-    in_flight, results = [], []
-    while todo or in_flight:
-        while todo and len(in_flight) < num_workers:
-            w = todo.pop(0)
-            in_flight.append(shard_task.submit(w.name, Box(w), ctx_ref))
-        fut = next(as_completed(in_flight))
-        in_flight.remove(fut)
-        results.append(fut.result())  # raises: the flow fails, finished shards stay for the resume
-    return results
+def _describe(plan: pipeline.Plan) -> str:
+    return (f"{plan.dataset.path} ({plan.dataset.format}): {len(plan.dataset.images)} images in {len(plan.works)} "
+            f"shards, {len(plan.pending)} to do, {len(plan.done)} kept from an earlier run")
 
 
 def _publish(manifest: dict, grid: Path | None, out: Path) -> None:
@@ -82,18 +37,8 @@ def _publish(manifest: dict, grid: Path | None, out: Path) -> None:
         for reason, v in manifest[k].items():
             lines.append(f"| {k}: {reason} | {v} |")
     lines += ["", f"content hash `{manifest['content_hash']}`"]
-    if grid is not None:
-        from PIL import Image
-
-        with Image.open(grid) as im:  # a small inline copy: the UI cannot read local files
-            im = im.convert("RGB")
-            im.thumbnail((1120, 1120))
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=80)
-        lines += ["", f"![samples](data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()})",
-                  "", f"full size: `{grid}` and `{grid.with_suffix('.html')}`"]
-    create_markdown_artifact("\n".join(lines), key="decompose-samples",
-                             description="decompose: counts and a grid of samples")
+    publish("decompose-samples", "decompose: counts and a grid of samples", lines, grid, max_side=1120,
+            alt="samples", caption=grid and f"full size: `{grid}` and `{grid.with_suffix('.html')}`")
 
 
 @flow(name="decompose")
@@ -102,14 +47,9 @@ def decompose_flow(overrides: list[str] | None = None, params_file: str | None =
     p = params.decompose
     log = get_run_logger()
     out = resolve_path(p.out)
-    plan = prepare_task(p.model_dump(), str(resolve_path(p.annotations)), str(resolve_path(p.images)), str(out))
-    log.info("%s (%s): %d images in %d shards, %d to do, %d kept from an earlier run", plan.dataset.path,
-             plan.dataset.format, len(plan.dataset.images), len(plan.works), len(plan.pending), len(plan.done))
-    results: list[dict] = []
-    if plan.pending:
-        init_ray(params.ray.address, params.ray.num_cpus, params.ray.object_store_mb)
-        results = _run_shards(plan, p.num_workers)
-    manifest = finalize_task(Box(plan), results)
+    plan, manifest, results = run_stage(
+        pipeline.DECOMPOSE, (p.model_dump(), str(resolve_path(p.annotations)), str(resolve_path(p.images)), str(out)),
+        p.num_workers, params.ray, _describe)
     grid = None
     if p.grid_samples:
         from tasks.decompose.visualize import write_sample_grid

@@ -8,13 +8,13 @@ for DVC, plot data, HTML + PNG report); the flow publishes the metrics table as 
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 
 import flows  # noqa: F401  (offline Prefect/Ray environment before Prefect is imported)
+from flows.sharded import inline_picture
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 
 from tasks.evaluate import stage
 from tasks.params import load_params
@@ -23,30 +23,22 @@ from tasks.runtime import init_ray
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
 
 
-class Box:
-    """Opaque task argument (Prefect would otherwise walk every value of a result table)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-
+# Task arguments and results go in ``quote``: Prefect would otherwise walk every value of a result table.
 @task(name="evaluate-plan", **_TASK)
-def plan_task(params) -> Box:
-    return Box(stage.make_plan(params.value))
+def plan_task(params) -> quote:
+    return quote(stage.make_plan(params))
 
 
 @task(name="evaluate-inference", **_TASK)
-def inference_task(plan: Box, ray_params: dict) -> Box:
+def inference_task(plan, ray_params: dict) -> quote:
     init_ray(ray_params["address"], ray_params["num_cpus"], ray_params["object_store_mb"])
-    return Box(stage.run_ray(plan.value, log=get_run_logger().info))
+    return quote(stage.run_ray(plan, log=get_run_logger().info))
 
 
 @task(name="evaluate-outputs", **_TASK)
-def outputs_task(plan: Box, result: Box) -> dict:
-    table, timing = result.value
-    return stage.write_outputs(plan.value, table, timing)
+def outputs_task(plan, result) -> dict:
+    table, timing = result
+    return stage.write_outputs(plan, table, timing)
 
 
 def _publish(summary: dict, plan: stage.Plan) -> None:
@@ -60,14 +52,7 @@ def _publish(summary: dict, plan: stage.Plan) -> None:
     lines += [f"- {n}" for n in plan.notes]
     grid = rdir / "grid.png"
     if grid.exists():
-        from PIL import Image
-
-        with Image.open(grid) as im:  # a small inline copy: the UI cannot read local files
-            im = im.convert("RGB")
-            im.thumbnail((1400, 1400))
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=80)
-        lines += ["", f"![grid](data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()})"]
+        lines += ["", inline_picture(grid, 1400, "grid")]
     lines += ["", f"report: `{rdir / 'index.html'}`, metrics: `{plan.out / 'metrics.json'}`"]
     create_markdown_artifact("\n".join(lines), key="evaluate-report", description="evaluate: methods side by side")
 
@@ -76,13 +61,13 @@ def _publish(summary: dict, plan: stage.Plan) -> None:
 def evaluate_flow(overrides: list[str] | None = None, params_file: str | None = None) -> dict:
     params = load_params(params_file, overrides)
     log = get_run_logger()
-    plan = plan_task(Box(params)).value
+    plan = plan_task(quote(params)).unquote()
     log.info("%d test samples in %s; methods %s; %d %s actor(s); checkpoint %s", plan.n_test, plan.samples,
              list(plan.cfg.methods), plan.num_actors, "GPU" if plan.use_gpu else "CPU", plan.cfg.checkpoint)
     for note in plan.notes:
         log.warning(note)
-    result = inference_task(Box(plan), params.ray.model_dump())
-    summary = outputs_task(Box(plan), result)
+    result = inference_task(quote(plan), params.ray.model_dump()).unquote()
+    summary = outputs_task(quote(plan), quote(result))
     _publish(summary, plan)
     log.info("evaluated %d samples in %.1f s", summary["n_samples"], summary["timing"]["wall_s"])
     return {"out": str(plan.out), "n_samples": summary["n_samples"], "n_failed": summary["n_failed"],

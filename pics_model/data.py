@@ -19,7 +19,8 @@ from PIL import Image
 
 __all__ = [
     "AugmentConfig", "rotate_object", "augment_object", "expand_boxes", "tight_box_from_mask",
-    "square_geometry", "rasterize_boxes", "build_item", "collate",
+    "square_geometry", "to_square_frame", "content_window", "box_masks", "region_map", "rasterize_boxes",
+    "build_item", "collate",
 ]
 
 
@@ -87,9 +88,12 @@ def expand_boxes(boxes: np.ndarray, factor: float | np.ndarray, width: int, heig
     """Scale xyxy boxes about their centres by ``factor`` (scalar or per box), clipped to the image.
 
     The decompose stage draws factor ~ U[1.1, 1.2) per box; inference uses the midpoint 1.15.
+    Computed in the boxes' float type (float32 for anything else): decompose's float64 boxes keep
+    the exact values its shards store.
     """
-    b = np.asarray(boxes, np.float32).reshape(-1, 4)
-    f = np.broadcast_to(np.asarray(factor, np.float32), (len(b),))[:, None]
+    b = np.asarray(boxes)
+    b = b.astype(b.dtype if b.dtype.kind == "f" else np.float32).reshape(-1, 4)
+    f = np.broadcast_to(np.asarray(factor, b.dtype), (len(b),))[:, None]
     c = (b[:, :2] + b[:, 2:]) / 2
     half = (b[:, 2:] - b[:, :2]) / 2 * f
     out = np.concatenate([c - half, c + half], 1)
@@ -107,9 +111,53 @@ def tight_box_from_mask(mask: np.ndarray) -> np.ndarray:
 
 
 def square_geometry(height: int, width: int) -> tuple[int, int, int]:
-    """(S, top, left): the centred square pad of an H x W image."""
+    """(S, top, left): the centred square pad of an H x W image; source (x, y) lands at
+    ((x + left) * R / S, (y + top) * R / S) once the square is resized to R."""
     s = max(height, width)
     return s, (s - height) // 2, (s - width) // 2
+
+
+def to_square_frame(boxes, height: int, width: int, resolution: int) -> np.ndarray:
+    """xyxy boxes in source pixels -> the same boxes (float64) on the square-padded target resized
+    to ``resolution``."""
+    s, top, left = square_geometry(height, width)
+    return (np.asarray(boxes, np.float64).reshape(-1, 4) + [left, top, left, top]) * (resolution / s)
+
+
+def content_window(height: int, width: int, resolution: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the pixels of the square frame that the image covers (the rest is padding)."""
+    x0, y0, x1, y1 = to_square_frame([0, 0, width, height], height, width, resolution)[0]
+    return int(math.floor(x0)), int(math.floor(y0)), int(math.ceil(x1)), int(math.ceil(y1))
+
+
+def box_masks(boxes, height: int, width: int, rule: str = "centre") -> np.ndarray:
+    """[N, 4] xyxy boxes (pixel units) -> bool [N, height, width], the one box rasteriser.
+
+    ``rule="centre"``: pixel (x, y) is in a box iff x0 <= x + 0.5 < x1 and y0 <= y + 0.5 < y1 (the
+    model's routing masks, the metrics' regions, the paste-back). ``rule="cover"``: every pixel the
+    box touches, floor(x0) <= x < ceil(x1) (the region map of decompose's preview).
+    """
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    xs, ys = np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64)
+    if rule == "centre":
+        in_x = (xs + 0.5 >= b[:, 0:1]) & (xs + 0.5 < b[:, 2:3])
+        in_y = (ys + 0.5 >= b[:, 1:2]) & (ys + 0.5 < b[:, 3:4])
+    elif rule == "cover":
+        in_x = (xs + 1 > b[:, 0:1]) & (xs < b[:, 2:3])
+        in_y = (ys + 1 > b[:, 1:2]) & (ys < b[:, 3:4])
+    else:
+        raise ValueError(f"rule: 'centre' or 'cover', not {rule!r}")
+    return in_y[:, :, None] & in_x[:, None, :]
+
+
+def region_map(boxes, height: int, width: int, resolution: int) -> np.ndarray:
+    """uint8 [R, R]; bit i set in every pixel that expanded box i covers on the square-padded,
+    resized target (at most 8 boxes)."""
+    masks = box_masks(to_square_frame(boxes, height, width, resolution), resolution, resolution, rule="cover")
+    out = np.zeros((resolution, resolution), np.uint8)
+    for i, m in enumerate(masks):
+        out[m] |= np.uint8(1 << i)
+    return out
 
 
 def rasterize_boxes(boxes: np.ndarray, size: int) -> np.ndarray:
@@ -119,10 +167,7 @@ def rasterize_boxes(boxes: np.ndarray, size: int) -> np.ndarray:
     still gets the pixel under its centre, so no object silently loses its region.
     """
     b = np.asarray(boxes, np.float32).reshape(-1, 4)
-    centres = np.arange(size, dtype=np.float32) + 0.5
-    inx = (centres[None] >= b[:, 0:1]) & (centres[None] < b[:, 2:3])
-    iny = (centres[None] >= b[:, 1:2]) & (centres[None] < b[:, 3:4])
-    m = (iny[:, :, None] & inx[:, None, :]).astype(np.float32)
+    m = box_masks(b, size, size).astype(np.float32)
     for i in np.nonzero(m.reshape(len(b), -1).sum(1) == 0)[0]:
         cx = int(np.clip((b[i, 0] + b[i, 2]) / 2, 0, size - 1))
         cy = int(np.clip((b[i, 1] + b[i, 3]) / 2, 0, size - 1))

@@ -11,11 +11,15 @@ import hashlib
 from pathlib import Path
 
 
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of one file's bytes, read in chunks (the one file hash of the project)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def file_record(path: str | Path) -> dict:
     """``{"bytes": size, "sha256": hex digest}`` of one file."""
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"bytes": Path(path).stat().st_size, "sha256": digest}
+    return {"bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
 
 
 def mismatch(directory: str | Path, records: dict, listed_in: str) -> str | None:

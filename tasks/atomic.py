@@ -57,11 +57,12 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def write_parquet(path: str | Path, table) -> Path:
+def write_parquet(path: str | Path, table, **write_options) -> Path:
+    """``table`` as parquet (``pq.write_table`` options; zstd unless ``compression`` is given)."""
     import pyarrow.parquet as pq
 
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, **{"compression": "zstd", **write_options})
     return Path(path)
 
 

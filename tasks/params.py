@@ -72,7 +72,7 @@ class DecomposeParams(Section):
     patch_size: int = Field(224, ge=32)
     patch_pad: tuple[float, float] = (1.1, 1.4)
     box_expand: tuple[float, float] = (1.1, 1.2)
-    train_resolution: int = Field(512, ge=32)
+    preview_resolution: int = Field(512, ge=32)  # side of the region map (the sample preview only)
     test_fraction: float = Field(0.2, ge=0.0, le=1.0)
     shard_size: int = Field(256, ge=1)  # images per shard: the unit of work, of resume and of a Prefect task
     num_workers: int = Field(2, ge=1)  # shards in flight at once (Ray tasks of one CPU each)

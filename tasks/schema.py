@@ -31,7 +31,7 @@ SAMPLE_SCHEMA = pa.schema(
         ("boxes_expanded", pa.list_(pa.list_(pa.float32(), 4))),  # xyxy, clipped to the image
         ("patches", pa.list_(pa.binary())),  # PNG RGB patch_size^2, white background
         ("patch_masks", pa.list_(pa.binary())),  # PNG L patch_size^2, 255 inside the object
-        ("region_map", pa.binary()),  # PNG L train_resolution^2 on the square-padded target: bit i = expanded box i
+        ("region_map", pa.binary()),  # PNG L preview_resolution^2 on the square-padded target: bit i = expanded box i
         ("pair_box_iou", pa.list_(pa.float32())),
         ("pair_mask_iou", pa.list_(pa.float32())),
         ("pair_contact_px", pa.list_(pa.int32())),  # boundary pixels of one mask within contact_px of the other

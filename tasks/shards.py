@@ -21,20 +21,18 @@ category_ids, category_names, depth_ranks`` (list or None) and the ``pair_*`` li
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import math
-import shutil
-import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from pics_model.data import content_window
+from pics_model.file_hashes import sha256_file
 from tasks import atomic
 from tasks.atomic import TMP_PREFIX
+from tasks.codec import decode_png, decode_rgb
 from tasks.params import ParamsError
 
 SHARD_GLOB = "shard-*.parquet"
@@ -59,32 +57,8 @@ def content_hash(path: str | Path) -> str:
     h = hashlib.sha256()
     for p in list_shards(path):
         h.update(p.name.encode() + b"\0")
-        h.update(hashlib.sha256(p.read_bytes()).digest())
+        h.update(bytes.fromhex(sha256_file(p)))
     return h.hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def kept_progress(out: Path, rec_path: Path, fingerprint: str) -> dict | None:
-    """A finished shard's progress record, if the run that wrote it had the same fingerprint and
-    the shard file it names is intact; otherwise None (the shard is done again)."""
-    try:
-        rec = json.loads(rec_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if rec.get("fingerprint") != fingerprint:
-        return None
-    if rec.get("file"):
-        f = out / rec["file"]
-        if not f.is_file() or sha256_file(f) != rec.get("sha256"):
-            return None
-    return rec
 
 
 class OutputNotOwnedError(ParamsError):
@@ -132,84 +106,6 @@ def claim_output(out: Path, stage: str, owned: set[str]) -> None:
     mark_output(out, stage)
 
 
-def prepare_run_dir(out: Path, fingerprint: str, shards_dir: str, progress_dir: str, stage: str,
-                    owned: set[str]) -> None:
-    """Make ``out`` ready for a sharded run with ``fingerprint``: refused unless ``stage`` owns it
-    (:func:`claim_output`); then a previous run's shards, progress, manifest and quarantine go when
-    its fingerprint differs (another run's outputs, or none), and temporary files of writers
-    killed mid-write go always."""
-    claim_output(out, stage, owned | {shards_dir, progress_dir, "manifest.json", "quarantine.parquet"})
-    run_file = out / progress_dir / "run.json"
-    previous = json.loads(run_file.read_text()).get("fingerprint") if run_file.is_file() else None
-    if previous != fingerprint:
-        for d in (shards_dir, progress_dir):
-            shutil.rmtree(out / d, ignore_errors=True)
-        for f in ("manifest.json", "quarantine.parquet"):
-            (out / f).unlink(missing_ok=True)
-        atomic.write_json(run_file, {"fingerprint": fingerprint})
-    for d in (out, out / shards_dir, out / progress_dir):
-        d.mkdir(parents=True, exist_ok=True)
-        atomic.clean_tmp(d)
-
-
-class Timers:
-    """Wall seconds per phase of a shard's work: ``with timers("encode"): ...``; totals in ``t``."""
-
-    def __init__(self, keys: tuple[str, ...]):
-        self.t = dict.fromkeys(keys, 0.0)
-
-    @contextmanager
-    def __call__(self, key: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.t[key] += time.perf_counter() - t0
-
-
-def run_bounded_on_ray(remote, works: list, ctx, num_workers: int) -> list:
-    """``remote.remote(work, ctx)`` for every work item on the running Ray, at most ``num_workers``
-    at a time; results in the order of ``works`` (each item has an ``index``)."""
-    import ray
-
-    ctx_ref = ray.put(ctx)
-    todo, in_flight, results = list(works), {}, {}
-    while todo or in_flight:
-        while todo and len(in_flight) < num_workers:
-            w = todo.pop(0)
-            in_flight[remote.remote(w, ctx_ref)] = w.index
-        done, _ = ray.wait(list(in_flight), num_returns=1)
-        for ref in done:
-            results[in_flight.pop(ref)] = ray.get(ref)
-    return [results[w.index] for w in works]
-
-
-def square_geometry(width: int, height: int, resolution: int) -> tuple[float, int, int]:
-    """(scale, pad_x, pad_y): source (x, y) lands at ((x + pad_x) * scale, (y + pad_y) * scale) in
-    the target padded to a centred square and resized to ``resolution`` (the region map's frame)."""
-    side = max(width, height)
-    return resolution / side, (side - width) // 2, (side - height) // 2
-
-
-def content_window(width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
-    scale, px, py = square_geometry(width, height, resolution)
-    return (int(math.floor(px * scale)), int(math.floor(py * scale)),
-            int(math.ceil((px + width) * scale)), int(math.ceil((py + height) * scale)))
-
-
-def _png(data: bytes, color: bool) -> np.ndarray:
-    from tasks.decompose.sample import unpng
-
-    return unpng(data, color)
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
-
-
 def _masks(counts: list[str] | None, h: int, w: int) -> np.ndarray | None:
     if counts is None:
         return None
@@ -224,20 +120,20 @@ def _masks(counts: list[str] | None, h: int, w: int) -> np.ndarray | None:
 def decode_sample(row: dict) -> dict:
     """One shard row (a dict as ``Table.to_pylist`` gives) -> numpy arrays; see the module doc."""
     h, w = int(row["height"]), int(row["width"])
-    region = _png(row["region_map"], color=False)
+    region = decode_png(row["region_map"], "gray")
     out = {k: row[k] for k in ("sample_id", "split", "image_id", "source_image", "width", "height", "n_objects",
                               "annotation_ids", "category_ids", "category_names", "depth_ranks",
                               "pair_box_iou", "pair_mask_iou", "pair_contact_px") if k in row}
     out.update(
-        image=decode_image(row["image_bytes"]),
+        image=decode_rgb(row["image_bytes"]),
         masks=_masks(row["masks_rle"], h, w),
         amodal_masks=_masks(row.get("amodal_rle"), h, w),
         boxes_tight=np.asarray(row["boxes_tight"], np.float32).reshape(-1, 4),
         boxes_expanded=np.asarray(row["boxes_expanded"], np.float32).reshape(-1, 4),
-        patches=np.stack([_png(b, color=True) for b in row["patches"]]),
-        patch_masks=np.stack([(_png(b, color=False) >= 128).astype(np.uint8) for b in row["patch_masks"]]),
+        patches=np.stack([decode_png(b, "rgb") for b in row["patches"]]),
+        patch_masks=np.stack([(decode_png(b, "gray") >= 128).astype(np.uint8) for b in row["patch_masks"]]),
         region_map=region,
-        content_window=content_window(w, h, region.shape[0]),
+        content_window=content_window(h, w, region.shape[0]),
     )
     return out
 

@@ -4,7 +4,7 @@ about a minute on 2 cores. Same code paths, same classes; only counts and sizes 
 SHRUNK_OVERRIDES: dict = {
     "make_sample.num_images": 16,
     "decompose.test_fraction": 0.4,
-    "decompose.train_resolution": 64,
+    "decompose.preview_resolution": 64,
     "render_priors.num_views": 2,
     "render_priors.resolution": 64,
     "train.steps": 4,

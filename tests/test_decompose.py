@@ -16,6 +16,7 @@ import pycocotools.mask as mask_utils
 import pytest
 from PIL import Image
 
+from pics_model.data import square_geometry
 from tasks import shards
 from tasks.decompose import webdataset
 from tasks.decompose.inputs import InputError
@@ -86,7 +87,8 @@ def test_samples_match_sources(synth, decomposed):
         # region map: bit k inside expanded box k only, nothing in the square padding
         rm = s["region_map"]
         assert rm.shape == (512, 512)
-        scale, px, py = shards.square_geometry(w, h, 512)
+        side, py, px = square_geometry(h, w)
+        scale = 512 / side
         x0, y0, x1, y1 = s["content_window"]
         outside = np.ones_like(rm, bool)
         outside[y0:y1, x0:x1] = False

@@ -95,3 +95,21 @@ def test_collate_pads_objects_and_priors():
     assert batch["object_valid"].tolist() == [[True, True, False], [True, True, True]]
     assert batch["prior_valid"].tolist() == [[True, True, False], [False, False, False]]
     assert batch["objects"][0, 2].abs().sum() == 0 and batch["routing_masks"][0, 2].sum() == 0
+
+
+def test_box_masks_rules_and_region_map():
+    """One rasteriser, two named rules: pixel centres (routing, metrics) and covered pixels (region map)."""
+    from pics_model.data import box_masks, content_window, region_map
+
+    box = [[0.6, 0.2, 2.4, 1.5]]
+    centre = box_masks(box, 3, 4)[0]
+    assert np.argwhere(centre).tolist() == [[0, 1]]  # x + .5 in [0.6, 2.4), y + .5 in [0.2, 1.5)
+    cover = box_masks(box, 3, 4, rule="cover")[0]
+    assert cover[:2, :3].all() and cover.sum() == 6  # floor(x0) <= x < ceil(x1), likewise y
+    with pytest.raises(ValueError, match="rule"):
+        box_masks(box, 3, 4, rule="corner")
+    # 200 x 100 image on a 64 px square: 16 px of padding above and below the content window
+    assert content_window(100, 200, 64) == (0, 16, 64, 48)
+    rm = region_map([[0, 0, 100, 100], [50, 0, 200, 100]], 100, 200, 64)
+    assert rm.dtype == np.uint8 and rm.shape == (64, 64)
+    assert rm[20, 10] == 1 and rm[20, 20] == 3 and rm[20, 40] == 2 and not rm[:16].any() and not rm[48:].any()

@@ -14,17 +14,16 @@ changed parameter or input invalidates every shard, since a sample depends on al
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import atomic, quarantine
+from tasks import atomic, quarantine, sharded_stage
 from tasks.decompose.inputs import STAGE, Dataset, check_image_root, load_annotations
-from tasks.decompose.shard import PROGRESS_DIR, SHARDS_DIR, TIMING_KEYS, ShardContext, ShardWork, process_shard, shard_name
+from tasks.decompose.shard import TIMING_KEYS, ShardContext, ShardWork, process_shard, shard_name
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import SCHEMA_VERSION
-from tasks.shards import content_hash, kept_progress, prepare_run_dir
+from tasks.sharded_stage import merge_records, prepare_run_dir, resume
+from tasks.shards import content_hash
 
 # Bump when the code's output for the same inputs changes, so old shards are not resumed.
 ALGORITHM_VERSION = 1
@@ -44,11 +43,8 @@ class Plan:
 
 
 def fingerprint(dataset: Dataset, image_root: Path, params: dict) -> str:
-    keyed = {k: v for k, v in params.items() if k not in _NOT_IN_FINGERPRINT}
-    blob = json.dumps({"annotations_sha256": dataset.sha256, "images": str(image_root.resolve()),
-                       "params": keyed, "schema": SCHEMA_VERSION, "algorithm": ALGORITHM_VERSION},
-                      sort_keys=True, default=list)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return sharded_stage.fingerprint(params, _NOT_IN_FINGERPRINT, ALGORITHM_VERSION,
+                                     annotations_sha256=dataset.sha256, images=str(image_root.resolve()))
 
 
 def plan_works(dataset: Dataset, shard_size: int) -> list[ShardWork]:
@@ -56,10 +52,6 @@ def plan_works(dataset: Dataset, shard_size: int) -> list[ShardWork]:
     return [ShardWork(k // shard_size, [(dataset.images[i], dataset.anns_by_image.get(i, []))
                                         for i in ids[k:k + shard_size]])
             for k in range(0, len(ids), shard_size)]
-
-
-def _kept(out: Path, name: str, fp: str) -> dict | None:
-    return kept_progress(out, out / PROGRESS_DIR / f"{name}.json", fp)
 
 
 def prepare(params: dict, annotations: str | Path, images: str | Path, out: str | Path) -> Plan:
@@ -71,32 +63,17 @@ def prepare(params: dict, annotations: str | Path, images: str | Path, out: str 
     ctx = ShardContext(str(image_root), str(out), str(dataset.path), params, dataset.categories, fp)
     works = plan_works(dataset, params["shard_size"])
 
-    prepare_run_dir(out, fp, SHARDS_DIR, PROGRESS_DIR, STAGE, GRID_FILES)
-
-    done: dict[str, dict] = {}
-    pending: list[ShardWork] = []
-    for w in works:
-        rec = _kept(out, w.name, fp)
-        if rec is None:
-            (out / SHARDS_DIR / f"{w.name}.parquet").unlink(missing_ok=True)
-            pending.append(w)
-        else:
-            done[w.name] = rec
-    expected = {w.name for w in works}
-    for f in (out / SHARDS_DIR).glob("*.parquet"):  # e.g. a shard count that shrank
-        if f.stem not in expected:
-            f.unlink()
-    return Plan(dataset, ctx, works, pending, done)
+    prepare_run_dir(out, fp, STAGE, GRID_FILES)
+    kept = resume(out, fp)  # same fingerprint, so same shard_size: the kept names are planned ones
+    pending = [w for w in works if w.name not in kept]
+    return Plan(dataset, ctx, works, pending, {w.name: kept[w.name] for w in works if w.name in kept})
 
 
-def finalize(plan: Plan, results: list[dict]) -> dict:
-    """Merge shard records into quarantine.parquet and manifest.json; returns the manifest."""
+def finalize(plan: Plan, results: list[dict], wall_s: float | None = None) -> dict:
+    """Merge shard records into quarantine.parquet and manifest.json; returns the manifest
+    (``wall_s``, the skeleton's run time, is not recorded: the manifest stays byte-stable)."""
     out = Path(plan.ctx.out)
-    records = {**plan.done, **{r["shard"]: r for r in results}}
-    missing = [w.name for w in plan.works if w.name not in records]
-    if missing:
-        raise RuntimeError(f"{out}: shards without a result: {missing[:5]}")
-    ordered = [records[w.name] for w in plan.works]
+    ordered = merge_records(out, plan.done, results, [w.name for w in plan.works])
 
     qrecs = list(plan.dataset.quarantine)
     for r in ordered:
@@ -147,15 +124,18 @@ def quarantine_tallies(manifest: dict) -> dict[str, tuple[int, dict[str, int]]]:
 
 
 def sum_timings(results: list[dict]) -> dict[str, float]:
-    return {k: round(sum(r.get("timings", {}).get(k, 0.0) for r in results), 4) for k in TIMING_KEYS}
+    return sharded_stage.sum_timings(results, TIMING_KEYS)
+
+
+# decompose on the sharded-stage skeleton: prepare(params, annotations, images, out)
+DECOMPOSE = sharded_stage.ShardedStage(STAGE, prepare, process_shard, finalize)
 
 
 def run_serial(params: dict, annotations, images, out) -> tuple[dict, list[dict]]:
     """The whole stage in this process, no Prefect and no Ray: the benchmark's one-worker baseline."""
-    plan = prepare(params, annotations, images, out)
-    results = [process_shard(w, plan.ctx) for w in plan.pending]
-    return finalize(plan, results), results
+    _, manifest, results = sharded_stage.run_serial(DECOMPOSE, params, annotations, images, out)
+    return manifest, results
 
 
-__all__ = ["Plan", "prepare", "finalize", "run_serial", "plan_works", "fingerprint", "shard_name", "sum_timings",
-           "quarantine_tallies"]
+__all__ = ["DECOMPOSE", "Plan", "prepare", "finalize", "run_serial", "plan_works", "fingerprint", "shard_name",
+           "sum_timings", "quarantine_tallies"]

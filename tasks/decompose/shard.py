@@ -10,8 +10,6 @@ so the bytes of a shard do not depend on which worker ran it or in what order.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import math
 import time
 from collections import Counter
@@ -20,20 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pycocotools.mask as mask_utils
 from PIL import Image, UnidentifiedImageError
 
-from tasks import atomic
+from pics_model.data import expand_boxes, region_map
+from tasks.codec import decode_rgb, encode_png
 from tasks.decompose import masks as M
 from tasks.decompose import pairing, sample
 from tasks.decompose.inputs import STAGE, name_outside_root, resolve_image
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import SAMPLE_SCHEMA
-from tasks.shards import Timers
+from tasks.sharded_stage import SHARDS_DIR, Timers, write_progress, write_shard
 
-SHARDS_DIR = "shards"
-PROGRESS_DIR = "_progress"
 TIMING_KEYS = ("decode", "masks", "crops", "encode", "write")
 # Binary columns hold already-compressed JPEG/PNG bytes: compressing them again only costs time.
 _RAW_COLUMNS = {"image_bytes", "patches", "patch_masks", "region_map"}
@@ -99,24 +95,6 @@ def _rng(seed: int, image_id: int) -> np.random.Generator:
 
 def _open_error_reason(e: Exception) -> str:
     return "truncated_image" if "truncat" in str(e).lower() else "unreadable_image"
-
-
-def decode_rgb(data: bytes) -> np.ndarray:
-    """RGB uint8 [H, W, 3] in stored pixel order (no EXIF rotation: annotations use stored pixels).
-
-    OpenCV decodes JPEG about twice as fast as PIL but returns a partial image for a truncated
-    file without an error, so it is trusted only for a JPEG that ends with its EOI marker; PIL,
-    which raises on truncation, decides everything else.
-    """
-    if data[:3] == b"\xff\xd8\xff" and data.rstrip(b"\0\r\n ")[-2:] == b"\xff\xd9":
-        import cv2
-
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
-        if arr is not None:
-            return arr
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()  # raises on a truncated file, unlike a header read
-        return np.asarray(im.convert("RGB"))
 
 
 def process_image(record: dict, anns: list[dict], ctx: ShardContext, timers: Timers) -> ImageOutcome:
@@ -212,9 +190,9 @@ def _build_row(g, q, mining, get_mask, contact_cache, rgb, data, rel, record, sp
     with timers("crops"):
         pads = [float(rng.uniform(*p["patch_pad"])) for _ in g]
         factors = [float(rng.uniform(*p["box_expand"])) for _ in g]
-        expanded = [sample.expand_box(o.tight, f, W, H) for o, f in zip(objs, factors)]
+        expanded = expand_boxes(np.array([o.tight for o in objs], np.float64), np.array(factors), W, H).tolist()
         patches = [sample.make_patch(rgb, get_mask(k), q[k].tight, pad, p["patch_size"]) for k, pad in zip(g, pads)]
-        rmap = sample.region_map(expanded, W, H, p["train_resolution"])
+        rmap = region_map(expanded, H, W, p["preview_resolution"])
     with timers("masks"):
         box_iou, mask_iou, contact = [], [], []
         for a in range(len(g)):
@@ -242,9 +220,9 @@ def _build_row(g, q, mining, get_mask, contact_cache, rgb, data, rel, record, sp
                 break
     with timers("encode"):
         level = p["png_compression"]
-        patch_png = [sample.png(pt, level) for pt, _ in patches]
-        mask_png = [sample.png(pm, level) for _, pm in patches]
-        rmap_png = sample.png(rmap, level)
+        patch_png = [encode_png(pt, level) for pt, _ in patches]
+        mask_png = [encode_png(pm, level) for _, pm in patches]
+        rmap_png = encode_png(rmap, level)
     ann_ids = [o.ann["id"] for o in objs]
     cat_ids = [o.ann["category_id"] for o in objs]
     return {
@@ -277,10 +255,8 @@ def write_samples(path: Path, rows: list[dict]) -> str:
     """Atomically write rows as a SAMPLE_SCHEMA parquet file; returns its sha256."""
     table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
     compression = {f.name: ("none" if f.name in _RAW_COLUMNS else "zstd") for f in SAMPLE_SCHEMA}
-    with atomic.atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression=compression, use_dictionary=["split", "category_names"],
+    return write_shard(path, table, compression=compression, use_dictionary=["split", "category_names"],
                        write_statistics=_STATS_COLUMNS, row_group_size=64)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def process_shard(work: ShardWork, ctx: ShardContext) -> dict:
@@ -326,6 +302,6 @@ def process_shard(work: ShardWork, ctx: ShardContext) -> dict:
                 r.reason for r in qrecs if r.annotation_id is not None).items())),
             "quarantine": [asdict(r) for r in qrecs],
         }
-        atomic.write_json(out / PROGRESS_DIR / f"{work.name}.json", record)
+        write_progress(out, record)
     # CPU seconds spent: a per-core rate that other processes on a shared machine do not distort
     return {**record, "timings": timers.t, "cpu_s": time.process_time() - cpu0}

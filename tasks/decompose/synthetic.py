@@ -35,13 +35,17 @@ def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def _start(out: str | Path, seed: int) -> tuple[Path, Path, np.random.Generator]:
+    """(out, its images/ folder, created; the writer's random generator)."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    return out, out / "images", np.random.default_rng(seed)
+
+
 def write_synthetic_lvis(out: str | Path, n_images: int = 20, width: int = 640, height: int = 480, seed: int = 0,
                          objects: tuple[int, int] = (2, 5), quality: int = 90, first_id: int = 1) -> tuple[Path, Path]:
     """Write ``out/images/*.jpg`` and ``out/annotations.json``; returns (annotation file, image root)."""
-    out = Path(out)
-    img_dir = out / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    out, img_dir, rng = _start(out, seed)
     images, anns = [], []
     ann_id = 1
     for n in range(n_images):
@@ -95,10 +99,7 @@ def write_dataset(out: str | Path, images: list[dict], fmt: str = "lvis_v1", cat
     """
     from tasks.decompose.masks import MaskError, to_rle
 
-    out = Path(out)
-    img_dir = out / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    out, img_dir, rng = _start(out, seed)
     recs, anns = [], []
     next_id = 1
     for spec in images:

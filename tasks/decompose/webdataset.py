@@ -14,7 +14,6 @@ needed; a truncated tar keeps its complete samples.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import tarfile
@@ -24,12 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_utils
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
+from pics_model.data import expand_boxes, region_map
 from tasks import atomic, quarantine
+from tasks.codec import decode_png, decode_rgb, encode_png
 from tasks.decompose import masks as M
 from tasks.decompose import pairing, sample
-from tasks.decompose.shard import SHARDS_DIR, _rng, decode_rgb, shard_name, write_samples
+from tasks.decompose.shard import SHARDS_DIR, _rng, shard_name, write_samples
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import SCHEMA_VERSION
 from tasks.decompose.inputs import InputError
@@ -121,17 +122,6 @@ def read_tar(path: str | Path) -> tuple[dict[str, dict[str, bytes]], str | None,
     return dict(groups), current, cut
 
 
-def _png_mask(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return (np.asarray(im.convert("L")) > 127).astype(np.uint8)
-
-
-def _png_rgb(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return np.asarray(im.convert("RGB"))
-
-
 def _convert(label: str, key: str, members: dict[str, bytes], p: dict) -> dict:
     """One reference sample -> one SAMPLE_SCHEMA row; raises ValueError(reason, detail)."""
     missing = [m for m in REQUIRED if m not in members]
@@ -150,8 +140,8 @@ def _convert(label: str, key: str, members: dict[str, bytes], p: dict) -> dict:
     masks, objs = [], []
     for k in range(n):
         try:
-            m = _png_mask(members[f"mask{k}.png"])
-            o = _png_rgb(members[f"obj{k}.png"])
+            m = (decode_png(members[f"mask{k}.png"], "gray") > 127).astype(np.uint8)
+            o = decode_rgb(members[f"obj{k}.png"])
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError("unreadable_member", f"obj{k}/mask{k}: {_detail(e)}") from None
         if m.shape != (H, W):
@@ -169,7 +159,7 @@ def _convert(label: str, key: str, members: dict[str, bytes], p: dict) -> dict:
     for k in range(n):
         pad = float(rng.uniform(*p["patch_pad"]))
         factor = float(rng.uniform(*p["box_expand"]))
-        expanded.append(sample.expand_box(tight[k], factor, W, H))
+        expanded.append(expand_boxes(np.array(tight[k], np.float64), factor, W, H)[0].tolist())
         x0, y0, x1, y1 = (int(v) for v in tight[k])
         crop_mask = masks[k][y0:y1, x0:x1]
         o = objs[k]
@@ -178,9 +168,9 @@ def _convert(label: str, key: str, members: dict[str, bytes], p: dict) -> dict:
 
             crop_mask = cv2.resize(crop_mask, (o.shape[1], o.shape[0]), interpolation=cv2.INTER_NEAREST)
         pt, pm = sample.make_patch(o, crop_mask, [0, 0, o.shape[1], o.shape[0]], pad, p["patch_size"])
-        patches.append(sample.png(pt, p["png_compression"]))
-        pmasks.append(sample.png(pm, p["png_compression"]))
-    rmap = sample.region_map(expanded, W, H, p["train_resolution"])
+        patches.append(encode_png(pt, p["png_compression"]))
+        pmasks.append(encode_png(pm, p["png_compression"]))
+    rmap = region_map(expanded, H, W, p["preview_resolution"])
     tb = np.array(tight, np.float64)
     box_iou, mask_iou, contact = [], [], []
     for a in range(n):
@@ -193,7 +183,7 @@ def _convert(label: str, key: str, members: dict[str, bytes], p: dict) -> dict:
         "image_id": image_id, "width": W, "height": H, "image_bytes": data, "n_objects": n,
         "annotation_ids": list(range(n)), "category_ids": [-1] * n, "category_names": [""] * n,
         "masks_rle": [M.rle_string(r) for r in rles], "boxes_tight": tight, "boxes_expanded": expanded,
-        "patches": patches, "patch_masks": pmasks, "region_map": sample.png(rmap, p["png_compression"]),
+        "patches": patches, "patch_masks": pmasks, "region_map": encode_png(rmap, p["png_compression"]),
         "pair_box_iou": box_iou, "pair_mask_iou": mask_iou, "pair_contact_px": contact,
         "depth_ranks": None, "amodal_rle": None,
     }

@@ -17,14 +17,12 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from pics_model.data import box_masks
+
 
 def union_mask(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     """[H, W] bool: pixel centres inside any xyxy box (the pipeline's paste-back rule)."""
-    ys, xs = np.arange(height)[:, None] + 0.5, np.arange(width)[None] + 0.5
-    u = np.zeros((height, width), bool)
-    for x0, y0, x1, y1 in np.asarray(boxes, np.float64).reshape(-1, 4):
-        u |= (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
-    return u
+    return box_masks(boxes, height, width).any(0)
 
 
 def erase_and_inpaint(image: np.ndarray, boxes: np.ndarray, radius: int = 5) -> np.ndarray:

@@ -79,11 +79,6 @@ def png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
-
-
 def _unit(img: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] -> float [3, H, W] in [0, 1]."""
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div(255.0)
@@ -132,7 +127,7 @@ class Evaluator:
         self.use_priors = bool(cfg.priors) and cfg_model is not None and cfg_model.config.shape_encoder.enabled
         self.priors = None
         if self.use_priors:
-            from tasks.train.data import PriorStore
+            from tasks.render_priors.store import PriorStore
 
             self.priors = PriorStore(cfg.priors)
         self.net = MobileNetV2Features().to(self.device)
@@ -162,7 +157,7 @@ class Evaluator:
         if self.priors is None:
             return None
         from tasks.schema import object_key
-        from tasks.train.batches import decode_view
+        from tasks.codec import decode_view
 
         views = [self.priors.views(object_key(p, m)) for p, m in zip(row["patches"], row["patch_masks"])]
         if any(v is None for v in views):

@@ -49,12 +49,9 @@ def _check(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) 
 
 def rasterise_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Boxes ``[N, 4]`` xyxy (pixels, float) -> bool masks ``[N, H, W]``, by pixel centres."""
-    boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
-    xs = torch.arange(width, dtype=torch.float64) + 0.5
-    ys = torch.arange(height, dtype=torch.float64) + 0.5
-    in_x = (xs[None] >= boxes[:, 0:1]) & (xs[None] < boxes[:, 2:3])  # [N, W]
-    in_y = (ys[None] >= boxes[:, 1:2]) & (ys[None] < boxes[:, 3:4])  # [N, H]
-    return in_y[:, :, None] & in_x[:, None, :]
+    from pics_model.data import box_masks
+
+    return torch.from_numpy(box_masks(torch.as_tensor(boxes, dtype=torch.float64).numpy(), height, width))
 
 
 def overlap_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -11,7 +11,8 @@ import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
 from tasks import atomic
-from tasks.evaluate.inference import GROUND_TRUTH, LOWER_IS_BETTER, METHODS, decode_png
+from tasks.codec import decode_rgb
+from tasks.evaluate.inference import GROUND_TRUTH, LOWER_IS_BETTER, METHODS
 from tasks.evaluate.summary import TABLE_COLUMNS, comparison_rows
 
 LABELS = {"pics": "PICS (ours)", "copy_paste": "copy-paste", "sequential": "sequential (painter)",
@@ -102,7 +103,7 @@ def write_grid(results: pa.Table, samples: dict[str, dict], path: str | Path, st
                  _objects_tile(s["patches"], cell_w, CELL_H)]
         for m in methods + [GROUND_TRUTH]:
             r = rows.get((sid, m))
-            tiles.append(_fit(decode_png(r["png"]), CELL_H) if r and r["png"] else Image.new("RGB", (cell_w, CELL_H)))
+            tiles.append(_fit(decode_rgb(r["png"]), CELL_H) if r and r["png"] else Image.new("RGB", (cell_w, CELL_H)))
         for x, t in zip(xs, tiles):
             canvas.paste(t.resize((cell_w, CELL_H)), (x, y))
         ours, gt = rows.get((sid, "pics")), rows.get((sid, GROUND_TRUTH))

@@ -7,8 +7,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from tasks import atomic
+from tasks.codec import decode_png
 from tasks.render_priors.store import decode_prior, iter_priors
-from tasks.render_priors.work import decode_png
 from tasks.schema import object_key
 from tasks.shards import iter_rows
 
@@ -39,7 +39,7 @@ def _find_patches(samples: Path, keys: set[str]) -> dict[str, tuple[np.ndarray, 
         for pb, mb in zip(r["patches"] or [], r["patch_masks"] or []):
             k = object_key(pb or b"", mb or b"")
             if k in keys and k not in found:
-                found[k] = (decode_png(pb, True), decode_png(mb, False))
+                found[k] = (decode_png(pb, "rgb"), decode_png(mb, "gray"))
         if len(found) == len(keys):
             break
     return found

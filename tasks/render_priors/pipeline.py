@@ -17,20 +17,19 @@ are not retried on resume (the record says why they failed).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tasks import atomic, quarantine
+from pics_model.file_hashes import sha256_file
+from tasks import atomic, quarantine, sharded_stage
 from tasks.quarantine import QuarantineRecord
-from tasks.render_priors.work import (PROGRESS_DIR, SHARDS_DIR, STAGE, TIMING_KEYS, ObjectLoc, RenderContext,
-                                      ShardWork, process_shard)
+from tasks.render_priors.work import STAGE, TIMING_KEYS, ObjectLoc, RenderContext, ShardWork, process_shard
 from tasks.schema import SCHEMA_VERSION, object_key
-from tasks.shards import content_hash, kept_progress, list_shards, prepare_run_dir, sha256_file, shard_dir
+from tasks.sharded_stage import merge_records, prepare_run_dir, resume
+from tasks.shards import content_hash, list_shards, shard_dir
 
 # Bump when the code's output for the same inputs changes, so old shards are not resumed.
 ALGORITHM_VERSION = 1
@@ -57,15 +56,16 @@ class Plan:
     done_keys: set[str]
     scan_s: float = 0.0
 
+    @property
+    def pending(self) -> list[ShardWork]:
+        return self.works
+
 
 def fingerprint(params: dict) -> str:
-    keyed = {k: v for k, v in params.items() if k not in _NOT_IN_FINGERPRINT}
     w = params.get("reconstructor_weights")
     if w and Path(w).expanduser().is_file():
-        keyed["weights_sha256"] = sha256_file(Path(w).expanduser())
-    blob = json.dumps({"params": keyed, "schema": SCHEMA_VERSION, "algorithm": ALGORITHM_VERSION},
-                      sort_keys=True, default=list)
-    return hashlib.sha256(blob.encode()).hexdigest()
+        params = {**params, "weights_sha256": sha256_file(Path(w).expanduser())}
+    return sharded_stage.fingerprint(params, _NOT_IN_FINGERPRINT, ALGORITHM_VERSION)
 
 
 def scan_samples(samples: Path) -> Scan:
@@ -112,18 +112,8 @@ def prepare(params: dict, samples: str | Path, out: str | Path) -> Plan:
         key = "reconstructor" if isinstance(e, ReconstructorNotFoundError) else "reconstructor_weights"
         raise ParamsError(f"render_priors.{key}: {e}") from e
     fp = fingerprint(params)
-    prepare_run_dir(out, fp, SHARDS_DIR, PROGRESS_DIR, STAGE, {"priors.png"})
-
-    done: dict[str, dict] = {}
-    for rec_path in sorted((out / PROGRESS_DIR).glob("priors-*.json")):
-        rec = kept_progress(out, rec_path, fp)
-        if rec is None:
-            rec_path.unlink(missing_ok=True)
-        else:
-            done[rec["shard"]] = rec
-    for f in (out / SHARDS_DIR).glob("*.parquet"):  # written by a worker killed before its record
-        if f.stem not in done:
-            f.unlink()
+    prepare_run_dir(out, fp, STAGE, {"priors.png"})
+    done = resume(out, fp)
     done_keys = {k for r in done.values() for k in r["keys"]}
     done_keys |= {q["item_key"] for r in done.values() for q in r["quarantine"]}
 
@@ -137,16 +127,13 @@ def prepare(params: dict, samples: str | Path, out: str | Path) -> Plan:
 
 
 def sum_timings(results: list[dict]) -> dict[str, float]:
-    return {k: round(sum(r["timings"].get(k, 0.0) for r in results), 4) for k in TIMING_KEYS}
+    return sharded_stage.sum_timings(results, TIMING_KEYS)
 
 
 def finalize(plan: Plan, results: list[dict], wall_s: float | None = None) -> dict:
     """Merge shard records into quarantine.parquet and manifest.json; returns the manifest."""
     out = Path(plan.ctx.out)
-    missing = [w.name for w in plan.works if w.name not in {r["shard"] for r in results}]
-    if missing:
-        raise RuntimeError(f"{out}: shards without a result: {missing[:5]}")
-    records = sorted([*plan.done.values(), *results], key=lambda r: r["shard"])
+    records = merge_records(out, plan.done, results, sorted({*plan.done, *(w.name for w in plan.works)}))
     qrecs = list(plan.scan.quarantine) + [QuarantineRecord(**q) for r in records for q in r["quarantine"]]
     quarantine.write(out / "quarantine.parquet", qrecs)
 
@@ -200,13 +187,23 @@ def quarantine_tallies(manifest: dict) -> dict[str, tuple[int, dict[str, int]]]:
     return {"objects": (manifest["distinct_objects"], manifest["quarantined"])}
 
 
+def gl_env(ctx: RenderContext) -> dict:
+    """Ray options of the shard tasks: the GL platform is bound when a process first imports
+    OpenGL, so the tasks carry it (and llvmpipe's thread count) in their ``runtime_env``: Ray then
+    runs them in workers started with those variables, never in one that bound another platform."""
+    p = ctx.params
+    return {"runtime_env": {"env_vars": {"PYOPENGL_PLATFORM": p["platform"], "LP_NUM_THREADS": str(p["gl_threads"])}}}
+
+
+# render_priors on the sharded-stage skeleton: prepare(params, samples, out)
+RENDER_PRIORS = sharded_stage.ShardedStage(STAGE, prepare, process_shard, finalize, ray_options=gl_env)
+
+
 def run_serial(params: dict, samples, out) -> tuple[dict, list[dict]]:
     """The whole stage in this process, no Prefect and no Ray (tests, the benchmark's baseline)."""
-    t0 = time.perf_counter()
-    plan = prepare(params, samples, out)
-    results = [process_shard(w, plan.ctx) for w in plan.works]
-    return finalize(plan, results, time.perf_counter() - t0), results
+    _, manifest, results = sharded_stage.run_serial(RENDER_PRIORS, params, samples, out)
+    return manifest, results
 
 
-__all__ = ["Plan", "Scan", "prepare", "finalize", "run_serial", "scan_samples", "fingerprint", "sum_timings",
+__all__ = ["RENDER_PRIORS", "Plan", "Scan", "prepare", "finalize", "run_serial", "scan_samples", "fingerprint", "sum_timings",
            "quarantine_tallies"]

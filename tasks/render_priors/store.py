@@ -8,11 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
 from tasks.atomic import TMP_PREFIX
+from tasks.codec import decode_png
+from tasks.shards import shard_dir
 
 SHARD_GLOB = "priors-*.parquet"
 
@@ -28,15 +29,42 @@ def decode_prior(row: dict) -> dict:
     r = int(row["resolution"])
     views = []
     for b in row["views"]:
-        bgra = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_UNCHANGED)
-        if bgra is None or bgra.shape != (r, r, 4):
+        try:
+            rgba = decode_png(b, "rgba")
+        except ValueError:
+            rgba = None
+        if rgba is None or rgba.shape != (r, r, 4):
             raise ValueError(f"prior {row['object_key']}: a view is not a {r}x{r} RGBA PNG")
-        views.append(cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGBA))
+        views.append(rgba)
     depths = [np.frombuffer(b, "<f4").reshape(r, r) for b in row["depths"]]
     return {"object_key": row["object_key"], "num_views": int(row["num_views"]), "resolution": r,
             "elevation_deg": float(row["elevation_deg"]), "reconstructor": row["reconstructor"],
             "azimuths_deg": np.asarray(row["azimuths_deg"], np.float32),
             "views": np.stack(views), "depths": np.stack(depths).astype(np.float32)}
+
+
+class PriorStore:
+    """Prior shards (PRIOR_SCHEMA) keyed by ``object_key``; views stay encoded until asked for
+    (``tasks.codec.decode_view``). Read by the training loader and by evaluate."""
+
+    def __init__(self, directory: str | Path):
+        files = sorted(p for p in shard_dir(directory).glob("*.parquet") if not p.name.startswith("."))
+        if not files:
+            raise FileNotFoundError(f"{directory}: no *.parquet prior shards (run render_priors first)")
+        self._rows: dict[str, list[bytes]] = {}
+        for f in files:
+            t = pq.read_table(f, columns=["object_key", "views"])
+            for key, views in zip(t.column("object_key").to_pylist(), t.column("views").to_pylist()):
+                self._rows[key] = views
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._rows
+
+    def views(self, key: str) -> list[bytes] | None:
+        return self._rows.get(key)
 
 
 def views_on_white(views: np.ndarray) -> np.ndarray:

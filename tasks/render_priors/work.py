@@ -6,25 +6,21 @@ worker process (``get_reconstructor`` / ``get_renderer`` caches), reused across 
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks import atomic
+from tasks.codec import decode_png, encode_rgba
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import PRIOR_SCHEMA
-from tasks.shards import Timers
+from tasks.sharded_stage import SHARDS_DIR, Timers, write_progress, write_shard
 
 STAGE = "render_priors"
-SHARDS_DIR = "shards"
-PROGRESS_DIR = "_progress"
 TIMING_KEYS = ("read", "decode", "reconstruct", "render", "encode", "write")
 
 
@@ -82,22 +78,6 @@ def get_worker_reconstructor(p: dict):
     return _RECONSTRUCTORS[key]
 
 
-def decode_png(data: bytes | None, color: bool) -> np.ndarray:
-    if not data:
-        raise ValueError("empty PNG bytes")
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR if color else cv2.IMREAD_GRAYSCALE)
-    if arr is None:
-        raise ValueError("not a decodable image")
-    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB) if color else arr
-
-
-def encode_rgba(rgba: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA), [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
-
-
 def encode_depth(depth: np.ndarray) -> bytes:
     return np.ascontiguousarray(depth, dtype="<f4").tobytes()
 
@@ -129,7 +109,7 @@ def render_object(patch_png: bytes, mask_png: bytes, p: dict, timers: Timers):
     from pics_model.geometry import EmptyMaskError, get_renderer
 
     with timers("decode"):
-        patch, mask = decode_png(patch_png, True), decode_png(mask_png, False)
+        patch, mask = decode_png(patch_png, "rgb"), decode_png(mask_png, "gray")
         if mask.shape != patch.shape[:2]:
             raise ValueError(f"mask {mask.shape} and patch {patch.shape[:2]} differ in size")
         if not (mask >= 128).any():
@@ -183,14 +163,13 @@ def process_shard(work: ShardWork, ctx: RenderContext) -> dict:
         if rows:
             path = out / SHARDS_DIR / f"{work.name}.parquet"
             table = pa.Table.from_pylist(rows, schema=PRIOR_SCHEMA)
-            with atomic.atomic_path(path) as tmp:  # PNG views are compressed already; depths are not
-                pq.write_table(table, tmp, compression="zstd", use_dictionary=False)
+            # PNG views are compressed already; depths are not
+            record["sha256"] = write_shard(path, table, compression="zstd", use_dictionary=False)
             record["file"] = f"{SHARDS_DIR}/{path.name}"
-            record["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     record["timings"] = {k: round(v, 4) for k, v in timers.t.items()}
     record["wall_s"] = round(time.perf_counter() - t0, 4)
     from pics_model.geometry import get_renderer
 
     record["gl_renderer"] = get_renderer(**renderer_config(p)).gl_renderer if rows else None
-    atomic.write_json(out / PROGRESS_DIR / f"{work.name}.json", record)
+    write_progress(out, record)
     return record

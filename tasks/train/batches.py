@@ -5,31 +5,17 @@ batch (the batch keeps its size, so DDP ranks stay in step) and recorded for the
 """
 from __future__ import annotations
 
-import io
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image
 
 from tasks.schema import object_key
-from tasks.train.data import PriorStore, shard_files
-
-
-def decode_view(png: bytes, size: int | None = None) -> np.ndarray:
-    """A prior view (PNG RGBA, transparent where no surface) over white, as uint8 [V,V,3],
-    resized to ``size`` when given."""
-    im = Image.open(io.BytesIO(png))
-    if im.mode in ("RGBA", "LA", "P"):
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(bg, im)
-    im = im.convert("RGB")
-    if size and im.size != (size, size):
-        im = im.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(im)
+from tasks.codec import decode_view
+from tasks.render_priors.store import PriorStore
+from tasks.train.data import shard_files
 
 
 # Decoded prior views per object, per loader process. The K views of an object are the same in

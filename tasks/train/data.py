@@ -88,26 +88,6 @@ class RowReader:
         return table.slice(row_index, 1).to_pylist()[0]
 
 
-class PriorStore:
-    """Prior shards (PRIOR_SCHEMA) keyed by ``object_key``; views stay encoded until asked for."""
-
-    def __init__(self, directory: str | Path):
-        tables = [pq.read_table(f, columns=["object_key", "views"]) for f in shard_files(directory)]
-        self._rows: dict[str, list[bytes]] = {}
-        for t in tables:
-            for key, views in zip(t.column("object_key").to_pylist(), t.column("views").to_pylist()):
-                self._rows[key] = views
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._rows
-
-    def views(self, key: str) -> list[bytes] | None:
-        return self._rows.get(key)
-
-
 def steps_per_epoch(n_samples: int, world_size: int, per_rank_batch: int) -> int:
     return (n_samples // world_size) // per_rank_batch
 

@@ -16,7 +16,8 @@ import torch
 
 from tasks.train import builders, state as st
 from tasks.train.batches import BatchBuilder
-from tasks.train.data import PriorStore, StepBatches, scan_shards, step_loader, step_seed, to_device
+from tasks.render_priors.store import PriorStore
+from tasks.train.data import StepBatches, scan_shards, step_loader, step_seed, to_device
 from tasks.train.evaluation import HeldOut, evaluate_heldout, load_heldout
 from tasks.train.fault_injection import FailureInjection, maybe_fail
 from tasks.train.plan import Flops, RunPlan
