@@ -325,13 +325,17 @@ def default_params_file() -> Path:
     return path
 
 
-def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
+def load_params(path: str | Path | None = None, overrides: list[str] | None = None,
+                missing_ok: bool = False) -> Params:
     """Read ``path`` (default: the project's params.yaml), apply ``key=value`` overrides, validate
-    everything. A ``path`` that does not exist is an error, and so is a missing default."""
+    everything. A ``path`` that does not exist is an error, and so is a missing default unless
+    ``missing_ok`` (then the schema's defaults are the base)."""
     if path and not Path(path).is_file():
         raise ParamsError(f"{path}: no such params file")
-    path = Path(path) if path else default_params_file()
-    if path.exists():
+    if path is None and missing_ok and not (project_root() / "params.yaml").is_file():
+        data: dict = {}
+    else:
+        path = Path(path) if path else default_params_file()
         try:
             with path.open() as f:  # a stream, so that YAML errors name the file
                 data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
@@ -339,8 +343,6 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
             raise ParamsError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ParamsError(f"{path}: top level must be a mapping of sections")
-    else:
-        data = {}
     data = apply_overrides(data, overrides)
     try:
         return Params.model_validate(data)
