@@ -21,9 +21,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout; site-packages f
 
 def project_root() -> Path:
     """The folder that holds params.yaml and that its relative paths (data/...) start from: the
-    checkout this code runs from (editable install, ``python -m``, dvc.yaml), else, for an
-    installed (non-editable) pics, the working folder, so nothing is read or written in site-packages."""
-    return REPO_ROOT if (REPO_ROOT / "params.yaml").is_file() else Path.cwd()
+    working folder when it holds a params.yaml (dvc.yaml's stages run ``pics`` there, also in the
+    copy that ``dvc exp run --temp`` makes, while the code comes from the checkout), else the
+    checkout this code runs from (``pics`` in a subfolder), else, for an installed (non-editable)
+    pics, the working folder, so nothing is read or written in site-packages."""
+    cwd = Path.cwd()
+    if (cwd / "params.yaml").is_file() or not (REPO_ROOT / "params.yaml").is_file():
+        return cwd
+    return REPO_ROOT
 
 
 class Section(BaseModel):
