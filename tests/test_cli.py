@@ -51,3 +51,14 @@ def test_dvc_stages_run_pics_commands():
         prog, command = stage["cmd"].split()
         assert prog == "pics" and command in commands, (name, stage["cmd"])
     assert not [f.name for f in (REPO_ROOT / "flows").glob("*.py") if "argparse" in f.read_text()]
+
+
+def test_the_project_is_the_working_folder_that_holds_params_yaml(tmp_path):
+    """Old code: the checkout of the code, so `pics <stage>` in dvc.yaml, run in a copy of the
+    repository (`dvc exp run --temp`, the dvc tests), read and wrote the original checkout."""
+    (tmp_path / "params.yaml").write_text("ray:\n  num_cpus: 1\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    code = "from tasks.params import resolve_path; print(resolve_path('data/sample'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == str(tmp_path / "data" / "sample")
