@@ -117,16 +117,16 @@ def show_samples(
     samples: Optional[Path] = typer.Option(None, "--samples", help="A decompose output folder (default: decompose.out)."),
     out: Optional[Path] = typer.Option(None, help="PNG to write (default: SAMPLES/samples.png)."),
     n: int = typer.Option(8, help="Number of samples to draw."),
+    set_: Optional[list[str]] = SetOpt,
     params: Optional[Path] = ParamsOpt,
 ):
     """Draw a grid of decomposed samples: target, masked background, patches, region masks."""
     if samples_arg and samples:
         _fail("give the decompose output folder once: --samples DIR (or, as before, a positional DIR)")
-    samples = samples or samples_arg
-    if samples is None:
-        from tasks.params import resolve_path
+    p = _params(params, set_, missing_ok=True)
+    from tasks.params import resolve_path
 
-        samples = resolve_path(_params(params, None).decompose.out)
+    samples = samples or samples_arg or resolve_path(p.decompose.out)
     from tasks.decompose.visualize import write_sample_grid
     from tasks.shards import list_shards
 
@@ -264,6 +264,7 @@ def results(
     readme: Optional[Path] = typer.Option(None, help="README to rewrite (default: the repository's)."),
     out: Optional[Path] = typer.Option(None, help="Snapshot folder in git (default: docs/results)."),
     check: bool = typer.Option(False, "--check", help="Only check that the README matches the snapshot."),
+    set_: Optional[list[str]] = SetOpt,
     params: Optional[Path] = ParamsOpt,
 ):
     """Write the README's results section and figures from the run's metrics files (a snapshot in docs/results)."""
@@ -279,7 +280,7 @@ def results(
                 _fail(res.ResultsError(problem))
             typer.echo(f"{readme}: results section matches {out}")
             return
-        p = _params(params, None)
+        p = _params(params, set_)
         ev = (evaluate or resolve_path(p.evaluate.out) / "metrics.json").resolve()
         tr_dir = (train.parent if train else resolve_path(p.train.out)).resolve()
         res.snapshot(ev, (train or tr_dir / "metrics.json").resolve(), tr_dir / "occlusion.csv", out)
