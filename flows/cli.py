@@ -114,7 +114,8 @@ def decompose(
 def show_samples(
     samples_arg: Optional[Path] = typer.Argument(None, metavar="[SAMPLES]", hidden=True, show_default=False,
                                                  help="The same as --samples (older scripts)."),
-    samples: Optional[Path] = typer.Option(None, "--samples", help="A decompose output folder (default: decompose.out)."),
+    samples: Optional[Path] = typer.Option(None, "--samples",
+                                           help="A decompose output folder (default: decompose.out)."),
     out: Optional[Path] = typer.Option(None, help="PNG to write (default: SAMPLES/samples.png)."),
     n: int = typer.Option(8, help="Number of samples to draw."),
     set_: Optional[list[str]] = SetOpt,

@@ -1,10 +1,11 @@
 """make_sample flow: render the embedded LVIS-format dataset (objects that rest on, touch and occlude
 each other), with amodal masks and depth order as extra annotation fields.
 
-``pics make-sample [--set make_sample.key=value ...] [--params FILE]``. One Prefect task per chunk of images (never per image). With
-``num_workers: 1`` the chunks render in this process on one reused OpenGL renderer; with more,
-each chunk is a Ray task (a renderer per worker). The dataset is written into a temporary folder
-that replaces ``out`` in one rename, so a killed run never leaves a half-written dataset.
+``pics make-sample [--set make_sample.key=value ...] [--params FILE]``. One Prefect task per chunk
+of images (never per image). With ``num_workers: 1`` the chunks render in this process on one reused
+OpenGL renderer; with more, each chunk is a Ray task (a renderer per worker). The dataset is written
+into a temporary folder that replaces ``out`` in one rename, so a killed run never leaves a
+half-written dataset.
 """
 from __future__ import annotations
 

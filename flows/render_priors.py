@@ -1,9 +1,10 @@
 """render_priors flow: decompose's sample shards -> K-view shape priors per distinct object.
 
-``pics render-priors [--samples DIR] [--out DIR] [--set render_priors.key=value ...] [--params FILE]``. One Prefect task scans and plans (objects keyed by
-content hash, earlier shards kept), one Prefect task per output shard runs it as a Ray task, a last
-task merges the manifest and quarantine; the flow then draws priors.png and publishes it as an
-artifact. Killed and started again, it renders only the objects it has not done.
+``pics render-priors [--samples DIR] [--out DIR] [--set render_priors.key=value ...]``. One Prefect
+task scans and plans (objects keyed by content hash, earlier shards kept), one Prefect task per
+output shard runs it as a Ray task, a last task merges the manifest and quarantine; the flow then
+draws priors.png and publishes it as an artifact. Killed and started again, it renders only the
+objects it has not done.
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ that names the dotted key (``decompose.area_ratio: ...``), so a typo in params.y
 
 Each stage owns one section class below; add fields there, with a default and a one-line reason.
 The defaults here are the ones: params.yaml lists every key with the same value (tests/test_params.py
-holds the two together), and flows and tasks take the validated sections themselves, not dicts.
+holds the two together; decompose's shard_size and pairs_per_image are the embedded run's own), and
+the CLI validates once and hands the flows the validated ``Params``.
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ class DecomposeParams(Section):
     out: str = "data/decomposed"
     pairing: Literal["reference", "interaction"] = "interaction"
     area_ratio: float = Field(0.02, ge=0.0, lt=1.0)
-    pairs_per_image: int = Field(1, ge=1)  # the embedded run (params.yaml) takes every pair: 6
+    pairs_per_image: int = Field(1, ge=1)  # params.yaml's embedded run: 6 (every pair of an image)
     group_size: int = Field(2, ge=2, le=4)  # 2: pairs; 3-4: groups for the N-object model
     contact_px: int = Field(2, ge=0)  # silhouettes at most this many pixels apart count as touching
     duplicate_mask_iou: float = Field(0.5, gt=0.0, le=1.0)  # interaction: higher mask IoU = one object labelled twice
@@ -81,7 +82,8 @@ class DecomposeParams(Section):
     box_expand: tuple[float, float] = (1.1, 1.2)
     train_resolution: int = Field(512, ge=32)
     test_fraction: float = Field(0.2, ge=0.0, le=1.0)
-    shard_size: int = Field(256, ge=1)  # images per shard: the unit of work, of resume and of a Prefect task (embedded run: 64)
+    # images per shard: the unit of work, of resume and of a Prefect task (params.yaml's embedded run: 64)
+    shard_size: int = Field(256, ge=1)
     num_workers: int = Field(2, ge=1)  # shards in flight at once (Ray tasks of one CPU each)
     seed: int = 0
     png_compression: int = Field(1, ge=0, le=9)  # zlib level of patch/mask PNGs: 1 is ~3x faster than 6, ~10% larger
@@ -182,7 +184,7 @@ class TrainParams(Section):
     grad_clip: float = Field(1.0, gt=0.0)
     # PICSModel.set_trainable spec. tiny has no pretrained UNet to keep frozen: full; sd15/sd21: reference (the paper's)
     trainable: str = "full"
-    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"  # tiny pixel latent: epsilon left noise in the boxes
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"  # tiny pixel latent: epsilon left box noise
     mask_weight: float = Field(1.0, ge=0.0)  # extra loss weight inside the object boxes
     ema_decay: float | None = Field(0.999, gt=0.0, lt=1.0)  # None: no EMA
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on GPU only
