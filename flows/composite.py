@@ -17,13 +17,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-if TYPE_CHECKING:
-    from tasks.params import EvaluateParams
+from tasks.params import EvaluateParams
+
+_SAMPLER = EvaluateParams()  # the defaults of steps, guidance, scheduler and seed: the evaluate section's
 
 BOX_RE = re.compile(r"^\s*-?\d+(\.\d*)?\s*(,\s*-?\d+(\.\d*)?\s*){3}$")
 
@@ -169,8 +170,9 @@ def _check_checkpoint(checkpoint) -> "object":
 
 
 def composite(background, objects: Sequence, checkpoint, masks: Sequence | None = None,
-              boxes: Sequence | None = None, *, steps: int = 20, guidance: float = 3.0, scheduler: str = "ddim",
-              seed: int = 0, device: str = "auto", out=None, model=None, threads: int | None = None):
+              boxes: Sequence | None = None, *, steps: int = _SAMPLER.steps, guidance: float = _SAMPLER.guidance,
+              scheduler: str = _SAMPLER.scheduler, seed: int = _SAMPLER.seed, device: str = "auto", out=None,
+              model=None, threads: int | None = None):
     """Composite ``objects`` into ``background`` with the model saved at ``checkpoint``.
 
     background: path / PIL / uint8 [H, W, 3]. objects: N images (path / PIL / array) or ObjectSpecs.
@@ -250,7 +252,7 @@ def composite(background, objects: Sequence, checkpoint, masks: Sequence | None 
 
 
 def composite_cli(background: str | None, objects: list[str] | None, checkpoint: str, out: str,
-                  sampler: "EvaluateParams", device: str = "auto", threads: int | None = None,
+                  sampler: EvaluateParams, device: str = "auto", threads: int | None = None,
                   sample_dir: str | None = None) -> Path:
     """The command: steps, guidance, scheduler and seed are the ``evaluate:`` section's (``pics
     composite`` validated it), so a CLI composite matches what the evaluation measured.
