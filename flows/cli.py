@@ -23,7 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 SetOpt = typer.Option(None, "--set", help="Override a parameter: section.key=value (repeatable).")
 ParamsOpt = typer.Option(None, "--params", exists=True, dir_okay=False,
-                         help="params.yaml to read (default: the checkout's; for an installed pics, the working folder's).")
+                         help="params.yaml to read (default: the working folder's, else the checkout's).")
 SamplesOpt = typer.Option(None, "--samples", help="A decompose output folder.")
 
 
