@@ -1,4 +1,4 @@
-"""Prefect flows: the only entry points of the pipeline's stages (CLI, ``python -m``, dvc.yaml)."""
+"""Prefect flows: the pipeline's stages, which the ``pics`` CLI (flows/cli.py) and dvc.yaml run."""
 from tasks.runtime import configure_environment, start_watchdog
 
 configure_environment()

@@ -1,24 +1,30 @@
-"""``pics``: the command line. Each command loads params.yaml, applies overrides, runs a flow.
+"""``pics``: the command line, the one entry point of the pipeline (dvc.yaml's stages call it too).
 
-Options named on a command are shorthands for ``--set section.key=value``; ``--set`` wins last.
-Imports of the flows are lazy so that ``pics --help`` stays fast.
+Each command reads params.yaml (or ``--params FILE``), applies its options and ``--set`` overrides and
+validates them all before it imports a flow (Prefect, Ray): a bad key or value ends the command at
+once with one line that names the key and where it came from, exit code 2. Options named on a
+command are shorthands for ``--set section.key=value``; ``--set`` wins last.
 """
 from __future__ import annotations
 
 import errno
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 import flows  # noqa: F401  (sets the offline environment before Prefect is imported)
 
+if TYPE_CHECKING:
+    from tasks.params import Params
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 SetOpt = typer.Option(None, "--set", help="Override a parameter: section.key=value (repeatable).")
 ParamsOpt = typer.Option(None, "--params", exists=True, dir_okay=False,
-                         help="params.yaml to read (default: the checkout's; for an installed pics, the working folder's).")
+                         help="params.yaml to read (default: the working folder's, else the checkout's).")
+SamplesOpt = typer.Option(None, "--samples", help="A decompose output folder.")
 
 
 def _overrides(section: str, named: dict, extra: Optional[list[str]]) -> list[str]:
@@ -31,18 +37,22 @@ def _overrides(section: str, named: dict, extra: Optional[list[str]]) -> list[st
     return out + list(extra or [])
 
 
-def _params_file(params: Optional[Path]) -> str:
-    """--params, else the project's params.yaml: a missing one fails here, before a flow starts."""
-    from tasks.params import default_params_file
+def _params(params: Optional[Path], set_: Optional[list[str]], section: str = "", named: Optional[dict] = None,
+            missing_ok: bool = False) -> "Params":
+    """--params (else the project's params.yaml) with the command's options and --set applied,
+    validated here, before any flow is imported; a bad one ends the command (exit 2).
+    missing_ok: no params.yaml anywhere means the schema's defaults (commands that run no stage)."""
+    from tasks.params import ParamsError, load_params
 
-    return str(params or default_params_file())
+    try:
+        return load_params(params, _overrides(section, named or {}, set_), missing_ok=missing_ok)
+    except ParamsError as e:
+        _fail(e)
 
 
-def _fail(e: object) -> None:
-    from tasks.quarantine import LIMIT_EXIT_CODE, QuarantineLimitError
-
+def _fail(e: object, code: int = 2) -> None:
     typer.secho(str(e), fg=typer.colors.RED, err=True)
-    raise typer.Exit(LIMIT_EXIT_CODE if isinstance(e, QuarantineLimitError) else 2)
+    raise typer.Exit(code)
 
 
 # Causes of a failed write that the person running the command can fix: one line, no traceback.
@@ -51,12 +61,15 @@ _WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQ
 
 @contextmanager
 def _user_errors(*errors: type[Exception]):
-    """Bad parameters or inputs (``errors``), and an output that cannot be written (read-only, no
-    permission, disk full), end the command with one red line and exit code 2."""
+    """Bad inputs (``errors``), and an output that cannot be written (read-only, no permission,
+    disk full), end the command with one red line and exit code 2 (too much quarantined: 3)."""
     from tasks.params import ParamsError
+    from tasks.quarantine import LIMIT_EXIT_CODE, QuarantineLimitError
 
     try:
         yield
+    except QuarantineLimitError as e:
+        _fail(e, LIMIT_EXIT_CODE)
     except (ParamsError, *errors) as e:
         _fail(e)
     except OSError as e:
@@ -73,11 +86,11 @@ def make_sample(
     params: Optional[Path] = ParamsOpt,
 ):
     """Render the embedded LVIS-format dataset (objects that occlude and touch)."""
+    p = _params(params, set_, "make_sample", {"out": out, "num_images": num_images})
     from flows.make_sample import make_sample_flow
 
     with _user_errors():
-        make_sample_flow(overrides=_overrides("make_sample", {"out": out, "num_images": num_images}, set_),
-                         params_file=_params_file(params))
+        make_sample_flow(params=p)
 
 
 @app.command()
@@ -89,22 +102,32 @@ def decompose(
     params: Optional[Path] = ParamsOpt,
 ):
     """Mine interacting object groups and write training shards."""
+    p = _params(params, set_, "decompose", {"annotations": annotations, "images": images, "out": out})
     from flows.decompose import decompose_flow
     from tasks.decompose.inputs import InputError
-    from tasks.quarantine import QuarantineLimitError
 
-    named = {"annotations": annotations, "images": images, "out": out}
-    with _user_errors(InputError, QuarantineLimitError):
-        decompose_flow(overrides=_overrides("decompose", named, set_), params_file=_params_file(params))
+    with _user_errors(InputError):
+        decompose_flow(params=p)
 
 
 @app.command("show-samples")
 def show_samples(
-    samples: Path = typer.Argument(..., help="A decompose output folder."),
-    out: Optional[Path] = typer.Option(None, help="PNG to write (default: DIR/samples.png)."),
+    samples_arg: Optional[Path] = typer.Argument(None, metavar="[SAMPLES]", hidden=True, show_default=False,
+                                                 help="The same as --samples (older scripts)."),
+    samples: Optional[Path] = typer.Option(None, "--samples",
+                                           help="A decompose output folder (default: decompose.out)."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write (default: SAMPLES/samples.png)."),
     n: int = typer.Option(8, help="Number of samples to draw."),
+    set_: Optional[list[str]] = SetOpt,
+    params: Optional[Path] = ParamsOpt,
 ):
     """Draw a grid of decomposed samples: target, masked background, patches, region masks."""
+    if samples_arg and samples:
+        _fail("give the decompose output folder once: --samples DIR (or, as before, a positional DIR)")
+    p = _params(params, set_, missing_ok=True)
+    from tasks.params import resolve_path
+
+    samples = samples or samples_arg or resolve_path(p.decompose.out)
     from tasks.decompose.visualize import write_sample_grid
     from tasks.shards import list_shards
 
@@ -123,51 +146,61 @@ def import_webdataset(
     params: Optional[Path] = ParamsOpt,
 ):
     """Import the reference implementation's tar shards (bg.jpg, obj0.png, mask0.png, ...)."""
+    p = _params(params, set_)
     from flows.decompose import import_webdataset_flow
     from tasks.decompose.inputs import InputError
-    from tasks.quarantine import QuarantineLimitError
 
-    with _user_errors(InputError, QuarantineLimitError):
-        import_webdataset_flow(tars=[str(t) for t in tars], out=str(out), overrides=list(set_ or []),
-                               params_file=_params_file(params))
+    with _user_errors(InputError):
+        import_webdataset_flow(tars=[str(t) for t in tars], out=str(out), params=p)
 
 
 @app.command("render-priors")
 def render_priors(
-    samples: Optional[Path] = typer.Option(None, help="A decompose output folder."),
+    samples: Optional[Path] = SamplesOpt,
     out: Optional[Path] = typer.Option(None, help="Output folder for prior shards."),
     set_: Optional[list[str]] = SetOpt,
     params: Optional[Path] = ParamsOpt,
 ):
     """Reconstruct each object in 3D and render K views (multi-view shape priors)."""
+    p = _params(params, set_, "render_priors", {"samples": samples, "out": out})
     from flows.render_priors import render_priors_flow
-    from tasks.quarantine import QuarantineLimitError
 
-    with _user_errors(QuarantineLimitError):
-        render_priors_flow(overrides=_overrides("render_priors", {"samples": samples, "out": out}, set_),
-                           params_file=_params_file(params))
+    with _user_errors():
+        render_priors_flow(params=p)
 
 
 @app.command()
-def train(set_: Optional[list[str]] = SetOpt, params: Optional[Path] = ParamsOpt):
+def train(
+    out: Optional[Path] = typer.Option(None, help="Output folder (final/, metrics.json, runs/)."),
+    set_: Optional[list[str]] = SetOpt,
+    params: Optional[Path] = ParamsOpt,
+):
     """Train the PICS model with Ray Train."""
+    p = _params(params, set_, "train", {"out": out})
     from flows.train import train_flow
     from pics_model.modeling_pics import WeightsError
     from tasks.train.checkpoint import CheckpointError
 
     with _user_errors(CheckpointError, WeightsError):
-        train_flow(overrides=list(set_ or []), params_file=_params_file(params))
+        train_flow(params=p)
 
 
 @app.command()
-def evaluate(set_: Optional[list[str]] = SetOpt, params: Optional[Path] = ParamsOpt):
+def evaluate(
+    checkpoint: Optional[Path] = typer.Option(None, help="A saved PICS model folder (default: evaluate.checkpoint)."),
+    samples: Optional[Path] = SamplesOpt,
+    out: Optional[Path] = typer.Option(None, help="Output folder (metrics.json, scores.parquet, report/)."),
+    set_: Optional[list[str]] = SetOpt,
+    params: Optional[Path] = ParamsOpt,
+):
     """Evaluate a checkpoint on the test split: metrics, baselines, report."""
+    p = _params(params, set_, "evaluate", {"checkpoint": checkpoint, "samples": samples, "out": out})
     from flows.evaluate import evaluate_flow
     from pics_model.pipeline_pics import NonFiniteOutputError
     from tasks.evaluate.stage import EvaluateInputError
 
     with _user_errors(EvaluateInputError, NonFiniteOutputError):
-        evaluate_flow(overrides=list(set_ or []), params_file=_params_file(params))
+        evaluate_flow(params=p)
 
 
 @app.command()
@@ -176,14 +209,12 @@ def pipeline(
     name: Optional[str] = typer.Option(None, help="DVC experiment name."),
     in_workspace: bool = typer.Option(False, help="Run in the workspace instead of a temporary copy."),
 ):
-    """Run the whole pipeline as one DVC experiment (`dvc exp run -S ...`)."""
+    """Run the whole pipeline as one DVC experiment (`dvc exp run -S ...`) on the project's params.yaml."""
+    _params(None, set_)  # DVC reads the project's params.yaml: the overrides are checked against it
     from flows.pipeline import pipeline_flow
-    from tasks.params import ParamsError
 
-    try:
+    with _user_errors():
         pipeline_flow(overrides=list(set_ or []), experiment_name=name, temp=not in_workspace)
-    except ParamsError as e:
-        _fail(e)
 
 
 @app.command()
@@ -209,17 +240,20 @@ def composite(
     seed: Optional[int] = typer.Option(None, help="Noise seed (default: evaluate.seed)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: one per core)."),
+    set_: Optional[list[str]] = SetOpt,
     params: Optional[Path] = ParamsOpt,
 ):
-    """Composite objects into a background with a trained checkpoint."""
+    """Composite objects into a background with a trained checkpoint (sampler settings: params.yaml's evaluate)."""
+    named = {"steps": steps, "guidance": guidance, "scheduler": scheduler, "seed": seed}
+    # outside a project (an installed pics, no params.yaml): the schema's evaluate defaults
+    p = _params(params, set_, "evaluate", named, missing_ok=True)
     from flows.composite import CompositeInputError, composite_cli
     from pics_model.modeling_pics import WeightsError
     from pics_model.pipeline_pics import NonFiniteOutputError
 
     with _user_errors(CompositeInputError, WeightsError, NonFiniteOutputError):
         path = composite_cli(str(background) if background else None, object_, str(checkpoint), str(out),
-                             steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, device=device,
-                             threads=threads, params_file=str(params) if params else None,
+                             p.evaluate, device=device, threads=threads,
                              sample_dir=str(sample_dir) if sample_dir else None)
     typer.echo(str(path))
 
@@ -231,11 +265,12 @@ def results(
     readme: Optional[Path] = typer.Option(None, help="README to rewrite (default: the repository's)."),
     out: Optional[Path] = typer.Option(None, help="Snapshot folder in git (default: docs/results)."),
     check: bool = typer.Option(False, "--check", help="Only check that the README matches the snapshot."),
+    set_: Optional[list[str]] = SetOpt,
     params: Optional[Path] = ParamsOpt,
 ):
     """Write the README's results section and figures from the run's metrics files (a snapshot in docs/results)."""
     from tasks import results as res
-    from tasks.params import REPO_ROOT, ParamsError, load_params, resolve_path
+    from tasks.params import REPO_ROOT, resolve_path
 
     readme = (readme or REPO_ROOT / "README.md").resolve()
     out = (out or REPO_ROOT / "docs" / "results").resolve()
@@ -246,14 +281,14 @@ def results(
                 _fail(res.ResultsError(problem))
             typer.echo(f"{readme}: results section matches {out}")
             return
-        p = load_params(params, [])
+        p = _params(params, set_)
         ev = (evaluate or resolve_path(p.evaluate.out) / "metrics.json").resolve()
         tr_dir = (train.parent if train else resolve_path(p.train.out)).resolve()
         res.snapshot(ev, (train or tr_dir / "metrics.json").resolve(), tr_dir / "occlusion.csv", out)
         for fig in res.draw_figures(out):
             typer.echo(str(fig))
         res.write_readme(readme, out)
-    except (res.ResultsError, ParamsError) as e:
+    except res.ResultsError as e:
         _fail(e)
     typer.echo(str(readme))
 

@@ -22,6 +22,10 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from tasks.params import EvaluateParams
+
+_SAMPLER = EvaluateParams()  # the defaults of steps, guidance, scheduler and seed: the evaluate section's
+
 BOX_RE = re.compile(r"^\s*-?\d+(\.\d*)?\s*(,\s*-?\d+(\.\d*)?\s*){3}$")
 
 
@@ -166,8 +170,9 @@ def _check_checkpoint(checkpoint) -> "object":
 
 
 def composite(background, objects: Sequence, checkpoint, masks: Sequence | None = None,
-              boxes: Sequence | None = None, *, steps: int = 20, guidance: float = 3.0, scheduler: str = "ddim",
-              seed: int = 0, device: str = "auto", out=None, model=None, threads: int | None = None):
+              boxes: Sequence | None = None, *, steps: int = _SAMPLER.steps, guidance: float = _SAMPLER.guidance,
+              scheduler: str = _SAMPLER.scheduler, seed: int = _SAMPLER.seed, device: str = "auto", out=None,
+              model=None, threads: int | None = None):
     """Composite ``objects`` into ``background`` with the model saved at ``checkpoint``.
 
     background: path / PIL / uint8 [H, W, 3]. objects: N images (path / PIL / array) or ObjectSpecs.
@@ -247,13 +252,11 @@ def composite(background, objects: Sequence, checkpoint, masks: Sequence | None 
 
 
 def composite_cli(background: str | None, objects: list[str] | None, checkpoint: str, out: str,
-                  steps: int | None = None, guidance: float | None = None, scheduler: str | None = None,
-                  seed: int | None = None, device: str = "auto", params_file: str | None = None,
-                  threads: int | None = None, sample_dir: str | None = None) -> Path:
-    """The command: unset options default to the ``evaluate:`` section of params.yaml, so a CLI
-    composite matches what the evaluation measured. `sample_dir` replaces background/objects."""
-    from tasks.params import Params, load_params, project_root
-
+                  sampler: EvaluateParams, device: str = "auto", threads: int | None = None,
+                  sample_dir: str | None = None) -> Path:
+    """The command: steps, guidance, scheduler and seed are the ``evaluate:`` section's (``pics
+    composite`` validated it), so a CLI composite matches what the evaluation measured.
+    `sample_dir` replaces background/objects."""
     if sample_dir is not None:
         if background is not None or objects:
             raise CompositeInputError("--sample-dir replaces --background and --object: give one or the other")
@@ -262,12 +265,6 @@ def composite_cli(background: str | None, objects: list[str] | None, checkpoint:
         raise CompositeInputError("give --background and at least one --object, or --sample-dir")
     else:
         specs = [parse_object(o) for o in objects]
-    if params_file is None and not (project_root() / "params.yaml").is_file():
-        p = Params.model_validate({}).evaluate  # an installed pics outside a project: the schema's defaults
-    else:
-        p = load_params(params_file).evaluate
-    composite(background, specs, checkpoint,
-              steps=p.steps if steps is None else steps, guidance=p.guidance if guidance is None else guidance,
-              scheduler=scheduler or p.scheduler, seed=p.seed if seed is None else seed, device=device, out=out,
-              threads=threads)
+    composite(background, specs, checkpoint, steps=sampler.steps, guidance=sampler.guidance,
+              scheduler=sampler.scheduler, seed=sampler.seed, device=device, out=out, threads=threads)
     return Path(out)

@@ -1,14 +1,12 @@
 """decompose flow: an LVIS/COCO-format dataset -> shards of interacting object groups.
 
-``python -m flows.decompose [--set decompose.key=value ...] [--params FILE]`` or ``pics decompose``.
+``pics decompose [--set decompose.key=value ...] [--params FILE]``.
 One Prefect task loads and checks the inputs, one Prefect task per shard runs that shard as a Ray
 task (never a task per image), a last task merges the manifest; the flow then draws the sample
 grid and publishes it as an artifact. Killed and started again, it keeps the finished shards.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import flows  # noqa: F401  (offline Prefect/Ray environment before Prefect is imported)
@@ -18,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import quarantine
 from tasks.decompose import pipeline
-from tasks.params import load_params, resolve_path
+from tasks.params import Params, resolve_path, stage_params
 
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
 
@@ -42,8 +40,8 @@ def _publish(manifest: dict, grid: Path | None, out: Path) -> None:
 
 
 @flow(name="decompose")
-def decompose_flow(overrides: list[str] | None = None, params_file: str | None = None) -> dict:
-    params = load_params(params_file, overrides)
+def decompose_flow(overrides: list[str] | None = None, params: Params | None = None) -> dict:
+    params = stage_params(params, overrides)
     p = params.decompose
     log = get_run_logger()
     out = resolve_path(p.out)
@@ -77,47 +75,25 @@ def decompose_flow(overrides: list[str] | None = None, params_file: str | None =
 
 @flow(name="import-webdataset")
 def import_webdataset_flow(tars: list[str], out: str, overrides: list[str] | None = None,
-                           params_file: str | None = None) -> dict:
+                           params: Params | None = None) -> dict:
     """Reference WebDataset tar shards -> our shards; one Prefect task per tar (each one output shard)."""
     from tasks.decompose import webdataset
 
-    params = load_params(params_file, overrides)
-    p = params.decompose.model_dump()
+    p = stage_params(params, overrides).decompose
+    as_dict = p.model_dump()  # tasks/decompose still takes the section as a dict
     out_path = Path(out)
     webdataset.check_tars(tars)
     webdataset.clear_output(out_path)
     tar_task = task(name="import-tar", task_run_name="import-{index}", **_TASK)(webdataset.import_tar)
     labelled = webdataset.tar_labels([str(t) for t in tars])
-    futures = [tar_task.submit(t, str(out_path), i, p, label) for i, (t, label) in enumerate(labelled)]
+    futures = [tar_task.submit(t, str(out_path), i, as_dict, label) for i, (t, label) in enumerate(labelled)]
     results = [f.result() for f in futures]
-    manifest = webdataset.finalize(out_path, results, p, [t for t, _ in labelled])
-    if p["grid_samples"] and manifest["samples"]:
+    manifest = webdataset.finalize(out_path, results, as_dict, [t for t, _ in labelled])
+    if p.grid_samples and manifest["samples"]:
         from tasks.decompose.visualize import write_sample_grid
 
-        write_sample_grid(out_path, n=p["grid_samples"])
+        write_sample_grid(out_path, n=p.grid_samples)
     get_run_logger().info(quarantine.check_limit("import-webdataset", out_path, webdataset.quarantine_tallies(manifest),
-                                                 p["max_quarantine_fraction"], "decompose.max_quarantine_fraction"))
+                                                 p.max_quarantine_fraction, "decompose.max_quarantine_fraction"))
     return {"out": str(out_path), "samples": manifest["samples"], "quarantined": manifest["quarantined"],
             "content_hash": manifest["content_hash"]}
-
-
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m flows.decompose", description=__doc__.splitlines()[0])
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a parameter, e.g. decompose.area_ratio=0.05 (repeatable)")
-    ap.add_argument("--params", default=None, help="params.yaml to read (default: the repository's)")
-    args = ap.parse_args(argv)
-    from tasks.decompose.inputs import InputError
-    from tasks.params import ParamsError
-
-    try:
-        return decompose_flow(overrides=args.overrides, params_file=args.params)
-    except (ParamsError, InputError) as e:
-        raise SystemExit(f"decompose: {e}") from None
-    except quarantine.QuarantineLimitError as e:
-        print(e, file=sys.stderr)
-        raise SystemExit(quarantine.LIMIT_EXIT_CODE) from None
-
-
-if __name__ == "__main__":
-    print(main())

@@ -1,13 +1,12 @@
 """evaluate flow: a checkpoint on the test split -> composites, per-sample scores, metrics, report.
 
-``python -m flows.evaluate [--set evaluate.key=value ...] [--params FILE]`` or ``pics evaluate``.
+``pics evaluate [--set evaluate.key=value ...] [--params FILE]``.
 Prefect tasks: plan (inputs checked before any work), inference (Ray Data ``map_batches`` with
 actors that each hold the pipelines; GPU actors when CUDA is there), outputs (scores, metrics.json
 for DVC, plot data, HTML + PNG report); the flow publishes the metrics table as an artifact.
 """
 from __future__ import annotations
 
-import argparse
 
 import flows  # noqa: F401  (offline Prefect/Ray environment before Prefect is imported)
 from flows.sharded import inline_picture
@@ -17,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from tasks.evaluate import stage
-from tasks.params import load_params
+from tasks.params import Params, RayParams, stage_params
 from tasks.runtime import init_ray
 
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
@@ -30,8 +29,8 @@ def plan_task(params) -> quote:
 
 
 @task(name="evaluate-inference", **_TASK)
-def inference_task(plan, ray_params: dict) -> quote:
-    init_ray(ray_params["address"], ray_params["num_cpus"], ray_params["object_store_mb"])
+def inference_task(plan, ray_params: RayParams) -> quote:
+    init_ray(ray_params.address, ray_params.num_cpus, ray_params.object_store_mb)
     return quote(stage.run_ray(plan, log=get_run_logger().info))
 
 
@@ -58,15 +57,15 @@ def _publish(summary: dict, plan: stage.Plan) -> None:
 
 
 @flow(name="evaluate")
-def evaluate_flow(overrides: list[str] | None = None, params_file: str | None = None) -> dict:
-    params = load_params(params_file, overrides)
+def evaluate_flow(overrides: list[str] | None = None, params: Params | None = None) -> dict:
+    params = stage_params(params, overrides)
     log = get_run_logger()
     plan = plan_task(quote(params)).unquote()
     log.info("%d test samples in %s; methods %s; %d %s actor(s); checkpoint %s", plan.n_test, plan.samples,
-             list(plan.cfg.methods), plan.num_actors, "GPU" if plan.use_gpu else "CPU", plan.cfg.checkpoint)
+             plan.params.methods, plan.num_actors, "GPU" if plan.use_gpu else "CPU", plan.cfg.checkpoint)
     for note in plan.notes:
         log.warning(note)
-    result = inference_task(quote(plan), params.ray.model_dump()).unquote()
+    result = inference_task(quote(plan), params.ray).unquote()
     summary = outputs_task(quote(plan), quote(result))
     _publish(summary, plan)
     log.info("evaluated %d samples in %.1f s", summary["n_samples"], summary["timing"]["wall_s"])
@@ -74,21 +73,3 @@ def evaluate_flow(overrides: list[str] | None = None, params_file: str | None = 
             "timing": summary["timing"], "notes": plan.notes,
             "methods": {m: {k: v for k, v in s.items() if not isinstance(v, list)}
                         for m, s in summary["methods"].items()}}
-
-
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m flows.evaluate", description=__doc__.splitlines()[0])
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a parameter, e.g. evaluate.steps=10 (repeatable)")
-    ap.add_argument("--params", default=None, help="params.yaml to read (default: the repository's)")
-    args = ap.parse_args(argv)
-    from tasks.params import ParamsError
-
-    try:
-        return evaluate_flow(overrides=args.overrides, params_file=args.params)
-    except (ParamsError, stage.EvaluateInputError) as e:
-        raise SystemExit(f"evaluate: {e}") from None
-
-
-if __name__ == "__main__":
-    print(main())

@@ -1,15 +1,14 @@
 """make_sample flow: render the embedded LVIS-format dataset (objects that rest on, touch and occlude
 each other), with amodal masks and depth order as extra annotation fields.
 
-``python -m flows.make_sample [--set make_sample.key=value ...] [--params FILE]`` or
-``pics make-sample``. One Prefect task per chunk of images (never per image). With
-``num_workers: 1`` the chunks render in this process on one reused OpenGL renderer; with more,
-each chunk is a Ray task (a renderer per worker). The dataset is written into a temporary folder
-that replaces ``out`` in one rename, so a killed run never leaves a half-written dataset.
+``pics make-sample [--set make_sample.key=value ...] [--params FILE]``. One Prefect task per chunk
+of images (never per image). With ``num_workers: 1`` the chunks render in this process on one reused
+OpenGL renderer; with more, each chunk is a Ray task (a renderer per worker). The dataset is written
+into a temporary folder that replaces ``out`` in one rename, so a killed run never leaves a
+half-written dataset.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import atomic
 from tasks.make_sample import dataset
-from tasks.params import MakeSampleParams, load_params, resolve_path
+from tasks.params import MakeSampleParams, Params, resolve_path, stage_params
 from tasks.runtime import init_ray
 from tasks.shards import check_output_owner, mark_output
 
@@ -62,8 +61,8 @@ def _render(p: MakeSampleParams, images_dir: Path, ray_params, logger) -> list[d
 
 
 @flow(name="make_sample")
-def make_sample_flow(overrides: list[str] | None = None, params_file: str | None = None) -> dict:
-    params = load_params(params_file, overrides)
+def make_sample_flow(overrides: list[str] | None = None, params: Params | None = None) -> dict:
+    params = stage_params(params, overrides)
     p = params.make_sample
     out = resolve_path(p.out)
     logger = get_run_logger()
@@ -95,21 +94,3 @@ def make_sample_flow(overrides: list[str] | None = None, params_file: str | None
         description="embedded LVIS-format dataset",
     )
     return summary
-
-
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m flows.make_sample", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a parameter, e.g. make_sample.num_images=20 (repeatable)")
-    ap.add_argument("--params", default=None, help="params.yaml to read (default: the repository's)")
-    args = ap.parse_args(argv)
-    from tasks.params import ParamsError
-
-    try:
-        return make_sample_flow(overrides=args.overrides, params_file=args.params)
-    except ParamsError as e:  # bad params, or an output folder that is not make_sample's
-        raise SystemExit(f"make_sample: {e}") from None
-
-
-if __name__ == "__main__":
-    print(main())

@@ -5,7 +5,7 @@ flow only asks DVC to run dvc.yaml as an experiment. Every deployment run theref
 ``dvc exp show`` with its params, metrics, data and checkpoint versions. DVC allows one command at
 a time per repository, so runs queue on a file lock instead of failing on DVC's lock.
 
-    python -m flows.pipeline --set decompose.area_ratio=0.05 --name my-exp
+    pics pipeline --set decompose.area_ratio=0.05 --name my-exp
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def run_dvc(repo: Path, args: list[str], logger=None, timeout: float | None = No
     """Run one DVC command under the repo lock, streaming its output to the logger."""
     cmd = [sys.executable, "-m", "dvc", *args]
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
-    # The stages call `python -m flows.<stage>`: this interpreter's bin first on PATH.
+    # The stages call `pics <stage>`: this interpreter's bin (where its `pics` is) first on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     lines: list[str] = []
     with dvc_lock(repo):
@@ -129,19 +129,3 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value")
-    ap.add_argument("--name", default=None, help="experiment name")
-    ap.add_argument("--in-workspace", action="store_true", help="run in the workspace, not a temp copy")
-    a = ap.parse_args(argv)
-    result = pipeline_flow(overrides=a.sets, experiment_name=a.name, temp=not a.in_workspace)
-    print(json.dumps(result, indent=2, default=str))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,15 +1,13 @@
 """render_priors flow: decompose's sample shards -> K-view shape priors per distinct object.
 
-``python -m flows.render_priors [--set render_priors.key=value ...] [--params FILE]`` or
-``pics render-priors --samples DIR --out DIR``. One Prefect task scans and plans (objects keyed by
-content hash, earlier shards kept), one Prefect task per output shard runs it as a Ray task, a last
-task merges the manifest and quarantine; the flow then draws priors.png and publishes it as an
-artifact. Killed and started again, it renders only the objects it has not done.
+``pics render-priors [--samples DIR] [--out DIR] [--set render_priors.key=value ...]``. One Prefect
+task scans and plans (objects keyed by content hash, earlier shards kept), one Prefect task per
+output shard runs it as a Ray task, a last task merges the manifest and quarantine; the flow then
+draws priors.png and publishes it as an artifact. Killed and started again, it renders only the
+objects it has not done.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from flows.sharded import publish, run_stage
 from prefect import flow, get_run_logger
 
 from tasks import quarantine
-from tasks.params import load_params, resolve_path
+from tasks.params import Params, resolve_path, stage_params
 from tasks.render_priors import pipeline
 
 
@@ -45,8 +43,8 @@ def _publish(manifest: dict, grid: Path | None, out: Path) -> None:
 
 
 @flow(name="render_priors")
-def render_priors_flow(overrides: list[str] | None = None, params_file: str | None = None) -> dict:
-    params = load_params(params_file, overrides)
+def render_priors_flow(overrides: list[str] | None = None, params: Params | None = None) -> dict:
+    params = stage_params(params, overrides)
     p = params.render_priors
     log = get_run_logger()
     t0 = time.perf_counter()
@@ -76,24 +74,3 @@ def render_priors_flow(overrides: list[str] | None = None, params_file: str | No
         "timings_s": pipeline.sum_timings(results) if results else {},
         "grid": str(grid) if grid else None,
     }
-
-
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m flows.render_priors", description=__doc__.splitlines()[0])
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a parameter, e.g. render_priors.num_views=8 (repeatable)")
-    ap.add_argument("--params", default=None, help="params.yaml to read (default: the repository's)")
-    args = ap.parse_args(argv)
-    from tasks.params import ParamsError
-
-    try:
-        return render_priors_flow(overrides=args.overrides, params_file=args.params)
-    except ParamsError as e:  # bad params, missing samples, unknown plug-in, missing weights
-        raise SystemExit(f"render_priors: {e}") from None
-    except quarantine.QuarantineLimitError as e:
-        print(e, file=sys.stderr)
-        raise SystemExit(quarantine.LIMIT_EXIT_CODE) from None
-
-
-if __name__ == "__main__":
-    print(main())

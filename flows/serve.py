@@ -45,9 +45,3 @@ def serve_all(only: list[str] | None = None) -> None:
     from prefect import serve
 
     serve(*build_deployments(only))
-
-
-if __name__ == "__main__":
-    import sys
-
-    serve_all(sys.argv[1:] or None)

@@ -1,6 +1,6 @@
 """The train stage: PICS on Ray Train, from the decompose and render_priors shards.
 
-    python -m flows.train [--set train.steps=50 --set train.num_workers=1 ...]
+    pics train [--set train.steps=50 --set train.num_workers=1 ...] [--params FILE]
 
 Steps (each a Prefect task): plan and validate (fails before any worker starts), build the
 initial model (tiny: fit its autoencoder), run the TorchTrainer (crash-safe checkpoints, resume),
@@ -8,9 +8,6 @@ export ``<train.out>/final`` and write metrics, loss curves and sample composite
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 
 import flows  # noqa: F401  (offline environment before Prefect/Ray are imported)
@@ -18,7 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import atomic
-from tasks.params import ParamsError, load_params
+from tasks.params import Params, stage_params
 
 
 def _log():
@@ -82,30 +79,12 @@ def report_task(plan, init_info, final_ckpt, extra):
 
 
 @flow(name="train")
-def train_flow(overrides: list[str] | None = None, params_file: str | None = None) -> dict:
+def train_flow(overrides: list[str] | None = None, params: Params | None = None) -> dict:
     """Train the PICS model; returns the metrics written to ``<train.out>/metrics.json`` plus paths."""
-    params = load_params(params_file, overrides)
+    params = stage_params(params, overrides)
     plan = plan_task(params)
     init_info = init_task(plan)
     final_ckpt, extra = fit_task(plan, init_info)
     metrics = report_task(plan, init_info, final_ckpt, extra)
     return {**metrics, "out": str(plan.out), "final": str(plan.out / "final"), "checkpoint": str(final_ckpt),
             "run_dir": str(plan.run_dir)}
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m flows.train", description=__doc__.splitlines()[0])
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a parameter, e.g. train.steps=50 (repeatable)")
-    ap.add_argument("--params", default=None, help="params.yaml to read (default: the repository's)")
-    args = ap.parse_args(argv)
-    try:
-        summary = train_flow(overrides=args.overrides, params_file=args.params)
-    except ParamsError as e:  # bad params or inputs: the message, not a traceback
-        print(f"train: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(json.dumps(summary, indent=2, default=str))
-
-
-if __name__ == "__main__":
-    main()

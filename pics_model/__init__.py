@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from .config import PICSConfig, config_from_model_params, get_preset
+from .config import PICSConfig, get_preset
 
 _LAZY = {
     "PICSModel": "modeling_pics",
@@ -22,7 +22,7 @@ _LAZY = {
     "expand_boxes": "data",
 }
 
-__all__ = ["PICSConfig", "get_preset", "config_from_model_params", *_LAZY]
+__all__ = ["PICSConfig", "get_preset", *_LAZY]
 
 
 def __getattr__(name: str):

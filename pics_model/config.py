@@ -359,43 +359,5 @@ def get_preset(name: str, **overrides: Any) -> PICSConfig:
     return PICSConfig.model_validate(data)
 
 
-def config_from_model_params(params: Mapping[str, Any]) -> PICSConfig:
-    """Map the `model:` section of params.yaml (tasks.params.ModelParams, as a dict) to a config.
-
-    Kept here (not in tasks/) so the library stays importable without the pipeline code.
-    Unknown keys raise, so a field added to ModelParams without a mapping here is noticed.
-    """
-    p = {k: v for k, v in dict(params).items() if v is not None}
-    name = p.pop("preset", "tiny")
-    over: dict[str, Any] = {}
-    for key in ("tau", "expert_mode", "max_objects", "stable_diffusion_path", "box_expand", "resolution"):
-        if key in p:
-            over[key] = p.pop(key)
-    latent = p.pop("latent", None)
-    if latent == "kl" and name == "tiny":
-        over["vae"] = TINY_KL_VAE
-        over["unet"] = {"in_channels": 4 + 4 * 16, "out_channels": 4}
-    elif latent == "pixel_shuffle" and name != "tiny":
-        raise ValueError(f"model.latent=pixel_shuffle is the tiny preset's; {name} keeps its AutoencoderKL")
-    if "use_shape_prior" in p:
-        over["shape_encoder"] = {"enabled": bool(p.pop("use_shape_prior"))}
-    if "cond_drop_prob" in p:
-        over["objective"] = {"cond_drop_prob": p.pop("cond_drop_prob")}
-    oe: dict[str, Any] = {}
-    if "object_encoder" in p:
-        kind = p.pop("object_encoder")
-        base = PRESETS[name]().object_encoder if name in PRESETS else ObjectEncoderConfig()
-        if kind != base.kind:  # each backbone has its own input-size constraint
-            oe["image_size"] = {"dinov2": 224, "mobilenetv2": 96, "small": 64}[kind]
-        oe["kind"] = kind
-    if "dinov2_path" in p:
-        oe["weights_path"] = p.pop("dinov2_path")
-    if oe:
-        over["object_encoder"] = oe
-    if p:
-        raise ValueError(f"model params: no mapping to PICSConfig for {sorted(p)}")
-    return get_preset(name, **over)
-
-
 def dump(cfg: PICSConfig) -> dict:
     return json.loads(cfg.to_json())

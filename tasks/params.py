@@ -5,6 +5,9 @@ that names the dotted key (``decompose.area_ratio: ...``), so a typo in params.y
 ``--set key=value`` override fails before any work starts.
 
 Each stage owns one section class below; add fields there, with a default and a one-line reason.
+The defaults here are the ones: params.yaml lists every key with the same value (tests/test_params.py
+holds the two together; decompose's shard_size and pairs_per_image are the embedded run's own), and
+the CLI validates once and hands the flows the validated ``Params``.
 """
 from __future__ import annotations
 
@@ -19,9 +22,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout; site-packages f
 
 def project_root() -> Path:
     """The folder that holds params.yaml and that its relative paths (data/...) start from: the
-    checkout this code runs from (editable install, ``python -m``, dvc.yaml), else, for an
-    installed (non-editable) pics, the working folder, so nothing is read or written in site-packages."""
-    return REPO_ROOT if (REPO_ROOT / "params.yaml").is_file() else Path.cwd()
+    working folder when it holds a params.yaml (dvc.yaml's stages run ``pics`` there, also in the
+    copy that ``dvc exp run --temp`` makes, while the code comes from the checkout), else the
+    checkout this code runs from (``pics`` in a subfolder), else, for an installed (non-editable)
+    pics, the working folder, so nothing is read or written in site-packages."""
+    cwd = Path.cwd()
+    if (cwd / "params.yaml").is_file() or not (REPO_ROOT / "params.yaml").is_file():
+        return cwd
+    return REPO_ROOT
 
 
 class Section(BaseModel):
@@ -64,7 +72,7 @@ class DecomposeParams(Section):
     out: str = "data/decomposed"
     pairing: Literal["reference", "interaction"] = "interaction"
     area_ratio: float = Field(0.02, ge=0.0, lt=1.0)
-    pairs_per_image: int = Field(1, ge=1)
+    pairs_per_image: int = Field(1, ge=1)  # params.yaml's embedded run: 6 (every pair of an image)
     group_size: int = Field(2, ge=2, le=4)  # 2: pairs; 3-4: groups for the N-object model
     contact_px: int = Field(2, ge=0)  # silhouettes at most this many pixels apart count as touching
     duplicate_mask_iou: float = Field(0.5, gt=0.0, le=1.0)  # interaction: higher mask IoU = one object labelled twice
@@ -74,7 +82,8 @@ class DecomposeParams(Section):
     box_expand: tuple[float, float] = (1.1, 1.2)
     preview_resolution: int = Field(512, ge=32)  # side of the region map (the sample preview only)
     test_fraction: float = Field(0.2, ge=0.0, le=1.0)
-    shard_size: int = Field(256, ge=1)  # images per shard: the unit of work, of resume and of a Prefect task
+    # images per shard: the unit of work, of resume and of a Prefect task (params.yaml's embedded run: 64)
+    shard_size: int = Field(256, ge=1)
     num_workers: int = Field(2, ge=1)  # shards in flight at once (Ray tasks of one CPU each)
     seed: int = 0
     png_compression: int = Field(1, ge=0, le=9)  # zlib level of patch/mask PNGs: 1 is ~3x faster than 6, ~10% larger
@@ -123,12 +132,43 @@ class ModelParams(Section):
     max_objects: int = Field(4, ge=1)  # objects per composite the model accepts (ITBs are general in N)
     cond_drop_prob: float = Field(0.1, ge=0.0, le=1.0)  # objects -> zero image in training, for guidance
 
+    @model_validator(mode="after")
+    def _latent(self):
+        if self.latent == "pixel_shuffle" and self.preset != "tiny":
+            raise ValueError(f"latent=pixel_shuffle is the tiny preset's; {self.preset} keeps its AutoencoderKL")
+        return self
+
+    def pics_config(self):
+        """This section as the network's ``PICSConfig``: the one place that maps params.yaml's
+        ``model:`` keys to the library's fields, so ``pics_model`` knows no pipeline key names.
+        None keeps the preset's value."""
+        from pics_model.config import PRESETS, TINY_KL_VAE, get_preset
+
+        over: dict[str, Any] = {"tau": self.tau, "expert_mode": self.expert_mode, "max_objects": self.max_objects}
+        if self.stable_diffusion_path is not None:
+            over["stable_diffusion_path"] = self.stable_diffusion_path
+        if self.latent == "kl" and self.preset == "tiny":
+            over["vae"] = TINY_KL_VAE
+            over["unet"] = {"in_channels": 4 + 4 * 16, "out_channels": 4}
+        over["shape_encoder"] = {"enabled": self.use_shape_prior}
+        over["objective"] = {"cond_drop_prob": self.cond_drop_prob}
+        encoder: dict[str, Any] = {}
+        if self.object_encoder is not None:
+            if self.object_encoder != PRESETS[self.preset]().object_encoder.kind:  # each has its input size
+                encoder["image_size"] = {"dinov2": 224, "mobilenetv2": 96, "small": 64}[self.object_encoder]
+            encoder["kind"] = self.object_encoder
+        if self.dinov2_path is not None:
+            encoder["weights_path"] = self.dinov2_path
+        if encoder:
+            over["object_encoder"] = encoder
+        return get_preset(self.preset, **over)
+
 
 class TrainParams(Section):
     out: str = "data/train"
     steps: int = Field(600, ge=1)
     batch_size: int = Field(8, ge=1)  # global: split evenly over num_workers
-    lr: float = Field(1e-4, gt=0.0)
+    lr: float = Field(1e-3, gt=0.0)  # tiny preset from scratch; fine-tuning sd15/sd21: 1e-5 (the reference's)
     seed: int = 0
     # Ray Train
     num_workers: int = Field(2, ge=1)
@@ -142,8 +182,9 @@ class TrainParams(Section):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: float = Field(0.01, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
-    trainable: str = "reference"  # PICSModel.set_trainable spec: the design notes' trained set
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    # PICSModel.set_trainable spec. tiny has no pretrained UNet to keep frozen: full; sd15/sd21: reference (the paper's)
+    trainable: str = "full"
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"  # tiny pixel latent: epsilon left box noise
     mask_weight: float = Field(1.0, ge=0.0)  # extra loss weight inside the object boxes
     ema_decay: float | None = Field(0.999, gt=0.0, lt=1.0)  # None: no EMA
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on GPU only
@@ -171,15 +212,15 @@ class TrainParams(Section):
     sample_every: int = Field(100, ge=0)  # 0: no sample composites
     sample_count: int = Field(4, ge=1)
     sample_steps: int = Field(10, ge=1)
-    sample_guidance: float = Field(3.0, ge=0.0)
+    sample_guidance: float = Field(1.0, ge=0.0)
     peak_tflops: float | None = Field(None, gt=0.0)  # per worker, for MFU; None: measured/known
 
 
 class EvaluateParams(Section):
     checkpoint: str = "data/train/final"
     out: str = "data/evaluate"
-    steps: int = Field(20, ge=1)
-    guidance: float = Field(3.0, ge=0.0)
+    steps: int = Field(2, ge=1)  # fewer scored higher mPSNR on the tiny preset (README)
+    guidance: float = Field(1.0, ge=0.0)  # 1: no classifier-free guidance (scored higher than 3 on tiny)
     scheduler: Literal["ddim", "dpmsolver++"] = "ddim"
     seed: int = 0
     samples: str = "data/decomposed"  # decompose output; its test split is evaluated
@@ -213,14 +254,25 @@ class ParamsError(ValueError):
     """params.yaml or an override is invalid; the message names the file and the dotted key."""
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid parameters"]
+def _source_of(loc: tuple, overrides: list[str], path: Path | None) -> str:
+    """Where the value at ``loc`` came from: the last ``--set`` that wrote at or under it, else the file."""
+    for item in reversed(overrides):
+        key = tuple(parse_override(item)[0])
+        n = min(len(key), len(loc))
+        if key[:n] == tuple(str(p) for p in loc[:n]):
+            return f"--set {item}"
+    return str(path) if path else "defaults"
+
+
+def _format_errors(err: ValidationError, overrides: list[str], path: Path | None) -> str:
+    """One line per error: where the value came from, the dotted key, what is wrong."""
+    lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
-        else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+        got = e.get("input")
+        what = ("unknown key" if e["type"] == "extra_forbidden" else
+                e["msg"] if isinstance(got, dict) else f"{e['msg']} (got {got!r})")  # a section: no dump of it
+        lines.append(f"{_source_of(e['loc'], overrides, path)}: {key}: {what}")
     return "\n".join(lines)
 
 
@@ -247,11 +299,11 @@ def quote_value(text: str) -> str:
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"decompose.area_ratio=0.05"`` -> (["decompose", "area_ratio"], 0.05); values parse as YAML."""
     if "=" not in item:
-        raise ParamsError(f"override {item!r}: expected key=value, e.g. decompose.area_ratio=0.05")
+        raise ParamsError(f"--set {item}: expected key=value, e.g. decompose.area_ratio=0.05")
     key, raw = item.split("=", 1)
     path = [p for p in key.strip().split(".") if p]
     if not path:
-        raise ParamsError(f"override {item!r}: empty key")
+        raise ParamsError(f"--set {item}: empty key")
     return path, yaml.safe_load(raw) if raw.strip() else None
 
 
@@ -262,7 +314,7 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
         for p in path[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ParamsError(f"override {item!r}: {p} is not a section")
+                raise ParamsError(f"--set {item}: {p} is not a section")
         node[path[-1]] = value
     return data
 
@@ -276,13 +328,17 @@ def default_params_file() -> Path:
     return path
 
 
-def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
+def load_params(path: str | Path | None = None, overrides: list[str] | None = None,
+                missing_ok: bool = False) -> Params:
     """Read ``path`` (default: the project's params.yaml), apply ``key=value`` overrides, validate
-    everything. A ``path`` that does not exist is an error, and so is a missing default."""
+    everything. A ``path`` that does not exist is an error, and so is a missing default unless
+    ``missing_ok`` (then the schema's defaults are the base)."""
     if path and not Path(path).is_file():
         raise ParamsError(f"{path}: no such params file")
-    path = Path(path) if path else default_params_file()
-    if path.exists():
+    if path is None and missing_ok and not (project_root() / "params.yaml").is_file():
+        data: dict = {}
+    else:
+        path = Path(path) if path else default_params_file()
         try:
             with path.open() as f:  # a stream, so that YAML errors name the file
                 data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
@@ -290,13 +346,21 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
             raise ParamsError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ParamsError(f"{path}: top level must be a mapping of sections")
-    else:
-        data = {}
     data = apply_overrides(data, overrides)
     try:
         return Params.model_validate(data)
     except ValidationError as e:
-        raise ParamsError(_format_errors(e, str(path))) from None
+        raise ParamsError(_format_errors(e, list(overrides or []), path)) from None
+
+
+def stage_params(params: Params | None, overrides: list[str] | None) -> Params:
+    """A flow's parameters: ``params`` as the CLI validated them, or, for a deployment run, the
+    project's params.yaml with ``overrides`` ("section.key=value" strings, as ``--set`` takes them)."""
+    if params is None:
+        return load_params(None, overrides)
+    if overrides:
+        raise ParamsError("give validated params or overrides, not both")
+    return params
 
 
 def resolve_path(p: str | Path, root: Path | None = None) -> Path:

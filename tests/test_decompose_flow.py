@@ -15,7 +15,7 @@ import pytest
 from tasks import shards
 from tasks.decompose.pipeline import run_serial
 from tasks.decompose.synthetic import write_synthetic_lvis
-from tasks.params import DecomposeParams
+from tasks.params import DecomposeParams, load_params
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_flow_on_ray_matches_serial_and_resumes(prefect_harness, local_ray, synt
 
     ann, img = synth
     out = tmp_path / "flow"
-    res = decompose_flow(overrides=_overrides(ann, img, out), params_file=params_file)
+    res = decompose_flow(params=load_params(params_file, _overrides(ann, img, out)))
     assert res["shards_run"] == 4 and res["shards_kept"] == 0
     assert res["images_seen"] == 30 and res["samples"] > 10
     assert set(res["timings_s"]) == {"decode", "masks", "crops", "encode", "write"}
@@ -68,7 +68,7 @@ def test_flow_on_ray_matches_serial_and_resumes(prefect_harness, local_ray, synt
     art = Artifact.get("decompose-samples")
     assert art and "data:image/jpeg;base64," in art.data and f"| samples | {res['samples']} |" in art.data
 
-    again = decompose_flow(overrides=_overrides(ann, img, out), params_file=params_file)
+    again = decompose_flow(params=load_params(params_file, _overrides(ann, img, out)))
     assert again["shards_run"] == 0 and again["shards_kept"] == 4
     assert again["content_hash"] == res["content_hash"]
 
@@ -98,9 +98,9 @@ def test_import_webdataset_flow(prefect_harness, tmp_path, params_file):
         tars.append(tmp_path / f"part{k}" / "lvis-000000.tar")
         tars[-1].parent.mkdir()
         write_reference_tar(tars[-1], n_good=2, seed=k)
+    sets = ["decompose.grid_samples=2", "decompose.max_quarantine_fraction=0.5"]  # one sample in three is bad
     res = import_webdataset_flow(tars=[str(t) for t in tars], out=str(tmp_path / "out"),
-                                 overrides=["decompose.grid_samples=2", "decompose.max_quarantine_fraction=0.5"],
-                                 params_file=params_file)  # one sample in three is bad
+                                 params=load_params(params_file, sets))
     assert res["samples"] == 4 and res["quarantined"] == {"missing_member": 2}
     assert len(shards.list_shards(tmp_path / "out")) == 2 and (tmp_path / "out" / "samples.png").is_file()
     ids = [r["sample_id"] for r in shards.iter_rows(tmp_path / "out", columns=["sample_id"])]
@@ -111,7 +111,6 @@ def test_too_much_quarantined_writes_outputs_then_exits_3(prefect_harness, local
     from typer.testing import CliRunner
 
     from flows.cli import app
-    from flows.decompose import main
     from tasks.decompose.synthetic import rect, write_dataset, write_reference_tar
 
     pair = [{"segmentation": rect(10, 10, 60, 60)}, {"segmentation": rect(50, 50, 100, 80)}]
@@ -132,11 +131,8 @@ def test_too_much_quarantined_writes_outputs_then_exits_3(prefect_harness, local
 
     for f in root.iterdir():  # every image gone: a failure at any fraction
         f.unlink()
-    with pytest.raises(SystemExit) as e:
-        main(["--params", params_file, *[f"--set=decompose.{k}={v}" for k, v in [
-            ("annotations", ann), ("images", root), ("out", tmp_path / "none"), ("grid_samples", 0),
-            ("max_quarantine_fraction", 1.0)]]])
-    assert e.value.code == 3
+    r = CliRunner().invoke(app, [*cmd, "--out", str(tmp_path / "none"), "--set", "decompose.max_quarantine_fraction=1.0"])
+    assert r.exit_code == 3, r.output
     assert json.loads((tmp_path / "none" / "manifest.json").read_text())["quarantined"] == {"missing_image": 5}
 
     tar = tmp_path / "lvis-000000.tar"
@@ -150,7 +146,7 @@ def test_too_much_quarantined_writes_outputs_then_exits_3(prefect_harness, local
 _KILLABLE = """
 import sys
 from tasks.decompose.pipeline import run_serial
-from tasks.params import DecomposeParams
+from tasks.params import DecomposeParams, load_params
 p = DecomposeParams(shard_size=1, grid_samples=0).model_dump()
 run_serial(p, sys.argv[1], sys.argv[2], sys.argv[3])
 """

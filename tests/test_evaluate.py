@@ -11,6 +11,7 @@ from tasks.evaluate import baselines, occlusion
 from tasks.evaluate.inference import GROUND_TRUTH, RESULT_SCHEMA, EvalConfig, Evaluator
 from tasks.evaluate.metrics import frechet_distance
 from tasks.evaluate.summary import dvc_metrics, summarize
+from tasks.params import EvaluateParams
 
 
 def test_cell_fraction_uses_the_square_padded_frame():
@@ -86,7 +87,7 @@ def test_summary_means_fid_and_trained_minus_untrained():
 
 
 def test_bad_sample_is_an_error_row_not_a_crash(tmp_path):
-    ev = Evaluator(EvalConfig(checkpoint="", methods=("copy_paste",), record_alpha=False))
+    ev = Evaluator(EvalConfig(checkpoint="", params=EvaluateParams(methods=["copy_paste"], record_alpha=False)))
     bad = {"sample_id": "x-1-2", "image_bytes": b"not an image", "height": 10, "width": 10}
     out = ev(pa.Table.from_pylist([bad]))
     r = out.to_pylist()
@@ -147,7 +148,8 @@ def test_nan_model_output_fails_the_evaluation_instead_of_scoring_black(coco_row
     with torch.no_grad():
         model.unet.conv_out.bias.fill_(float("nan"))
     model.save_pretrained(tmp_path / "model")
-    ev = Evaluator(EvalConfig(checkpoint=str(tmp_path / "model"), methods=("pics",), steps=1, record_alpha=False))
+    ev = Evaluator(EvalConfig(checkpoint=str(tmp_path / "model"),
+                              params=EvaluateParams(methods=["pics"], steps=1, record_alpha=False)))
     with pytest.raises(NonFiniteOutputError, match="NaN or inf"):
         ev(pa.Table.from_pylist(coco_rows[:1]))
 
@@ -159,7 +161,8 @@ def test_evaluator_on_a_real_coco_sample_with_a_local_standard_backbone(coco_row
                               torch.nn.Flatten())
     path = tmp_path / "dinov2.ts"
     torch.jit.save(torch.jit.script(net), str(path))
-    ev = Evaluator(EvalConfig(checkpoint="", methods=("copy_paste",), backbones={"dinov2": str(path)}))
+    ev = Evaluator(EvalConfig(checkpoint="", params=EvaluateParams(methods=["copy_paste"]),
+                              backbones={"dinov2": str(path)}))
     rows = ev(pa.Table.from_pylist(coco_rows[:1])).to_pylist()
     assert [r["method"] for r in rows] == [GROUND_TRUTH, "copy_paste"] and rows[1]["error"] is None
     cp = rows[1]

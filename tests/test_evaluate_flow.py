@@ -60,7 +60,7 @@ def test_flow_on_ray_writes_scores_metrics_report_and_matches_local(prefect_harn
     n = min(N_EVAL, count_samples(embedded / "decomposed", "test"))
     assert n >= 2
     out = tmp_path / "eval"
-    res = evaluate_flow(overrides=_overrides(embedded, out), params_file=str(embedded / "params.yaml"))
+    res = evaluate_flow(params=load_params(embedded / "params.yaml", _overrides(embedded, out)))
     assert res["n_samples"] == n and res["n_failed"] == 0
     assert set(res["methods"]) == {"pics", "copy_paste", "sequential", "untrained"}
 

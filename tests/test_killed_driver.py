@@ -55,7 +55,7 @@ def test_killed_driver_leaves_no_process_behind(tmp_path):
     env.pop("PREFECT_API_URL", None)  # the temporary server, the process that outlived its driver
     log = tmp_path / "driver.log"
     with log.open("w") as f:
-        driver = psutil.Popen([sys.executable, "-m", "flows.decompose", "--params", str(params),
+        driver = psutil.Popen([sys.executable, "-m", "flows.cli", "decompose", "--params", str(params),
                                *[f"--set=decompose.{k}={v}" for k, v in sets.items()]],
                               cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     seen: dict = {}

@@ -128,13 +128,14 @@ def test_cli_writes_a_folder_that_runs_as_the_reference(tmp_path, monkeypatch):
     """`python -m pics_model.convert_reference CKPT OUT`: the folder's config selects the reference
     expert mode, its nearest mask rule and its inference boxes, so loading it needs no flags."""
     from pics_model import config as model_config
-    from pics_model.config import config_from_model_params, get_preset
+    from pics_model.config import get_preset
+    from tasks.params import ModelParams
     from pics_model.convert_reference import main
     from pics_model.pipeline_pics import PICSPipeline
 
     # a reference checkpoint carries an AutoencoderKL and no appearance tokens: the tiny preset with
     # its KL latent and without them stands in
-    tiny_kl = config_from_model_params({"latent": "kl"})
+    tiny_kl = ModelParams(latent="kl").pics_config()
     tiny_kl = tiny_kl.model_copy(update={"object_encoder": tiny_kl.object_encoder.model_copy(update={"appearance_grid": 0})})
     monkeypatch.setitem(model_config.PRESETS, "tiny", lambda: tiny_kl)
     torch.manual_seed(0)

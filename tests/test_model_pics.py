@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pics_model.config import PICSConfig, config_from_model_params, get_preset
+from pics_model.config import PICSConfig, get_preset
 from pics_model.data import build_item, collate
 from pics_model.interaction_block import InteractionTransformerBlock
 from pics_model.modeling_pics import PICSModel, WeightsError
@@ -64,10 +64,8 @@ def test_config_overrides_and_params_mapping():
         get_preset("tiny", block_out_channels=(8, 8))
     assert PICSConfig.from_json(cfg.to_json()) == cfg
     from tasks.params import ModelParams
-    mapped = config_from_model_params(ModelParams(tau=0.25, use_shape_prior=False).model_dump())
+    mapped = ModelParams(tau=0.25, use_shape_prior=False).pics_config()
     assert mapped.preset == "tiny" and mapped.itb.tau == 0.25 and not mapped.shape_encoder.enabled
-    with pytest.raises(ValueError, match="no mapping"):
-        config_from_model_params({"preset": "tiny", "typo": 1})
 
 
 def test_timestep_schedule(tiny):

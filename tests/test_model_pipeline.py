@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pics_model.config import config_from_model_params, get_preset
+from pics_model.config import get_preset
 from pics_model.data import expand_boxes
 from pics_model.modeling_pics import PICSModel
 from pics_model.pipeline_pics import NonFiniteOutputError, PICSPipeline
+from tasks.params import ModelParams
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -126,7 +127,7 @@ def test_non_finite_decoded_image_raises_instead_of_pasting_black(scene):
     """NaN from the VAE decoder used to become a black region in an image that looked valid."""
     bg, objs, boxes = scene
     torch.manual_seed(0)
-    broken = PICSModel(config_from_model_params({"latent": "kl"})).eval()  # a decoder that can overflow
+    broken = PICSModel(ModelParams(latent="kl").pics_config()).eval()  # a decoder that can overflow
     with torch.no_grad():
         broken.vae.decoder.conv_out.bias[1] = float("inf")  # the latents stay finite, the image does not
     with pytest.raises(NonFiniteOutputError, match="of the decoded image are NaN or inf"):

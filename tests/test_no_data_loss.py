@@ -150,7 +150,7 @@ def test_params_naming_a_missing_file_is_an_error(tmp_path):
     r = pics("composite", "--background", "bg.png", "--object", "o.png:m.png", "--checkpoint", "ck",
              "--out", tmp_path / "c.png", "--params", tmp_path / "typo.yaml")
     assert r.exit_code == 2 and "typo.yaml" in r.output and "does not exist" in r.output
-    with pytest.raises(ParamsError, match="typo.yaml: no such params file"):  # python -m flows.X --params
+    with pytest.raises(ParamsError, match="typo.yaml: no such params file"):  # a Python caller's load_params
         load_params(tmp_path / "typo.yaml")
 
 

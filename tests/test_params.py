@@ -4,17 +4,41 @@ import pytest
 from tasks.params import Params, ParamsError, load_params, parse_override, REPO_ROOT
 
 
-def test_repository_params_yaml_validates_and_matches_schema_defaults():
-    p = load_params(REPO_ROOT / "params.yaml")
-    assert p.decompose.area_ratio == 0.02
-    assert p.model.preset == "tiny"
-    # params.yaml lists every key of the schema, so `dvc params diff` shows every knob.
+# params.yaml's run of the embedded dataset takes every pair of an image, in small shards; the
+# schema's defaults suit an LVIS-size run (one pair an image, 256-image shards). Nothing else differs.
+EMBEDDED_PROFILE = {("decompose", "pairs_per_image"): (1, 6), ("decompose", "shard_size"): (256, 64)}
+
+
+def test_params_yaml_and_the_schema_hold_the_same_keys_and_defaults():
+    """Old code: the schema said train.lr 1e-4, trainable reference, evaluate.steps 20 where params.yaml
+    (what runs) said 1e-3, full, 2: two defaults for one key, drifted."""
     import yaml
 
+    p = load_params(REPO_ROOT / "params.yaml")
+    assert p.decompose.area_ratio == 0.02 and p.model.preset == "tiny"
     on_disk = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    assert set(on_disk) == set(Params.model_fields)
-    for section, model in Params.model_fields.items():
-        assert set(on_disk[section]) == set(model.annotation.model_fields), section
+    schema = Params().model_dump(mode="json")
+    # params.yaml lists every key of the schema (so `dvc params diff` shows every knob), and no other
+    assert set(on_disk) == set(schema)
+    for section, defaults in schema.items():
+        assert set(on_disk[section]) == set(defaults), section
+        differ = {k: (v, on_disk[section][k]) for k, v in defaults.items() if v != on_disk[section][k]}
+        assert differ == {k: v for (s, k), v in EMBEDDED_PROFILE.items() if s == section}, section
+
+
+def test_an_override_error_is_one_line_naming_the_key_and_the_set(tmp_path):
+    """Old code: two lines that blamed params.yaml for a --set typo."""
+    f = tmp_path / "params.yaml"
+    f.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ParamsError) as e:
+        load_params(None, ["train.steps=5", "train.lrr=0.1"])
+    assert str(e.value) == "--set train.lrr=0.1: train.lrr: unknown key"
+    with pytest.raises(ParamsError) as e:
+        load_params(None, ["train.steps=0"])
+    assert str(e.value).startswith("--set train.steps=0: train.steps: Input should be greater than or equal to 1")
+    with pytest.raises(ParamsError) as e:  # the file's own error names the file, one line per error
+        load_params(f, ["train.lr=0.5"])
+    assert str(e.value) == f"{f}: train.stepz: unknown key"
 
 
 def test_unknown_key_is_rejected_with_its_dotted_name(tmp_path):

@@ -75,12 +75,12 @@ def test_appearance_tokens_see_the_object_colour_and_train():
 
 
 def test_model_latent_param_selects_the_fitted_kl_autoencoder():
-    from pics_model.config import config_from_model_params
-    kl = config_from_model_params({"preset": "tiny", "latent": "kl"})
+    from tasks.params import ModelParams
+    kl = ModelParams(preset="tiny", latent="kl").pics_config()
     assert (kl.vae.kind, kl.vae.latent_channels, kl.unet.in_channels, kl.latent_size) == ("kl", 4, 4 + 64, 16)
-    assert config_from_model_params({"preset": "tiny"}).vae.kind == "pixel_shuffle"
+    assert ModelParams(preset="tiny").pics_config().vae.kind == "pixel_shuffle"
     with pytest.raises(ValueError, match="tiny preset's"):
-        config_from_model_params({"preset": "sd21", "latent": "pixel_shuffle"})
+        ModelParams(preset="sd21", latent="pixel_shuffle")
 
 
 def test_unet_first_level_must_hold_every_latent_channel():

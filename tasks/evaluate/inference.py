@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from PIL import Image
 
 from tasks.evaluate import baselines, metrics, occlusion
 from tasks.evaluate.backbones import Embedder, MobileNetV2Features, load_embedder, mobilenetv2_embedder
+from tasks.params import EvaluateParams
 
 METHODS = ("pics", "copy_paste", "sequential", "untrained")
 GROUND_TRUTH = "ground_truth"
@@ -48,24 +49,16 @@ RESULT_SCHEMA = pa.schema(
 
 @dataclass
 class EvalConfig:
-    """Everything an actor needs, picklable (paths as strings)."""
+    """Everything an actor needs, picklable: the validated ``evaluate:`` section (methods, steps,
+    guidance, scheduler, seed, record_alpha, lpips_min_side) and what the plan resolved from it."""
 
-    checkpoint: str
+    checkpoint: str  # resolved paths, as strings
+    params: EvaluateParams = field(default_factory=EvaluateParams)
     untrained: str | None = None
     priors: str | None = None
-    methods: tuple[str, ...] = METHODS
-    steps: int = 20
-    guidance: float = 3.0
-    scheduler: str = "ddim"
-    seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    record_alpha: bool = True
-    lpips_min_side: int = 224
     backbones: dict[str, str] = field(default_factory=dict)  # {"clip": path, ...}
     threads: int | None = None  # torch threads in this worker (Ray actors: their CPU share)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def sample_seed(seed: int, sample_id: str) -> int:
@@ -102,26 +95,24 @@ def object_views(img: np.ndarray, masks: np.ndarray, boxes: np.ndarray) -> list[
 class Evaluator:
     """Callable over a batch of raw decompose rows (pyarrow.Table) -> result rows (pyarrow.Table)."""
 
-    def __init__(self, cfg: EvalConfig | dict):
+    def __init__(self, cfg: EvalConfig):
         from pics_model.modeling_pics import PICSModel
         from pics_model.pipeline_pics import PICSPipeline
 
-        self.cfg = cfg = cfg if isinstance(cfg, EvalConfig) else EvalConfig(**cfg)
+        self.cfg = cfg
+        p = cfg.params
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        unknown = set(cfg.methods) - set(METHODS)
-        if unknown:
-            raise ValueError(f"evaluate.methods: unknown {sorted(unknown)}; choose from {METHODS}")
         dev = cfg.device
         self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else
                                    ("cpu" if dev == "auto" else dev))
-        need_model = {"pics", "sequential"} & set(cfg.methods)
+        need_model = {"pics", "sequential"} & set(p.methods)
         self.model = PICSModel.from_pretrained(cfg.checkpoint).to(self.device).eval() if need_model else None
-        self.pipe = PICSPipeline(self.model, cfg.scheduler) if self.model is not None else None
+        self.pipe = PICSPipeline(self.model, p.scheduler) if self.model is not None else None
         self.untrained_pipe = None
-        if "untrained" in cfg.methods and cfg.untrained:
+        if "untrained" in p.methods and cfg.untrained:
             m0 = PICSModel.from_pretrained(cfg.untrained).to(self.device).eval()
-            self.untrained_pipe = PICSPipeline(m0, cfg.scheduler)
+            self.untrained_pipe = PICSPipeline(m0, p.scheduler)
         cfg_model = (self.model or getattr(self.untrained_pipe, "model", None))
         self.box_expand = cfg_model.config.box_expand if cfg_model is not None else 1.15
         self.use_priors = bool(cfg.priors) and cfg_model is not None and cfg_model.config.shape_encoder.enabled
@@ -169,33 +160,33 @@ class Evaluator:
         from pics_model.data import expand_boxes
         from tasks.shards import decode_sample
 
-        cfg = self.cfg
+        p = self.cfg.params
         s = decode_sample(row)
         h, w = s["image"].shape[:2]
         s["expanded"] = expand_boxes(s["boxes_tight"], self.box_expand, w, h)
         priors = self._priors(row)
         s["with_priors"] = priors is not None
-        seed = sample_seed(cfg.seed, s["sample_id"])
+        seed = sample_seed(p.seed, s["sample_id"])
         t0 = time.perf_counter()
         inpainted = baselines.erase_and_inpaint(s["image"], s["expanded"])
         t_inpaint = time.perf_counter() - t0
         results: dict[str, dict] = {}
-        for method in cfg.methods:
+        for method in p.methods:
             t0 = time.perf_counter()
             alpha = gates = None
             if method == "copy_paste":
                 img = baselines.copy_paste(s, s["expanded"], inpainted)
                 extra = t_inpaint
             elif method == "sequential":
-                img = baselines.sequential(self.pipe, s, s["expanded"], steps=cfg.steps, guidance=cfg.guidance,
+                img = baselines.sequential(self.pipe, s, s["expanded"], steps=p.steps, guidance=p.guidance,
                                            seed=seed, background=inpainted, priors=priors)
                 extra = t_inpaint
             else:
                 pipe = self.pipe if method == "pics" else self.untrained_pipe
                 if pipe is None:
                     continue  # untrained requested but no init model: the summary says so
-                o = pipe(s["image"], s["patches"], boxes=s["boxes_tight"], num_inference_steps=cfg.steps,
-                         guidance_scale=cfg.guidance, seed=seed, record_alpha=cfg.record_alpha, priors=priors,
+                o = pipe(s["image"], s["patches"], boxes=s["boxes_tight"], num_inference_steps=p.steps,
+                         guidance_scale=p.guidance, seed=seed, record_alpha=p.record_alpha, priors=priors,
                          output_type="pil")
                 img, alpha, gates, extra = np.asarray(o.images[0]), o.alpha_maps, o.gate_maps, 0.0
                 if not np.allclose(o.boxes[0], s["expanded"], atol=1e-3):
@@ -220,9 +211,9 @@ class Evaluator:
             "psnr": metrics.psnr(preds, gts), "ssim": metrics.ssim(preds, gts),
             "mpsnr": metrics.psnr(preds, gts, ov), "mssim": metrics.ssim(preds, gts, ov),
             "lpips_mobilenetv2_proxy": metrics.lpips_proxy(self.net, preds.to(dev), gts.to(dev),
-                                                           min_side=self.cfg.lpips_min_side).cpu(),
+                                                           min_side=self.cfg.params.lpips_min_side).cpu(),
             "mlpips_mobilenetv2_proxy": metrics.lpips_proxy(self.net, preds.to(dev), gts.to(dev), ov.to(dev),
-                                                            min_side=self.cfg.lpips_min_side).cpu(),
+                                                            min_side=self.cfg.params.lpips_min_side).cpu(),
         }
         feats = self.embedder.embed(torch.cat([gt[None], preds]).to(dev)).cpu()
         # object fidelity: each object cut from the composite like its input patch, vs that patch
@@ -265,7 +256,7 @@ class Evaluator:
 
     def _grid(self) -> int | None:
         m = self.model or getattr(self.untrained_pipe, "model", None)
-        return m.config.latent_size if m is not None and self.cfg.record_alpha else None
+        return m.config.latent_size if m is not None and self.cfg.params.record_alpha else None
 
     def _objsim(self, emb: Embedder, crops: torch.Tensor, ref: torch.Tensor, n: int, k: int) -> torch.Tensor:
         dev = self.device

@@ -39,7 +39,7 @@ class EvaluateInputError(ValueError):
 
 @dataclass
 class Plan:
-    params: dict  # EvaluateParams as a dict
+    params: EvaluateParams
     out: Path
     samples: Path
     shards: list[Path]
@@ -109,12 +109,10 @@ def make_plan(params: Params) -> Plan:
     # actors' (logical) reservation leaves one CPU free or they starve the read. Their real CPU
     # use is set by `threads`, not by this number.
     actor_cpus = (cpus - 1) / num_actors if cpus > 1 else 0.0
-    cfg = EvalConfig(checkpoint=str(ckpt), untrained=str(untrained) if untrained else None,
-                     priors=str(priors) if priors else None, methods=tuple(p.methods), steps=p.steps,
-                     guidance=p.guidance, scheduler=p.scheduler, seed=p.seed,
-                     device="cuda" if use_gpu else "cpu", record_alpha=p.record_alpha,
-                     lpips_min_side=p.lpips_min_side, backbones=backbones, threads=threads)
-    return Plan(params=p.model_dump(), out=resolve_path(p.out), samples=samples, shards=shards, n_test=n_test,
+    cfg = EvalConfig(checkpoint=str(ckpt), params=p, untrained=str(untrained) if untrained else None,
+                     priors=str(priors) if priors else None, device="cuda" if use_gpu else "cpu",
+                     backbones=backbones, threads=threads)
+    return Plan(params=p, out=resolve_path(p.out), samples=samples, shards=shards, n_test=n_test,
                 cfg=cfg, num_actors=num_actors, use_gpu=use_gpu, actor_cpus=round(actor_cpus, 3), notes=notes)
 
 
@@ -133,12 +131,12 @@ def run_ray(plan: Plan, log=None) -> tuple[pa.Table, dict]:
     # Reading is light: a sliver of a CPU each, so that the actors never starve it.
     ds = ray.data.read_parquet([str(s) for s in plan.shards], num_cpus=READ_CPUS).filter(
         expr="split == 'test'", num_cpus=READ_CPUS)
-    if plan.params["max_samples"]:
-        ds = ds.limit(plan.params["max_samples"])
+    if plan.params.max_samples:
+        ds = ds.limit(plan.params.max_samples)
     # shards hold hundreds of rows in one block; small blocks let every actor get work
-    ds = ds.repartition(target_num_rows_per_block=plan.params["batch_size"])
+    ds = ds.repartition(target_num_rows_per_block=plan.params.batch_size)
     res = {"num_gpus": 1, "num_cpus": READ_CPUS} if plan.use_gpu else {"num_cpus": plan.actor_cpus}
-    ds = ds.map_batches(Evaluator, fn_constructor_args=(plan.cfg.to_dict(),), batch_size=plan.params["batch_size"],
+    ds = ds.map_batches(Evaluator, fn_constructor_args=(plan.cfg,), batch_size=plan.params.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=plan.num_actors), batch_format="pyarrow", **res)
     return _consume(plan, ds.iter_batches(batch_format="pyarrow", batch_size=None), log)
 
@@ -150,7 +148,7 @@ def run_local(plan: Plan, log=None) -> tuple[pa.Table, dict]:
 
     def batches():
         ev = Evaluator(plan.cfg)
-        limit, size, rows = plan.params["max_samples"], plan.params["batch_size"], []
+        limit, size, rows = plan.params.max_samples, plan.params.batch_size, []
         for i, row in enumerate(iter_rows(plan.samples, split="test")):
             if limit and i >= limit:
                 break
@@ -167,7 +165,7 @@ def run_local(plan: Plan, log=None) -> tuple[pa.Table, dict]:
 def _consume(plan: Plan, batches, log=None) -> tuple[pa.Table, dict]:
     t0 = time.perf_counter()
     parts, done = [], set()
-    total = min(plan.n_test, plan.params["max_samples"] or plan.n_test)
+    total = min(plan.n_test, plan.params.max_samples or plan.n_test)
     with atomic.atomic_dir(plan.out / "composites") as tmp:
         for i, b in enumerate(batches):
             if b.num_rows == 0:
@@ -232,7 +230,7 @@ def write_outputs(plan: Plan, table: pa.Table, timing: dict) -> dict:
     if plan.cfg.priors and summary["n_with_priors"] < summary["n_samples"]:
         plan.notes.append(f"{summary['n_samples'] - summary['n_with_priors']} of {summary['n_samples']} samples had "
                           f"objects without prior views in {plan.cfg.priors}: encoded without priors")
-    summary.update(timing=timing, notes=plan.notes, params=plan.params)
+    summary.update(timing=timing, notes=plan.notes, params=plan.params.model_dump())
     atomic.write_json(out / "summary.json", summary)
     atomic.write_json(out / "metrics.json", summ.dvc_metrics(summary))
     _write_csv(out / "plots" / "occlusion.csv", summ.occlusion_plot_rows(summary))
@@ -247,7 +245,7 @@ def write_outputs(plan: Plan, table: pa.Table, timing: dict) -> dict:
             occ[r["sample_id"]] = max(occ.get(r["sample_id"], 0.0), sum(r["occ_pixels"] or []))
         else:
             occ.setdefault(r["sample_id"], 0.0)
-    chosen = sorted(occ, key=lambda k: (-occ[k], k))[: plan.params["grid_samples"]]
+    chosen = sorted(occ, key=lambda k: (-occ[k], k))[: plan.params.grid_samples]
     rdir = out / "report"
     rdir.mkdir(parents=True, exist_ok=True)
     grid_name = None
@@ -264,10 +262,10 @@ def write_outputs(plan: Plan, table: pa.Table, timing: dict) -> dict:
                 s["expanded"] = expand_boxes(s["boxes_tight"], box_expand, w, h)
                 decoded[s["sample_id"]] = s
         decoded = {k: decoded[k] for k in chosen if k in decoded}
-        report.write_grid(pa.Table.from_pylist(rows), decoded, rdir / "grid.png", plan.cfg.steps)
+        report.write_grid(pa.Table.from_pylist(rows), decoded, rdir / "grid.png", plan.params.steps)
         grid_name = "grid.png"
     occ_png = report.write_occlusion_plot(summary, rdir / "occlusion.png")
-    report.write_html(summary, plan.params, rdir / "index.html", grid_name, "occlusion.png" if occ_png else None,
+    report.write_html(summary, summary["params"], rdir / "index.html", grid_name, "occlusion.png" if occ_png else None,
                       plan.notes)
     return summary
 

@@ -67,11 +67,9 @@ def _fingerprint(files: list[Path]) -> list[tuple[str, int]]:
 
 
 def plan_run(params: Params) -> RunPlan:
-    from pics_model.config import config_from_model_params
-
     t, m = params.train, params.model
     try:
-        cfg = config_from_model_params(m.model_dump())
+        cfg = m.pics_config()
     except ValueError as e:
         raise ParamsError(f"model.preset={m.preset!r}: {e}") from None
     if t.batch_size % t.num_workers:

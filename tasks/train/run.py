@@ -27,11 +27,10 @@ INIT_INFO = "init_info.json"
 
 
 def build_model(plan: RunPlan):
-    from pics_model.config import config_from_model_params
     from pics_model.modeling_pics import PICSModel
 
     torch.manual_seed(plan.params.train.seed)
-    model = PICSModel(config_from_model_params(plan.params.model.model_dump()))
+    model = PICSModel(plan.params.model.pics_config())
     # the saved config must say what the network learns to predict, or samplers read v as epsilon
     model.set_prediction_type(plan.params.train.prediction_type)
     return model
