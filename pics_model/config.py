@@ -13,7 +13,6 @@ Presets (`get_preset`):
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -395,7 +394,3 @@ def config_from_model_params(params: Mapping[str, Any]) -> PICSConfig:
     if p:
         raise ValueError(f"model params: no mapping to PICSConfig for {sorted(p)}")
     return get_preset(name, **over)
-
-
-def dump(cfg: PICSConfig) -> dict:
-    return json.loads(cfg.to_json())

@@ -293,13 +293,6 @@ def _rows_from_columns(batch: dict) -> list[dict]:
     return [dict(zip(keys, vals)) for vals in zip(*(batch[k] for k in keys))]
 
 
-def run_local(cfg: EvalConfig, rows: list[dict], batch_size: int = 4) -> pa.Table:
-    """The in-process path (tests, the benchmark's one-worker baseline): same class, no Ray."""
-    ev = Evaluator(cfg)
-    parts = [ev(pa.Table.from_pylist(rows[i:i + batch_size])) for i in range(0, len(rows), batch_size)]
-    return pa.concat_tables(parts) if parts else RESULT_SCHEMA.empty_table()
-
-
 def find_untrained(checkpoint: str | Path) -> Path | None:
     """The model a training run started from: ``<run_dir>/init`` named by ``<train.out>/run.json``."""
     import json

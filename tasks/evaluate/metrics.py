@@ -186,9 +186,3 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine similarity ``[N]`` of embeddings ``[N, D]``."""
     return F.cosine_similarity(a.double(), b.double(), dim=-1)
-
-
-def nanmean(values) -> float:
-    t = torch.as_tensor(values, dtype=torch.float64).flatten()
-    t = t[~torch.isnan(t)]
-    return float(t.mean()) if t.numel() else math.nan

@@ -84,12 +84,6 @@ def gate_probe(model: nn.Module, batch: dict, timesteps, generator: torch.Genera
     return [block_gates(sink, ctx, row=i) for i in range(k)]
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
     """A 63-bit seed per (run seed, step, rank, stream): noise independent of restarts."""
     h = hashlib.blake2b(f"{seed}/{step}/{rank}/{stream}".encode(), digest_size=8).digest()
