@@ -294,13 +294,7 @@ def _rows_from_columns(batch: dict) -> list[dict]:
 
 
 def find_untrained(checkpoint: str | Path) -> Path | None:
-    """The model a training run started from: ``<run_dir>/init`` named by ``<train.out>/run.json``."""
-    import json
-
-    run = Path(checkpoint).parent / "run.json"
-    try:
-        run_dir = Path(json.loads(run.read_text())["run_dir"])
-    except (OSError, ValueError, KeyError):
-        return None
-    init = run_dir / "init"
+    """The model a training run started from: ``<train.out>/init`` beside ``<train.out>/final``,
+    a declared output of the train stage (so ``dvc pull`` brings it along)."""
+    init = Path(checkpoint).parent / "init"
     return init if (init / "config.json").is_file() else None

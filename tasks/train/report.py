@@ -37,6 +37,14 @@ def export_final(init_dir: Path, checkpoint_dir: Path, dest: Path, use_ema: bool
     return {"weights": used, "step": state.step, "checkpoint": str(checkpoint_dir)}
 
 
+def export_init(init_dir: Path, dest: Path) -> Path:
+    """Copy the run's starting model to ``dest`` (a declared train output): the untrained baseline
+    that evaluate compares against, reproducible from DVC's cache on another machine."""
+    with atomic.atomic_dir(dest) as tmp:
+        shutil.copytree(init_dir, tmp, dirs_exist_ok=True)
+    return dest
+
+
 def _csv(rows: list[dict], columns: list[str]) -> bytes:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
