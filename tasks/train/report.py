@@ -55,14 +55,11 @@ def _csv(rows: list[dict], columns: list[str]) -> bytes:
 
 
 def _plot(history: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tasks.plots import pyplot, save_png
 
     steps = [s for s, _ in history["loss"]]
     losses = [l for _, l in history["loss"]]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, losses, lw=0.6, alpha=0.4, label="train loss (per step)")
     k = max(1, len(losses) // 30)
     if len(losses) >= k:
@@ -79,11 +76,7 @@ def _plot(history: dict, path: Path) -> None:
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic.write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def occlusion_rows(history: dict) -> list[dict]:
