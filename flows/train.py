@@ -65,9 +65,10 @@ def fit_task(plan, init_info):
 
 @task(name="train-report", cache_policy=NO_CACHE)
 def report_task(plan, init_info, final_ckpt, extra):
-    from tasks.train.report import export_final, write_outputs
+    from tasks.train.report import export_final, export_init, write_outputs
 
     exported = export_final(plan.init_dir, final_ckpt, plan.out / "final", use_ema=bool(plan.params.train.ema_decay))
+    export_init(plan.init_dir, plan.out / "init")
     t = plan.params.train
     extra = {**extra, "final_weights": exported["weights"], "num_workers": t.num_workers,
              "global_batch": t.batch_size, "device": "gpu" if t.use_gpu else "cpu", "strategy": plan.strategy,

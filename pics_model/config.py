@@ -13,7 +13,6 @@ Presets (`get_preset`):
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -359,5 +358,3 @@ def get_preset(name: str, **overrides: Any) -> PICSConfig:
     return PICSConfig.model_validate(data)
 
 
-def dump(cfg: PICSConfig) -> dict:
-    return json.loads(cfg.to_json())

@@ -225,7 +225,7 @@ class EvaluateParams(Section):
     seed: int = 0
     samples: str = "data/decomposed"  # decompose output; its test split is evaluated
     priors: str | None = "data/priors"  # render_priors output, used when the model has a shape encoder
-    untrained: str | None = "auto"  # baseline model; "auto": <run_dir>/init named by <checkpoint>/../run.json
+    untrained: str | None = "auto"  # baseline model; "auto": <checkpoint>/../init (train exports it)
     methods: list[Literal["pics", "copy_paste", "sequential", "untrained"]] = ["pics", "copy_paste", "sequential",
                                                                                  "untrained"]
     max_samples: int | None = Field(None, ge=1)  # first N test samples (shard order); None: all

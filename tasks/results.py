@@ -157,11 +157,9 @@ def render(results_dir: Path, link_dir: str) -> str:
 def draw_figures(results_dir: Path) -> list[Path]:
     """methods.png (mPSNR and occlusion accuracy per method, with intervals) and, when the curve
     was recorded, occlusion_training.png; stale figures of an earlier snapshot are removed."""
-    import matplotlib
+    from tasks.plots import finish_accuracy_axes, pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ev = _load_json(results_dir / EVALUATE) or {}
     out = []
     methods = [m for m in LABELS if isinstance(ev.get(m), dict)]
@@ -180,9 +178,7 @@ def draw_figures(results_dir: Path) -> list[Path]:
         ax2.set_ylabel("occlusion accuracy (95 % CI)")
         for ax in (ax1, ax2):
             ax.tick_params(axis="x", labelsize=8)
-        fig.tight_layout()
-        out.append(_save(fig, results_dir / METHODS_PNG))
-        plt.close(fig)
+        out.append(save_png(fig, results_dir / METHODS_PNG))
     elif (results_dir / METHODS_PNG).exists():
         (results_dir / METHODS_PNG).unlink()
     rows = [r for r in _curve(results_dir / CURVE) if r.get("accuracy") not in ("", None)]
@@ -197,23 +193,11 @@ def draw_figures(results_dir: Path) -> list[Path]:
                 hi = [float(r["ci95_high"] or r["accuracy"]) for r in pts]
                 ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, lo)], [b - a for a, b in zip(y, hi)]],
                             marker=marker, capsize=3, label=f"{weights} weights")
-        ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance / neutral gate")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("held-out occlusion accuracy")
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        out.append(_save(fig, results_dir / CURVE_PNG))
-        plt.close(fig)
+        finish_accuracy_axes(ax, "training step", "held-out occlusion accuracy", "chance / neutral gate")
+        out.append(save_png(fig, results_dir / CURVE_PNG))
     elif (results_dir / CURVE_PNG).exists():
         (results_dir / CURVE_PNG).unlink()
     return out
-
-
-def _save(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})  # no version stamp: same bytes per run
-    return atomic.write_bytes(path, buf.getvalue())
 
 
 def replace_block(readme_text: str, block: str, readme: Path) -> str:

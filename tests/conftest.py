@@ -1,4 +1,5 @@
-"""Shared fixtures: the real fixtures folder, one Prefect test harness, one local Ray per session."""
+"""Shared fixtures: the real fixtures folder, one Prefect test harness, one local Ray per session,
+one torch thread for tiny-tensor modules, a repository copy for DVC."""
 from __future__ import annotations
 
 import os
@@ -41,6 +42,18 @@ def local_ray():
     ray = init_ray(num_cpus=2, object_store_mb=300)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module of tiny-tensor tests (`pytestmark = pytest.mark.usefixtures(
+    "one_torch_thread")`): OpenMP threads only add sync overhead and thrash on a loaded 2-core box."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture()

@@ -86,6 +86,18 @@ def test_summary_means_fid_and_trained_minus_untrained():
     assert not any(k in ("fid", "lpips", "clip_score") for k in flat["pics"])  # proxies never standard names
 
 
+def test_untrained_baseline_is_the_init_train_exports_beside_final(tmp_path):
+    """evaluate reads the untrained model from a declared train output (dvc pull brings it), not
+    from the run folder a run.json names (which exists only on the machine that trained)."""
+    from tasks.evaluate.inference import find_untrained
+
+    (tmp_path / "train" / "final").mkdir(parents=True)
+    assert find_untrained(tmp_path / "train" / "final") is None
+    (tmp_path / "train" / "init").mkdir()
+    (tmp_path / "train" / "init" / "config.json").write_text("{}")
+    assert find_untrained(tmp_path / "train" / "final") == tmp_path / "train" / "init"
+
+
 def test_bad_sample_is_an_error_row_not_a_crash(tmp_path):
     ev = Evaluator(EvalConfig(checkpoint="", params=EvaluateParams(methods=["copy_paste"], record_alpha=False)))
     bad = {"sample_id": "x-1-2", "image_bytes": b"not an image", "height": 10, "width": 10}

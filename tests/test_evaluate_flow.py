@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,8 +20,8 @@ N_EVAL = 3
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
-    """8 rendered scenes -> decompose shards with a test split; a tiny checkpoint whose training
-    run (run.json) names an init model, as the train stage leaves them."""
+    """8 rendered scenes -> decompose shards with a test split; a tiny checkpoint (final/) beside
+    its init model (init/), as the train stage leaves them; lone/final has no init beside it."""
     from pics_model.config import get_preset
     from pics_model.modeling_pics import PICSModel
     from tasks.decompose.pipeline import run_serial
@@ -36,8 +37,8 @@ def embedded(tmp_path_factory):
     torch.manual_seed(0)
     PICSModel(get_preset("tiny")).save_pretrained(root / "train" / "final")
     torch.manual_seed(1)
-    PICSModel(get_preset("tiny")).save_pretrained(root / "runs" / "r1" / "init")
-    (root / "train" / "run.json").write_text(json.dumps({"run_dir": str(root / "runs" / "r1")}))
+    PICSModel(get_preset("tiny")).save_pretrained(root / "train" / "init")
+    shutil.copytree(root / "train" / "final", root / "lone" / "final")
     params = root / "params.yaml"
     params.write_text("ray:\n  num_cpus: 2\n")
     return root
@@ -125,5 +126,5 @@ def test_flow_fails_early_on_missing_checkpoint(embedded, tmp_path):
     with pytest.raises(EvaluateInputError, match=r"nope \(evaluate.checkpoint\): not a saved PICSModel"):
         make_plan(p)
     p = load_params(embedded / "params.yaml", _overrides(embedded, tmp_path, untrained="auto",
-                                                         checkpoint=embedded / "runs" / "r1" / "init"))
+                                                         checkpoint=embedded / "lone" / "final"))
     assert any("untrained baseline skipped" in n for n in make_plan(p).notes)

@@ -144,6 +144,16 @@ def _scipy_fid(f1: np.ndarray, f2: np.ndarray) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
 
 
+def _closed_form_fid(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The hand-written distance torchmetrics replaced (kept here as the equivalence reference):
+    with centred features A, B the trace term is the nuclear norm of A B^T / sqrt((n_a-1)(n_b-1))."""
+    a, b = a.double(), b.double()
+    ac, bc = a - a.mean(0), b - b.mean(0)
+    tr_sqrt = torch.linalg.svdvals(ac @ bc.T).sum() / ((len(a) - 1) * (len(b) - 1)) ** 0.5
+    return float((a.mean(0) - b.mean(0)).square().sum() + ac.square().sum() / (len(a) - 1)
+                 + bc.square().sum() / (len(b) - 1) - 2 * tr_sqrt)
+
+
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # rank-deficient covariances
 def test_fid_proxy_self_zero_grows_with_noise_and_matches_references(real_images, net):
     imgs = _crops(real_images, 4, size=96)  # 24 real crops
@@ -161,17 +171,21 @@ def test_fid_proxy_self_zero_grows_with_noise_and_matches_references(real_images
     assert base < fids[0] < fids[1] < fids[2]
     # The independent reference: pytorch-fid's formula with scipy's sqrtm of the 1280 x 1280 product.
     assert fids[-1] == pytest.approx(_scipy_fid(feats.double().numpy(), fn.double().numpy()), rel=1e-6)
+    # torchmetrics' FID with our stored MobileNetV2 features = the closed form it replaced
+    assert [fids[-1], base] == pytest.approx([_closed_form_fid(feats, fn), _closed_form_fid(feats, feats)],
+                                             rel=1e-6, abs=1e-3)
 
 
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # rank-deficient covariances
-def test_frechet_distance_both_paths_match_scipy():
-    """Sets smaller than the feature dimension (nuclear-norm path) and larger (eigh path)."""
+def test_frechet_distance_matches_scipy_and_the_closed_form():
+    """Sets smaller than the feature dimension (rank-deficient covariances) and larger."""
     gen = torch.Generator().manual_seed(0)
     for na, nb, d in ((7, 9, 16), (40, 50, 16), (3, 30, 16)):
         a = torch.randn(na, d, generator=gen, dtype=torch.float64)
         b = 1.3 * torch.randn(nb, d, generator=gen, dtype=torch.float64) + 0.5
         assert M.frechet_distance(a, b) == pytest.approx(_scipy_fid(a.numpy(), b.numpy()), rel=1e-6)
-        assert M.frechet_distance(a, b) == pytest.approx(M.frechet_distance(b, a), rel=1e-9)
+        assert M.frechet_distance(a, b) == pytest.approx(_closed_form_fid(a, b), rel=1e-6)
+        assert M.frechet_distance(a, b) == pytest.approx(M.frechet_distance(b, a), rel=1e-6)
     with pytest.raises(ValueError, match=">= 2 samples"):
         M.frechet_distance(a[:1], b)
 

@@ -9,12 +9,7 @@ from pics_model.modeling_pics import PICSModel
 from pics_model.testing import reference_state_dict, sd_layout_test_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_converter_maps_every_reference_tensor():

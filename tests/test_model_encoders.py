@@ -16,12 +16,7 @@ from pics_model.object_encoder import MOBILENET_WEIGHTS, ObjectEncoder
 ARCH = DinoV2Arch(embed_dim=32, depth=2, num_heads=4, pos_embed_size=56, ffn="swiglu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_mobilenet_encoder_uses_the_shipped_imagenet_weights():

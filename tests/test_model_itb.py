@@ -14,13 +14,7 @@ C, CTX, HEADS, L = 32, 24, 4, 5
 H = W = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny ops: OpenMP threads only add sync overhead (and thrash on a loaded 2-core box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _block(seed=0):

@@ -14,12 +14,7 @@ from pics_model.pipeline_pics import NonFiniteOutputError, PICSPipeline
 from tasks.params import ModelParams
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

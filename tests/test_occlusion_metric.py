@@ -11,14 +11,7 @@ from tasks.evaluate.stats import bootstrap_ci
 LEVELS = (8, 4, 2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only contend on a loaded machine
-    yield
-    torch.set_num_threads(n)  # a 16 px frame seen by blocks at three token grids
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _layout(rng: np.random.Generator, size: int = 16) -> dict:

@@ -236,7 +236,7 @@ def test_two_gloo_workers_end_with_identical_weights(runs):
     h = _history(plain)
     assert plain["steps"] == STEPS and len(h["loss"]) == STEPS
     assert len(h["rank_digests"]) == 2 and h["rank_digests"][0] == h["rank_digests"][1]
-    init = PICSModel.from_pretrained(Path(plain["run_dir"]) / "init")
+    init = PICSModel.from_pretrained(Path(plain["out"]) / "init")  # exported for evaluate's untrained baseline
     names = [n for n, p in init.named_parameters() if id(p) in {id(q) for q in init.set_trainable("reference")}]
     assert weights_digest(init, names) != h["rank_digests"][0]  # they trained, not merely stayed equal
     # the exported model is what evaluate loads; it carries the checkpoint's (EMA) weights

@@ -95,10 +95,6 @@ def rle_string(rle: dict) -> str:
     return c.decode("ascii") if isinstance(c, bytes) else c
 
 
-def from_string(counts: str, h: int, w: int) -> dict:
-    return {"size": [h, w], "counts": counts.encode("ascii")}
-
-
 def encode(mask: np.ndarray) -> dict:
     return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
 

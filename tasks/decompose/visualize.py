@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from tasks import atomic
+from tasks.grid import CELL_FILL, fit_cell, grid
 from tasks.shards import decode_sample, iter_rows
 
 TILE = 160
@@ -42,13 +43,6 @@ def region_colors(region: np.ndarray, window: tuple[int, int, int, int]) -> np.n
     return out
 
 
-def _square(img: Image.Image, fill=(40, 40, 40)) -> Image.Image:
-    img.thumbnail((TILE, TILE))
-    tile = Image.new("RGB", (TILE, TILE), fill)
-    tile.paste(img, ((TILE - img.width) // 2, (TILE - img.height) // 2))
-    return tile
-
-
 def sample_tiles(s: dict) -> list[Image.Image]:
     target = Image.fromarray(s["image"])
     draw = ImageDraw.Draw(target)
@@ -58,15 +52,15 @@ def sample_tiles(s: dict) -> list[Image.Image]:
     bg = s["image"].copy()
     for x0, y0, x1, y1 in s["boxes_expanded"]:
         bg[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = 0
-    tiles = [_square(target), _square(Image.fromarray(bg))]
+    tiles = [fit_cell(target, TILE), fit_cell(bg, TILE)]
     for k in range(MAX_OBJECTS):
         if k < len(s["patches"]):
             p = Image.fromarray(s["patches"][k])
             ImageDraw.Draw(p).rectangle([0, 0, p.width - 1, p.height - 1], outline=COLORS[k], width=4)
-            tiles.append(_square(p))
+            tiles.append(fit_cell(p, TILE))
         else:
-            tiles.append(Image.new("RGB", (TILE, TILE), (40, 40, 40)))
-    tiles.append(_square(Image.fromarray(region_colors(s["region_map"], s["content_window"]))))
+            tiles.append(Image.new("RGB", (TILE, TILE), CELL_FILL))
+    tiles.append(fit_cell(region_colors(s["region_map"], s["content_window"]), TILE))
     return tiles
 
 
@@ -78,21 +72,18 @@ def write_sample_grid(samples_dir: str | Path, out: str | Path | None = None, n:
     samples_dir = Path(samples_dir)
     out = Path(out) if out else samples_dir / "samples.png"
     samples = [decode_sample(r) for r in itertools.islice(iter_rows(samples_dir), max(n, 0))]
-    width = TILE * len(COLUMNS)
-    grid = Image.new("RGB", (width, HEADER + TILE * max(len(samples), 1)), (20, 20, 20))
-    draw = ImageDraw.Draw(grid)
+    canvas = grid([sample_tiles(s) for s in samples], TILE, len(COLUMNS), HEADER, background=(20, 20, 20))
+    draw = ImageDraw.Draw(canvas)
     for c, name in enumerate(COLUMNS):
         draw.text((c * TILE + 6, 5), name, fill=(230, 230, 230))
     if not samples:
         draw.text((10, HEADER + TILE // 2), f"no samples in {samples_dir}", fill=(230, 230, 230))
     for r, s in enumerate(samples):
-        for c, tile in enumerate(sample_tiles(s)):
-            grid.paste(tile, (c * TILE, HEADER + r * TILE))
         label = f"{s['sample_id']} [{s['split']}] " + " / ".join(s["category_names"])
         draw.text((4, HEADER + r * TILE + TILE - 14), label[:60], fill=(255, 255, 255), stroke_width=1,
                   stroke_fill=(0, 0, 0))
     with atomic.atomic_path(out) as tmp:
-        grid.save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG")
     _write_html(out, samples)
     return out
 

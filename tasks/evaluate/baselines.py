@@ -9,7 +9,7 @@
   pipeline whose output becomes the next background. Far-to-near uses ``depth_ranks`` where the
   dataset has them, else the ground-plane heuristic (a box whose bottom edge is lower is nearer).
 * ``untrained``: the full PICS pipeline with the model the training run started from
-  (``<run_dir>/init``), so the comparison isolates what training learned.
+  (``<train.out>/init``, exported by train), so the comparison isolates what training learned.
 """
 from __future__ import annotations
 

@@ -279,21 +279,8 @@ def _rows_from_columns(batch: dict) -> list[dict]:
     return [dict(zip(keys, vals)) for vals in zip(*(batch[k] for k in keys))]
 
 
-def run_local(cfg: EvalConfig, rows: list[dict], batch_size: int = 4) -> pa.Table:
-    """The in-process path (tests, the benchmark's one-worker baseline): same class, no Ray."""
-    ev = Evaluator(cfg)
-    parts = [ev(pa.Table.from_pylist(rows[i:i + batch_size])) for i in range(0, len(rows), batch_size)]
-    return pa.concat_tables(parts) if parts else RESULT_SCHEMA.empty_table()
-
-
 def find_untrained(checkpoint: str | Path) -> Path | None:
-    """The model a training run started from: ``<run_dir>/init`` named by ``<train.out>/run.json``."""
-    import json
-
-    run = Path(checkpoint).parent / "run.json"
-    try:
-        run_dir = Path(json.loads(run.read_text())["run_dir"])
-    except (OSError, ValueError, KeyError):
-        return None
-    init = run_dir / "init"
+    """The model a training run started from: ``<train.out>/init`` beside ``<train.out>/final``,
+    a declared output of the train stage (so ``dvc pull`` brings it along)."""
+    init = Path(checkpoint).parent / "init"
     return init if (init / "config.json").is_file() else None

@@ -29,10 +29,9 @@ two objects". The paper gives no code; the exact definitions used here (also in 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 PSNR_CAP_DB = 100.0
 SSIM_SIGMA = 1.5
@@ -152,40 +151,39 @@ def lpips_proxy(net, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     return torch.stack(per_layer, 0).mean(0).double()
 
 
+class StoredFeatures(nn.Module):
+    """The `feature` module of torchmetrics' FID for embeddings already computed.
+
+    The evaluate workers embed each image once with our MobileNetV2 (``Embedder.embed``) and store
+    the vector in the results table (so a resumed run does not embed again); the summary feeds
+    those vectors to the metric, so its feature step is the identity.
+    """
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets ``[N, D]`` (N >= 2 each).
 
-    ||mu_a - mu_b||^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^1/2), unbiased covariances. The trace of
-    the square root is computed exactly without the D x D non-symmetric eigenproblem:
-    with centred features A, B and S_a = A^T A / (n_a - 1), S_b = B^T B / (n_b - 1), the non-zero
-    eigenvalues of S_a S_b are the squared singular values of A B^T / sqrt((n_a - 1)(n_b - 1)),
-    so the trace is that matrix's nuclear norm (n_a x n_b: cheap while sets are smaller than D).
-    For larger sets: Tr((S_a^1/2 S_b S_a^1/2)^1/2) with symmetric eigendecompositions.
+    ||mu_a - mu_b||^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^1/2), unbiased covariances, as
+    torchmetrics' ``FrechetInceptionDistance`` computes it (in float64) with stored features.
     """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     a, b = feats_a.double(), feats_b.double()
-    na, nb, d = a.shape[0], b.shape[0], a.shape[1]
-    if na < 2 or nb < 2:
-        raise ValueError(f"Fréchet distance needs >= 2 samples per set, got {na} and {nb}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    ac, bc = a - mu_a, b - mu_b
-    tr_a = ac.square().sum() / (na - 1)
-    tr_b = bc.square().sum() / (nb - 1)
-    if min(na, nb) <= d:
-        tr_sqrt = torch.linalg.svdvals(ac @ bc.T).sum() / math.sqrt((na - 1) * (nb - 1))
-    else:
-        s_a, s_b = ac.T @ ac / (na - 1), bc.T @ bc / (nb - 1)
-        w, v = torch.linalg.eigh(s_a)
-        root = (v * w.clamp_min(0).sqrt()) @ v.T
-        tr_sqrt = torch.linalg.eigvalsh(root @ s_b @ root).clamp_min(0).sqrt().sum()
-    return float((mu_a - mu_b).square().sum() + tr_a + tr_b - 2 * tr_sqrt)
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise ValueError(f"Fréchet distance needs >= 2 samples per set, got {a.shape[0]} and {b.shape[0]}")
+    fid = FrechetInceptionDistance(feature=StoredFeatures(a.shape[1]))
+    fid.update(a, real=True)
+    fid.update(b, real=False)
+    return float(fid.compute())
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine similarity ``[N]`` of embeddings ``[N, D]``."""
     return F.cosine_similarity(a.double(), b.double(), dim=-1)
-
-
-def nanmean(values) -> float:
-    t = torch.as_tensor(values, dtype=torch.float64).flatten()
-    t = t[~torch.isnan(t)]
-    return float(t.mean()) if t.numel() else math.nan

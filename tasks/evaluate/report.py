@@ -2,12 +2,12 @@
 denoising), an occlusion-accuracy plot and an HTML page with the side-by-side metrics table."""
 from __future__ import annotations
 
-import html
 import io
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from jinja2 import Environment, PackageLoader, select_autoescape
 from PIL import Image, ImageDraw, ImageFont
 
 from tasks import atomic
@@ -129,27 +129,16 @@ def write_grid(results: pa.Table, samples: dict[str, dict], path: str | Path, st
 
 
 def write_occlusion_plot(summary: dict, path: str | Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tasks.plots import finish_accuracy_axes, pyplot, save_png
 
     curves = {m: s["occlusion_curve"] for m, s in summary["methods"].items() if s.get("occlusion_curve")}
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(5, 3.2), dpi=100)
     for m, c in curves.items():
         ax.plot(range(1, len(c) + 1), c, marker="o", ms=3, label=LABELS.get(m, m))
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
-    ax.set_xlabel("denoising step")
-    ax.set_ylabel("occlusion-order accuracy")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic.write_bytes(path, buf.getvalue())
+    finish_accuracy_axes(ax, "denoising step", "occlusion-order accuracy", "chance")
+    return save_png(fig, path)
 
 
 def _fmt(v) -> str:
@@ -158,7 +147,8 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
 
 
-def metrics_table_html(summary: dict) -> str:
+def _table(summary: dict) -> tuple[list[dict], list[str], dict]:
+    """The side-by-side table: rows, the columns some method has, the best value per column."""
     rows = comparison_rows(summary)
     cols = [c for c in TABLE_COLUMNS + ("occlusion_accuracy",) if any(r.get(c) is not None for r in rows)]
     best = {}
@@ -166,18 +156,11 @@ def metrics_table_html(summary: dict) -> str:
         vals = [r[c] for r in rows if r.get(c) is not None and r["method"] != GROUND_TRUTH]
         if vals:
             best[c] = min(vals) if c in LOWER_IS_BETTER else max(vals)
-    head = "".join(f"<th>{html.escape(c)}{' &darr;' if c in LOWER_IS_BETTER else ' &uarr;'}</th>" for c in cols)
-    body = []
-    for r in rows:
-        cells = "".join(f"<td>{'<b>' if r.get(c) is not None and r.get(c) == best.get(c) else ''}{_fmt(r.get(c))}"
-                        f"{'</b>' if r.get(c) is not None and r.get(c) == best.get(c) else ''}</td>" for c in cols)
-        body.append(f"<tr><th>{html.escape(LABELS.get(r['method'], r['method']))}</th>{cells}<td>{r['n']}</td></tr>")
-    return f"<table><tr><th>method</th>{head}<th>n</th></tr>{''.join(body)}</table>"
+    return rows, cols, best
 
 
 def metrics_table_markdown(summary: dict) -> str:
-    rows = comparison_rows(summary)
-    cols = [c for c in TABLE_COLUMNS + ("occlusion_accuracy",) if any(r.get(c) is not None for r in rows)]
+    rows, cols, _ = _table(summary)
     lines = ["| method | " + " | ".join(cols) + " | n |", "|---" * (len(cols) + 2) + "|"]
     for r in rows:
         lines.append(f"| {LABELS.get(r['method'], r['method'])} | " + " | ".join(_fmt(r.get(c)) for c in cols)
@@ -189,47 +172,17 @@ def _ci(ci) -> str:
     return f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "-"
 
 
-def _paired_tables(summary: dict) -> str:
-    out = []
-    for name, d in (summary.get("paired") or {}).items():
-        if not d:
-            continue
-        a, b = name.split("_vs_")
-        rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v.get('mean'))}</td><td>{_ci(v.get('ci95'))}</td>"
-                       f"<td>{v.get('wins', '-')} / {v['n']}</td></tr>" for k, v in d.items())
-        out.append(f"<h3>{html.escape(LABELS.get(a, a))} vs {html.escape(LABELS.get(b, b))}, paired per sample</h3>"
-                   f"<table><tr><th>metric</th><th>mean difference</th><th>95 % bootstrap interval</th>"
-                   f"<th>wins</th></tr>{rows}</table>")
-    if not out:
-        return ""
-    return ("<p>Differences first - second per test sample, sign flipped where lower is better (positive = "
-            "the first is better); intervals resample samples (1000 resamples, seed 0).</p>" + "".join(out))
+_TEMPLATES = Environment(loader=PackageLoader("tasks.evaluate", "templates"), autoescape=select_autoescape(["html"]),
+                         keep_trailing_newline=True)
+_TEMPLATES.filters.update(fmt=_fmt, ci=_ci, label=lambda m: LABELS.get(m, m))
 
 
 def write_html(summary: dict, params: dict, path: str | Path, grid: str | None, occlusion_png: str | None,
                notes: list[str]) -> Path:
-    occ = ""
-    if occlusion_png:
-        occ = (f"<h2>Occlusion-order accuracy over denoising</h2><img src='{occlusion_png}'>"
-               "<p>Per ITB, on its own overlap tokens: the share of occluded pixels (both amodal masks, one "
-               "of the two visible) whose visible object has the larger gate score (sign of s_a - s_b); "
-               "ties count 1/2; pooled over blocks and samples (docs/metrics.md).</p>")
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>PICS evaluation</title>
-<style>body{{font-family:sans-serif;margin:20px}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} img{{max-width:100%}}</style></head><body>
-<h1>PICS evaluation</h1>
-<p>{summary['n_samples']} test samples ({summary.get('n_with_priors', 0)} with multi-view priors),
-{summary['n_failed']} quarantined. Checkpoint
-<code>{html.escape(str(params.get('checkpoint')))}</code>; {params.get('steps')} {html.escape(str(params.get('scheduler')))}
-steps, guidance {params.get('guidance')}, seed {params.get('seed')}.</p>
-<h2>Methods side by side</h2>{metrics_table_html(summary)}{_paired_tables(summary)}
-<p>m-metrics: on the overlap of the objects' expanded boxes (docs/metrics.md). Names ending in
-<code>_mobilenetv2_proxy</code> use the bundled ImageNet MobileNetV2 in place of the standard
-backbones (Inception for FID, AlexNet/VGG for LPIPS, CLIP/DINOv2 for object similarity): they rank
-methods but are not comparable to published numbers. Best value per column in bold.</p>
-<ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
-<h2>Samples</h2>{f"<img src='{grid}'>" if grid else '<p>no samples</p>'}
-{occ}
-</body></html>
-"""
+    """``index.html`` from templates/report.html (autoescaped: paths and notes are text)."""
+    rows, cols, best = _table(summary)
+    paired = [(name.split("_vs_"), d) for name, d in (summary.get("paired") or {}).items() if d]
+    page = _TEMPLATES.get_template("report.html").render(
+        summary=summary, params=params, rows=rows, columns=cols, best=best, lower_is_better=LOWER_IS_BETTER,
+        paired=paired, notes=notes, grid=grid, occlusion_png=occlusion_png)
     return atomic.write_bytes(path, page.encode())

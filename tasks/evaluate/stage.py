@@ -75,7 +75,7 @@ def make_plan(params: Params) -> Plan:
         if p.untrained == "auto":
             untrained = find_untrained(ckpt)
             if untrained is None:
-                notes.append(f"untrained baseline skipped: no <run_dir>/init found from {ckpt.parent / 'run.json'}")
+                notes.append(f"untrained baseline skipped: no saved model at {ckpt.parent / 'init'}")
         elif p.untrained:
             untrained = resolve_path(p.untrained)
             if not (untrained / "config.json").is_file():

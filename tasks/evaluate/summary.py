@@ -103,11 +103,6 @@ def comparison_rows(summary: dict) -> list[dict]:
              "n": s["n"]} for m, s in summary["methods"].items()]
 
 
-def better(metric: str, a: float, b: float) -> bool:
-    """Is ``a`` better than ``b`` for ``metric``?"""
-    return a < b if metric in LOWER_IS_BETTER else a > b
-
-
 def dvc_metrics(summary: dict) -> dict:
     """metrics.json for DVC: flat numbers per method (no curves), plus counts."""
     out = {"n_samples": summary["n_samples"], "n_failed": summary["n_failed"]}

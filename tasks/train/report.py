@@ -37,6 +37,14 @@ def export_final(init_dir: Path, checkpoint_dir: Path, dest: Path, use_ema: bool
     return {"weights": used, "step": state.step, "checkpoint": str(checkpoint_dir)}
 
 
+def export_init(init_dir: Path, dest: Path) -> Path:
+    """Copy the run's starting model to ``dest`` (a declared train output): the untrained baseline
+    that evaluate compares against, reproducible from DVC's cache on another machine."""
+    with atomic.atomic_dir(dest) as tmp:
+        shutil.copytree(init_dir, tmp, dirs_exist_ok=True)
+    return dest
+
+
 def _csv(rows: list[dict], columns: list[str]) -> bytes:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
@@ -47,14 +55,11 @@ def _csv(rows: list[dict], columns: list[str]) -> bytes:
 
 
 def _plot(history: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tasks.plots import pyplot, save_png
 
     steps = [s for s, _ in history["loss"]]
     losses = [l for _, l in history["loss"]]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, losses, lw=0.6, alpha=0.4, label="train loss (per step)")
     k = max(1, len(losses) // 30)
     if len(losses) >= k:
@@ -71,11 +76,7 @@ def _plot(history: dict, path: Path) -> None:
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic.write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def occlusion_rows(history: dict) -> list[dict]:

@@ -11,19 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import ImageDraw
 
 from tasks import atomic
+from tasks.grid import fit_cell, grid
 from tasks.params import TrainParams
 from tasks.train.batches import heldout_rows
-
-
-def _fit(img: np.ndarray, size: int) -> Image.Image:
-    im = Image.fromarray(img)
-    im.thumbnail((size, size), Image.Resampling.BICUBIC)
-    canvas = Image.new("RGB", (size, size), (40, 40, 40))
-    canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
-    return canvas
 
 
 class SampleWriter:
@@ -55,12 +48,9 @@ class SampleWriter:
         finally:
             model.train(was_training)
         cols = max(len(r) for r in rows)
-        grid = Image.new("RGB", (cols * self.cell, len(rows) * self.cell + 14), (255, 255, 255))
-        ImageDraw.Draw(grid).text((4, 1), f"step {step}: masked background | objects | real | composite",
-                                  fill=(0, 0, 0))
-        for y, r in enumerate(rows):
-            for x, img in enumerate(r):
-                grid.paste(_fit(img, self.cell), (x * self.cell, 14 + y * self.cell))
+        canvas = grid([[fit_cell(img, self.cell) for img in r] for r in rows], self.cell, cols, header=14)
+        ImageDraw.Draw(canvas).text((4, 1), f"step {step}: masked background | objects | real | composite",
+                                    fill=(0, 0, 0))
         buf = io.BytesIO()
-        grid.save(buf, format="PNG")
+        canvas.save(buf, format="PNG")
         return atomic.write_bytes(self.out / f"step-{step:08d}.png", buf.getvalue())
