@@ -258,5 +258,45 @@ def results(
     typer.echo(str(readme))
 
 
+@app.command()
+def location(
+    out: Optional[Path] = typer.Option(None, help="Output folder (data/, stage1/, final/, metrics.json, report.md)."),
+    opa_root: Optional[Path] = typer.Option(None, help="Train on an OPA dataset folder instead of the embedded scenes."),
+    set_: Optional[list[str]] = SetOpt,
+    params: Optional[Path] = ParamsOpt,
+):
+    """Train and evaluate the location model (where to insert an object): MLE, then DPO."""
+    from flows.location import location_flow
+    from tasks.location.opa import OPAFormatError
+    from tasks.quarantine import QuarantineLimitError
+
+    with _user_errors(OPAFormatError, QuarantineLimitError):
+        location_flow(overrides=_overrides("location", {"out": out, "opa_root": opa_root}, set_),
+                      params_file=_params_file(params))
+
+
+@app.command()
+def propose(
+    background: Path = typer.Option(..., exists=True, dir_okay=False, help="Background image."),
+    class_: str = typer.Option(..., "--class", help="Class of the object to insert (one the model knows)."),
+    object_: Optional[Path] = typer.Option(None, "--object", exists=True, dir_okay=False,
+                                           help="The object's image (its code conditions the model too)."),
+    checkpoint: Path = typer.Option(..., help="A saved location model folder (e.g. data/location/final)."),
+    k: int = typer.Option(10, "-k", min=1, help="Number of boxes to sample."),
+    out: Path = typer.Option(..., help="boxes.json to write; the boxes drawn go beside it as .png."),
+    region: str = typer.Option("anywhere", help="anywhere | left | right | top | bottom (controlled sampling)."),
+    temperature: float = typer.Option(1.0, min=0.01),
+    top_p: float = typer.Option(0.95, min=0.01, max=1.0),
+    seed: int = typer.Option(0),
+):
+    """Propose K boxes where an object of a class fits in a background (xyxy pixels + log-prob scores)."""
+    from pics_model.modeling_pics import WeightsError
+    from tasks.location.propose import propose as run
+
+    with _user_errors(WeightsError, ValueError, FileNotFoundError):
+        result = run(background, class_, checkpoint, k, out, object_, region, temperature, top_p, seed)
+    typer.echo(f"{out} ({len(result['boxes'])} boxes), {result['png']}")
+
+
 if __name__ == "__main__":
     app()

@@ -227,12 +227,13 @@ class LocationParams(Section):
     bins: int = Field(64, ge=4)
     image_size: int = Field(64, ge=32)
     encoder: Literal["small", "mobilenetv2"] = "small"  # the object encoder family's backbone
+    small_channels: list[int] = [16, 32, 64]  # the small CNN's widths: 3 stride-2 levels, 8 x 8 tokens at 64 px
     d_model: int = Field(64, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
     # training: stage 1 maximum likelihood on positives, stage 2 DPO against the frozen stage 1
-    mle_steps: int = Field(800, ge=1)
-    dpo_steps: int = Field(200, ge=0)
+    mle_steps: int = Field(600, ge=1)
+    dpo_steps: int = Field(150, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0.0)
     dpo_lr: float = Field(2e-4, gt=0.0)

@@ -1,0 +1,76 @@
+"""location flow: where to insert an object (issue 14). Removal-render data (or an OPA import),
+stage 1 maximum likelihood, stage 2 DPO, TPR/FPR against baselines, a report.
+
+``python -m flows.location [--set location.key=value ...] [--params FILE]`` or ``pics location``.
+One Prefect task per phase; the data phase fans its shards out over Ray when
+``location.num_workers`` > 1 (tasks/location/data.py ``run_works``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import flows  # noqa: F401  (offline Prefect/Ray/EGL environment before anything imports them)
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks import quarantine
+from tasks.params import load_params, resolve_path
+from tasks.runtime import init_ray
+
+_TASK = dict(cache_policy=NO_CACHE, persist_result=False)
+
+
+@task(name="location-stage", **_TASK)
+def stage_task(p, out: str) -> dict:
+    from tasks.location.stage import run
+
+    logger = get_run_logger()
+    return run(p, out, log=logger.info)
+
+
+@flow(name="location")
+def location_flow(overrides: list[str] | None = None, params_file: str | None = None) -> dict:
+    params = load_params(params_file, overrides)
+    p = params.location
+    out = resolve_path(p.out)
+    if p.opa_root:
+        p = p.model_copy(update={"opa_root": str(resolve_path(p.opa_root))})
+    if p.num_workers > 1:
+        init_ray(params.ray.address, params.ray.num_cpus, params.ray.object_store_mb)
+    m = stage_task(p, str(out))
+    report = (out / "report.md").read_text()
+    create_markdown_artifact(report.replace("](", f"]({out}/"), key="location-report",
+                             description="location model: TPR/FPR vs K, DPO vs stage 1")
+    import json
+
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    from tasks.location.data import quarantine_tallies
+
+    get_run_logger().info(quarantine.check_limit("location", out / "data", quarantine_tallies(manifest),
+                                                 p.max_quarantine_fraction, "location.max_quarantine_fraction"))
+    return {"out": str(out), "final": str(out / "final"), "metrics": str(out / "metrics.json"),
+            "tpr_at_k": m["tpr_at_k"], "fpr_at_k": m["fpr_at_k"], "seconds": m["seconds"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m flows.location", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a parameter, e.g. location.num_scenes=16 (repeatable)")
+    ap.add_argument("--params", default=None, help="params.yaml to read (default: the repository's)")
+    args = ap.parse_args(argv)
+    from tasks.location.opa import OPAFormatError
+    from tasks.params import ParamsError
+
+    try:
+        return location_flow(overrides=args.overrides, params_file=args.params)
+    except (ParamsError, OPAFormatError, ValueError) as e:
+        raise SystemExit(f"location: {e}") from None
+    except quarantine.QuarantineLimitError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(quarantine.LIMIT_EXIT_CODE) from None
+
+
+if __name__ == "__main__":
+    print(main())
