@@ -209,6 +209,10 @@ def composite(
     seed: Optional[int] = typer.Option(None, help="Noise seed (default: evaluate.seed)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: one per core)."),
+    class_: Optional[str] = typer.Option(None, "--class", help="Class of --object images given without a mask or "
+                                         "box: the location model proposes their box."),
+    location_checkpoint: Optional[Path] = typer.Option(None, help="Location model for --class (default: "
+                                                       "data/location/final)."),
     params: Optional[Path] = ParamsOpt,
 ):
     """Composite objects into a background with a trained checkpoint."""
@@ -220,7 +224,8 @@ def composite(
         path = composite_cli(str(background) if background else None, object_, str(checkpoint), str(out),
                              steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, device=device,
                              threads=threads, params_file=str(params) if params else None,
-                             sample_dir=str(sample_dir) if sample_dir else None)
+                             sample_dir=str(sample_dir) if sample_dir else None, class_name=class_,
+                             location_checkpoint=str(location_checkpoint) if location_checkpoint else None)
     typer.echo(str(path))
 
 
@@ -268,9 +273,10 @@ def location(
     """Train and evaluate the location model (where to insert an object): MLE, then DPO."""
     from flows.location import location_flow
     from tasks.location.opa import OPAFormatError
+    from tasks.location.stage import LocationInputError
     from tasks.quarantine import QuarantineLimitError
 
-    with _user_errors(OPAFormatError, QuarantineLimitError):
+    with _user_errors(OPAFormatError, LocationInputError, QuarantineLimitError):
         location_flow(overrides=_overrides("location", {"out": out, "opa_root": opa_root}, set_),
                       params_file=_params_file(params))
 

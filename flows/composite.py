@@ -246,10 +246,23 @@ def composite(background, objects: Sequence, checkpoint, masks: Sequence | None 
     return img
 
 
+def _proposed(obj: str, background: str, class_name: str, checkpoint: str | None) -> ObjectSpec:
+    """An object given without mask or box: the location model proposes its box (issue 14)."""
+    from tasks.location.propose import best_box
+    from tasks.params import resolve_path
+
+    try:
+        return ObjectSpec(image=obj, box=best_box(background, obj, class_name,
+                                                  checkpoint or resolve_path("data/location/final")))
+    except (ValueError, FileNotFoundError) as e:
+        raise CompositeInputError(f"--object {obj!r} with --class {class_name!r}: {e}") from None
+
+
 def composite_cli(background: str | None, objects: list[str] | None, checkpoint: str, out: str,
                   steps: int | None = None, guidance: float | None = None, scheduler: str | None = None,
                   seed: int | None = None, device: str = "auto", params_file: str | None = None,
-                  threads: int | None = None, sample_dir: str | None = None) -> Path:
+                  threads: int | None = None, sample_dir: str | None = None, class_name: str | None = None,
+                  location_checkpoint: str | None = None) -> Path:
     """The command: unset options default to the ``evaluate:`` section of params.yaml, so a CLI
     composite matches what the evaluation measured. `sample_dir` replaces background/objects."""
     from tasks.params import Params, load_params, project_root
@@ -261,7 +274,8 @@ def composite_cli(background: str | None, objects: list[str] | None, checkpoint:
     elif background is None or not objects:
         raise CompositeInputError("give --background and at least one --object, or --sample-dir")
     else:
-        specs = [parse_object(o) for o in objects]
+        specs = [_proposed(o, background, class_name, location_checkpoint) if class_name and ":" not in o
+                 else parse_object(o) for o in objects]
     if params_file is None and not (project_root() / "params.yaml").is_file():
         p = Params.model_validate({}).evaluate  # an installed pics outside a project: the schema's defaults
     else:

@@ -61,11 +61,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--params", default=None, help="params.yaml to read (default: the repository's)")
     args = ap.parse_args(argv)
     from tasks.location.opa import OPAFormatError
+    from tasks.location.stage import LocationInputError
     from tasks.params import ParamsError
 
     try:
         return location_flow(overrides=args.overrides, params_file=args.params)
-    except (ParamsError, OPAFormatError, ValueError) as e:
+    except (ParamsError, OPAFormatError, LocationInputError) as e:
         raise SystemExit(f"location: {e}") from None
     except quarantine.QuarantineLimitError as e:
         print(e, file=sys.stderr)

@@ -103,3 +103,16 @@ def test_location_flow_trains_evaluates_and_proposes(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(json.loads((tmp_path / "b.json").read_text())["boxes"]) == 5
+
+
+def test_composite_object_without_box_gets_a_proposed_box(tiny_checkpoint, tmp_path):
+    from flows.composite import CompositeInputError, _proposed
+
+    bg, obj = tmp_path / "bg.png", tmp_path / "obj.png"
+    Image.new("RGB", (120, 90), (90, 120, 90)).save(bg)
+    Image.new("RGB", (30, 30), (200, 20, 20)).save(obj)
+    spec = _proposed(str(obj), str(bg), "ball", str(tiny_checkpoint))
+    x0, y0, x1, y1 = spec.box
+    assert spec.mask is None and 0 <= x0 < x1 <= 120 and 0 <= y0 < y1 <= 90
+    with pytest.raises(CompositeInputError, match="giraffe"):
+        _proposed(str(obj), str(bg), "giraffe", str(tiny_checkpoint))

@@ -69,3 +69,15 @@ def propose(background: str | Path, class_name: str, checkpoint: str | Path, k: 
         draw_boxes(bg, boxes, scores, scale=max(1, 384 // max(bg.shape[:2]))).save(tmp, format="PNG")
     result["png"] = str(png)
     return result
+
+
+def best_box(background: str | Path, object_image: str | Path, class_name: str, checkpoint: str | Path,
+             k: int = 10, seed: int = 0) -> list[float]:
+    """The highest-scoring of ``k`` proposed boxes (xyxy background pixels): ``pics composite``'s box
+    for an object given without a mask or box."""
+    model = LocationModel.from_pretrained(checkpoint)
+    if class_name not in model.cfg.class_names:
+        raise ValueError(f"--class {class_name!r}: the model at {checkpoint} knows {', '.join(model.cfg.class_names)}")
+    boxes, _ = propose_boxes(model, _read_rgb(background, "background"), class_name, k,
+                             _read_rgb(object_image, "object"), seed=seed)
+    return [float(v) for v in boxes[0]]

@@ -30,6 +30,10 @@ STAGE = "location"
 OWNED = {"data", "stage1", "final", "metrics.json", "curves.png", "training.csv", "example.png", "report.md"}
 
 
+class LocationInputError(ValueError):
+    """The location data cannot train or evaluate a model (an empty split); the message says why."""
+
+
 def model_config(p, class_names: list[str]) -> LocationConfig:
     encoder = ({"kind": "small", "small_channels": list(p.small_channels)} if p.encoder == "small"
                else {"kind": "mobilenetv2", "appearance_grid": 6})
@@ -60,7 +64,7 @@ def run(p, out: str | Path, log=print) -> dict:
     manifest = build_data(p, out)
     train_q, test_q = read_queries(out / "data", "train"), read_queries(out / "data", "test")
     if not train_q or not test_q:
-        raise ValueError(f"{out / 'data'}: {len(train_q)} train and {len(test_q)} test queries; the location "
+        raise LocationInputError(f"{out / 'data'}: {len(train_q)} train and {len(test_q)} test queries; the location "
                          "stage needs both (more location.num_scenes, or another test_fraction)")
     t_data = time.perf_counter() - t0
     log(f"location data: {len(train_q)} train / {len(test_q)} test queries, {manifest['positives']} positives, "
