@@ -240,6 +240,10 @@ def composite(
     seed: Optional[int] = typer.Option(None, help="Noise seed (default: evaluate.seed)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: one per core)."),
+    class_: Optional[str] = typer.Option(None, "--class", help="Class of --object images given without a mask or "
+                                         "box: the location model proposes their box."),
+    location_checkpoint: Optional[Path] = typer.Option(None, help="Location model for --class (default: "
+                                                       "data/location/final)."),
     set_: Optional[list[str]] = SetOpt,
     params: Optional[Path] = ParamsOpt,
 ):
@@ -254,7 +258,8 @@ def composite(
     with _user_errors(CompositeInputError, WeightsError, NonFiniteOutputError):
         path = composite_cli(str(background) if background else None, object_, str(checkpoint), str(out),
                              p.evaluate, device=device, threads=threads,
-                             sample_dir=str(sample_dir) if sample_dir else None)
+                             sample_dir=str(sample_dir) if sample_dir else None, class_name=class_,
+                             location_checkpoint=str(location_checkpoint) if location_checkpoint else None)
     typer.echo(str(path))
 
 
@@ -291,6 +296,46 @@ def results(
     except res.ResultsError as e:
         _fail(e)
     typer.echo(str(readme))
+
+
+@app.command()
+def location(
+    out: Optional[Path] = typer.Option(None, help="Output folder (data/, stage1/, final/, metrics.json, report.md)."),
+    opa_root: Optional[Path] = typer.Option(None, help="Train on an OPA dataset folder instead of the embedded scenes."),
+    set_: Optional[list[str]] = SetOpt,
+    params: Optional[Path] = ParamsOpt,
+):
+    """Train and evaluate the location model (where to insert an object): MLE, then DPO."""
+    p = _params(params, set_, "location", {"out": out, "opa_root": opa_root})
+    from flows.location import location_flow
+    from tasks.location.opa import OPAFormatError
+    from tasks.location.stage import LocationInputError
+
+    with _user_errors(OPAFormatError, LocationInputError):
+        location_flow(params=p)
+
+
+@app.command()
+def propose(
+    background: Path = typer.Option(..., exists=True, dir_okay=False, help="Background image."),
+    class_: str = typer.Option(..., "--class", help="Class of the object to insert (one the model knows)."),
+    object_: Optional[Path] = typer.Option(None, "--object", exists=True, dir_okay=False,
+                                           help="The object's image (its code conditions the model too)."),
+    checkpoint: Path = typer.Option(..., help="A saved location model folder (e.g. data/location/final)."),
+    k: int = typer.Option(10, "-k", min=1, help="Number of boxes to sample."),
+    out: Path = typer.Option(..., help="boxes.json to write; the boxes drawn go beside it as .png."),
+    region: str = typer.Option("anywhere", help="anywhere | left | right | top | bottom (controlled sampling)."),
+    temperature: float = typer.Option(1.0, min=0.01),
+    top_p: float = typer.Option(0.95, min=0.01, max=1.0),
+    seed: int = typer.Option(0),
+):
+    """Propose K boxes where an object of a class fits in a background (xyxy pixels + log-prob scores)."""
+    from pics_model.modeling_pics import WeightsError
+    from tasks.location.propose import propose as run
+
+    with _user_errors(WeightsError, ValueError, FileNotFoundError):
+        result = run(background, class_, checkpoint, k, out, object_, region, temperature, top_p, seed)
+    typer.echo(f"{out} ({len(result['boxes'])} boxes), {result['png']}")
 
 
 if __name__ == "__main__":

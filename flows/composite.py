@@ -251,12 +251,26 @@ def composite(background, objects: Sequence, checkpoint, masks: Sequence | None 
     return img
 
 
+def _proposed(obj: str, background: str, class_name: str, checkpoint: str | None) -> ObjectSpec:
+    """An object given without mask or box: the location model proposes its box (issue 14)."""
+    from tasks.location.propose import best_box
+    from tasks.params import resolve_path
+
+    try:
+        return ObjectSpec(image=obj, box=best_box(background, obj, class_name,
+                                                  checkpoint or resolve_path("data/location/final")))
+    except (ValueError, FileNotFoundError) as e:
+        raise CompositeInputError(f"--object {obj!r} with --class {class_name!r}: {e}") from None
+
+
 def composite_cli(background: str | None, objects: list[str] | None, checkpoint: str, out: str,
                   sampler: EvaluateParams, device: str = "auto", threads: int | None = None,
-                  sample_dir: str | None = None) -> Path:
+                  sample_dir: str | None = None, class_name: str | None = None,
+                  location_checkpoint: str | None = None) -> Path:
     """The command: steps, guidance, scheduler and seed are the ``evaluate:`` section's (``pics
     composite`` validated it), so a CLI composite matches what the evaluation measured.
-    `sample_dir` replaces background/objects."""
+    `sample_dir` replaces background/objects; an object without mask or box and ``class_name``:
+    the location model proposes its box."""
     if sample_dir is not None:
         if background is not None or objects:
             raise CompositeInputError("--sample-dir replaces --background and --object: give one or the other")
@@ -264,7 +278,8 @@ def composite_cli(background: str | None, objects: list[str] | None, checkpoint:
     elif background is None or not objects:
         raise CompositeInputError("give --background and at least one --object, or --sample-dir")
     else:
-        specs = [parse_object(o) for o in objects]
+        specs = [_proposed(o, background, class_name, location_checkpoint) if class_name and ":" not in o
+                 else parse_object(o) for o in objects]
     composite(background, specs, checkpoint, steps=sampler.steps, guidance=sampler.guidance,
               scheduler=sampler.scheduler, seed=sampler.seed, device=device, out=out, threads=threads)
     return Path(out)

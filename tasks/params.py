@@ -240,6 +240,49 @@ class EvaluateParams(Section):
     dreamsim_path: str | None = None  # local DreamSim ensemble (TorchScript): dreamsim
 
 
+class LocationParams(Section):
+    """The location model stage (issue 14): removal-render data, MLE then DPO training, TPR/FPR."""
+
+    out: str = "data/location"
+    opa_root: str | None = None  # an OPA folder (tasks/location/opa.py): train on it instead of rendering
+    # data: embedded scenes, each rendered again without one of its objects
+    num_scenes: int = Field(64, ge=1)
+    width: int = Field(128, ge=32)
+    height: int = Field(96, ge=32)
+    min_objects: int = Field(2, ge=2)
+    max_objects: int = Field(4, ge=2)
+    removals_per_scene: int = Field(2, ge=1)
+    positives_per_query: int = Field(4, ge=1)  # the removed object's box + others where it provably rests
+    negatives_per_reason: int = Field(2, ge=0)
+    shadows: bool = False  # the shadow map costs ~0.1 s a render on llvmpipe
+    test_fraction: float = Field(0.25, gt=0.0, lt=1.0)  # of scenes
+    seed: int = 0
+    shard_size: int = Field(16, ge=1)  # scenes per shard
+    num_workers: int = Field(1, ge=1)  # >1: shards fan out over Ray
+    max_quarantine_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    # model (pics_model/location_model.py)
+    bins: int = Field(64, ge=4)
+    image_size: int = Field(64, ge=32)
+    encoder: Literal["small", "mobilenetv2"] = "small"  # the object encoder family's backbone
+    small_channels: list[int] = [16, 32, 64]  # the small CNN's widths: 3 stride-2 levels, 8 x 8 tokens at 64 px
+    d_model: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    # training: stage 1 maximum likelihood on positives, stage 2 DPO against the frozen stage 1
+    mle_steps: int = Field(600, ge=1)
+    dpo_steps: int = Field(150, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    dpo_lr: float = Field(2e-4, gt=0.0)
+    beta: float = Field(0.1, gt=0.0)
+    # evaluation: K boxes per test query, counted at an IoU threshold against labelled boxes
+    ks: list[int] = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    iou: float = Field(0.5, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    bootstrap: int = Field(1000, ge=10)
+
+
 class Params(Section):
     ray: RayParams = RayParams()
     make_sample: MakeSampleParams = MakeSampleParams()
@@ -248,6 +291,7 @@ class Params(Section):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    location: LocationParams = LocationParams()
 
 
 class ParamsError(ValueError):

@@ -18,6 +18,12 @@ SHRUNK_OVERRIDES: dict = {
     "evaluate.steps": 2,
     "evaluate.max_samples": 2,
     "evaluate.num_actors": 1,
+    "location.num_scenes": 8,
+    "location.test_fraction": 0.4,
+    "location.mle_steps": 20,
+    "location.dpo_steps": 5,
+    "location.ks": [10, 20],
+    "location.bootstrap": 20,
 }
 
 
