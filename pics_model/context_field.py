@@ -111,7 +111,7 @@ class ContextDescriptorField(nn.Module):
             config = FieldConfig(**json.loads((d / CONFIG_NAME).read_text()))
         except FileNotFoundError as e:
             raise FieldFileError(f"{e.filename}: missing; {d} is not a saved context field "
-                                 "(train one with `pics analogy-train` or the analogy stage)") from None
+                                 "(train one with `pics analogy`, the analogy stage)") from None
         except (OSError, ValueError, TypeError) as e:
             raise FieldFileError(f"{d}: unreadable config.json or sha256.json ({e})") from None
         problem = mismatch(d, {n: records.get(n, {}) for n in (CONFIG_NAME, WEIGHTS_NAME)}, HASHES_NAME)

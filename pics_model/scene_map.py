@@ -7,9 +7,9 @@ ICCV 2025), computed from a trained `ContextDescriptorField`.
   turns about the source object's centroid and the translation lands it on the target object's
   centroid. Each candidate costs the mean squared distance between the source descriptors of the
   query points and the target descriptors at their images, read in the candidate's frame. The
-  ``topk`` cheapest are refined: each query point is matched to nearby target points by descriptor
-  (softmax weights), a weighted yaw-only Procrustes updates the transform, a few rounds; the
-  refined transform with the lowest cost wins.
+  ``topk`` cheapest are refined: each query point is matched to the nearby target point with the
+  closest descriptor, a confidence-weighted yaw-only Procrustes updates the transform, a few
+  rounds; the transform with the lowest cost (refined or not) wins.
 - Fine stage: per-point displacements d(x) towards each point's descriptor match, made smooth by
   a thin-plate-spline RBF interpolator (scipy) fitted on the query points.
 
@@ -36,7 +36,7 @@ class MapConfig:
     topk: int = 3  # candidates refined
     refine_iters: int = 4
     match_radius: float = 0.5  # in field radii: how far from its image a point's match may lie
-    match_temperature: float = 0.05  # softmax over squared descriptor distances
+    match_temperature: float = 0.05  # confidence exp(-squared descriptor distance / temperature)
     fine: bool = True  # False: the coarse-only ablation
     rbf_smoothing: float = 0.5
     seed: int = 0
@@ -124,17 +124,19 @@ def costs(field: ContextDescriptorField, query: torch.Tensor, query_desc: torch.
 @torch.no_grad()
 def matches(field: ContextDescriptorField, query: torch.Tensor, query_desc: torch.Tensor, target: dict,
             t: Similarity, cfg: MapConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query point's descriptor match among the target points near its image: the softmax-
-    weighted position [Q, 3] and a confidence [Q] (the weight mass of the best match)."""
-    tgt_desc = field(target["points"], target["points"], target["labels"], t.rotation, t.scale)
+    """Each query point's descriptor match among the target points near its image: the matched
+    position [Q, 3] (its own image where nothing is near) and a confidence [Q] in (0, 1],
+    exp(-squared descriptor distance / temperature); 0 where nothing is near."""
     image = t.apply(query)
     near = torch.cdist(image, target["points"]) <= cfg.match_radius * field.config.radius * t.scale
-    logits = -((query_desc[:, None] - tgt_desc[None]) ** 2).sum(-1) / cfg.match_temperature
-    logits = logits.masked_fill(~near, float("-inf"))
-    has = near.any(1)
-    w = torch.softmax(logits.masked_fill(~has[:, None], 0.0), 1)
-    matched = torch.where(has[:, None], w @ target["points"], image)
-    return matched, torch.where(has, w.max(1).values, torch.zeros_like(has, dtype=w.dtype))
+    used = near.any(0)  # only the target points some image can reach need descriptors
+    pts = target["points"][used]
+    tgt_desc = field(pts, target["points"], target["labels"], t.rotation, t.scale)
+    dist = ((query_desc[:, None] - tgt_desc[None]) ** 2).sum(-1).masked_fill(~near[:, used], float("inf"))
+    best, idx = dist.min(1) if len(pts) else (torch.full((len(query),), float("inf")), None)
+    has = torch.isfinite(best)
+    matched = torch.where(has[:, None], pts[idx.clamp_min(0)] if idx is not None else image, image)
+    return matched, torch.where(has, torch.exp(-best.clamp(max=1e4) / cfg.match_temperature), torch.zeros_like(best))
 
 
 def procrustes_yaw(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, flip: torch.Tensor,
@@ -186,6 +188,8 @@ def compute_map(field: ContextDescriptorField, source: dict, target: dict, query
     for i in torch.argsort(c)[:cfg.topk].tolist():
         t = refine(field, sub, sub_desc, target, pool[i], cfg)
         cost = float(costs(field, sub, sub_desc, target, [t])[0])
+        if float(c[i]) <= cost:  # refinement may not make a candidate worse
+            t, cost = pool[i], float(c[i])
         if best is None or cost < best.cost:
             best = SceneMap(t, cost)
     if cfg.fine:

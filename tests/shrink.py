@@ -18,6 +18,10 @@ SHRUNK_OVERRIDES: dict = {
     "evaluate.steps": 2,
     "evaluate.max_samples": 2,
     "evaluate.num_actors": 1,
+    "analogy.num_scenes": 6,
+    "analogy.heldout_scenes": 2,
+    "analogy.steps": 2,
+    "analogy.eval_pairs": 1,
 }
 
 

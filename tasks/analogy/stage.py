@@ -2,7 +2,8 @@
 
 Writes under ``out``: ``scenes/`` (every generated scene as a point-set .npz), ``final/`` (the
 descriptor field: config.json, model.safetensors, sha256.json), ``loss.csv`` and
-``metrics.json``. The flow (flows/analogy.py) wraps the whole folder in one atomic rename.
+``metrics.json``, each in one atomic rename (a killed run leaves the previous ones whole). The
+folder may also hold DVC's .gitignore and the stage marker, which are left alone.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from tasks.analogy.train import TrainConfig, train_field
 from tasks.params import AnalogyParams
 
 SCENES, FINAL, METRICS, LOSS = "scenes", "final", "metrics.json", "loss.csv"
-OWNED = {SCENES, FINAL, METRICS, LOSS}
+OWNED = {SCENES, FINAL, METRICS, LOSS, ".gitignore"}  # DVC writes .gitignore beside the outs it tracks
 
 
 def field_config(p: AnalogyParams) -> FieldConfig:
@@ -42,11 +43,13 @@ def train_config(p: AnalogyParams) -> TrainConfig:
 
 
 def make_scenes(p: AnalogyParams, out: Path, log=print) -> list[Scene]:
+    """Generate the scenes and write them to ``out/scenes``."""
     scenes = []
     t0 = time.perf_counter()
-    for i in range(p.num_scenes):
-        scenes.append(generate_scene(i, p.seed, (p.min_objects, p.max_objects), p.points_per_object))
-        save_scene(out / scene_name(i), scenes[-1])
+    with atomic.atomic_dir(out / SCENES) as tmp:
+        for i in range(p.num_scenes):
+            scenes.append(generate_scene(i, p.seed, (p.min_objects, p.max_objects), p.points_per_object))
+            save_scene(tmp / scene_name(i), scenes[-1])
     log(f"generated {len(scenes)} scenes in {time.perf_counter() - t0:.0f} s")
     return scenes
 
@@ -67,25 +70,38 @@ def write_loss(path: Path, curve: list[dict]) -> None:
     atomic.write_bytes(path, buf.getvalue().encode())
 
 
-def run(p: AnalogyParams, out: Path, log=print) -> dict:
-    """Generate, train, save, evaluate into ``out`` (a fresh folder); returns the metrics."""
+def split(p: AnalogyParams, scenes: list[Scene]) -> tuple[list[Scene], list[Scene]]:
+    """(training scenes, held-out scenes): the last ``heldout_scenes`` are held out."""
+    return scenes[:-p.heldout_scenes], scenes[-p.heldout_scenes:]
+
+
+def train_and_save(p: AnalogyParams, out: Path, train: list[Scene], log=print) -> tuple[ContextDescriptorField, dict]:
+    """Train the field, write ``final/`` and ``loss.csv``; returns the field and a summary."""
     torch.set_num_threads(p.threads)
-    scenes = make_scenes(p, out / SCENES, log)
-    train, heldout = scenes[:-p.heldout_scenes], scenes[-p.heldout_scenes:]
     t0 = time.perf_counter()
     field, curve = train_field(train, field_config(p), train_config(p), log)
-    train_seconds = time.perf_counter() - t0
-    field.save(out / FINAL)
+    seconds = time.perf_counter() - t0
+    with atomic.atomic_dir(out / FINAL) as tmp:
+        field.save(tmp)
     write_loss(out / LOSS, curve)
+    return field, {"steps": p.steps, "seconds": round(seconds, 1), "first_loss": round(curve[0]["loss"], 4),
+                   "final_loss": round(curve[-1]["loss"], 4)}
+
+
+def run(p: AnalogyParams, out: Path, log=print) -> dict:
+    """Generate, train, save, evaluate into ``out`` (a fresh folder); returns the metrics."""
+    scenes = make_scenes(p, out, log)
+    train, heldout = split(p, scenes)
+    field, train_info = train_and_save(p, out, train, log)
     metrics = evaluate_field(p, field, train, heldout, log)
-    metrics["train"] = {"steps": p.steps, "seconds": round(train_seconds, 1),
-                        "first_loss": round(curve[0]["loss"], 4), "final_loss": round(curve[-1]["loss"], 4)}
+    metrics["train"] = train_info
     atomic.write_json(out / METRICS, metrics)
     return metrics
 
 
 def evaluate_field(p: AnalogyParams, field: ContextDescriptorField, train: list[Scene], heldout: list[Scene],
                    log=print) -> dict:
+    torch.set_num_threads(p.threads)
     size = field.config.typical_object_size
     full, coarse = ev.ours(field, map_config(p))
     methods = {"ours": full, "ours_coarse_only": coarse, "icp": ev.icp_baseline, "centroid": ev.centroid_baseline}

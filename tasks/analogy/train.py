@@ -68,7 +68,7 @@ def train_field(scenes: list[Scene], field_cfg: FieldConfig, cfg: TrainConfig, l
         loss.backward()
         opt.step()
         sched.step()
-        curve.append({"step": step, "loss": float(loss), "seconds": round(time.perf_counter() - t0, 2)})
+        curve.append({"step": step, "loss": float(loss.detach()), "seconds": round(time.perf_counter() - t0, 2)})
         if log and (step % 50 == 0 or step == cfg.steps):
-            log(f"step {step}/{cfg.steps} loss {float(loss):.3f} ({time.perf_counter() - t0:.0f} s)")
+            log(f"step {step}/{cfg.steps} loss {float(loss.detach()):.3f} ({time.perf_counter() - t0:.0f} s)")
     return field.eval(), curve
