@@ -167,7 +167,8 @@ def test_pics_analogy_maps_one_scene_into_another(scenes, tmp_path):
     torch.manual_seed(0)
     ContextDescriptorField(SMALL).save(tmp_path / "field")
     args = ["analogy", "--source", str(tmp_path / "a.npz"), "--target", str(tmp_path / "b.npz"),
-            "--checkpoint", str(tmp_path / "field"), "--out", str(tmp_path / "map.npz")]
+            "--checkpoint", str(tmp_path / "field"), "--out", str(tmp_path / "map.npz"),
+            "--set", "analogy.topk=1", "--set", "analogy.refine_iters=1"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     with np.load(tmp_path / "map.npz") as z:
@@ -176,5 +177,29 @@ def test_pics_analogy_maps_one_scene_into_another(scenes, tmp_path):
     obj = s.instance >= 0
     assert ev.pcp(mapped[obj], target.points[obj], 0.02) > 0.95
     assert (tmp_path / "map.png").stat().st_size > 0
-    r = CliRunner().invoke(app, args[:3] + ["--out", str(tmp_path / "m2.npz")])
+    r = CliRunner().invoke(app, args[:3] + ["--out", str(tmp_path / "m2.npz")])  # half the mapping options
     assert r.exit_code == 2 and "--target, --checkpoint" in r.output
+
+
+@pytest.mark.slow
+def test_flow_leaves_scenes_field_and_metrics(prefect_harness, tmp_path):
+    from flows.analogy import analogy_flow
+
+    sets = [f"analogy.out={tmp_path / 'analogy'}", "analogy.num_scenes=5", "analogy.heldout_scenes=2",
+            "analogy.steps=3", "analogy.eval_pairs=2", "analogy.min_objects=3", "analogy.max_objects=4",
+            "analogy.points_per_object=16", "analogy.threads=1"]
+    metrics = analogy_flow(overrides=sets)
+    out = tmp_path / "analogy"
+    assert len(list((out / "scenes").glob("scene-*.npz"))) == 5
+    ContextDescriptorField.load(out / "final")
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["methods"].keys() == {"ours", "ours_coarse_only", "icp", "centroid"} == metrics["methods"].keys()
+    for m in saved["methods"].values():
+        assert {"pcp@0.25", "pcp@0.5", "bipcp@0.25", "chamfer@0.25"} <= m.keys()
+    assert saved["train"]["steps"] == 3 and (out / "loss.csv").read_text().count("\n") == 4
+    # a rerun replaces its own outputs; a folder of someone else's is refused
+    analogy_flow(overrides=sets)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("x")
+    with pytest.raises(Exception, match="not marked as an output folder of analogy"):
+        analogy_flow(overrides=sets[1:] + [f"analogy.out={tmp_path / 'other'}"])
