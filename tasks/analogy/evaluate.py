@@ -104,8 +104,8 @@ def ours(field: ContextDescriptorField, cfg: MapConfig) -> tuple[Method, Method]
     def run(source: Scene, target: Scene, query: np.ndarray):
         key = (id(source), id(target), query.tobytes())
         if key not in cache:
-            if len(cache) >= 4:  # the forward and backward maps of one pair for both variants
-                cache.clear()
+            if len(cache) >= 8:  # a pair asks for at most 4 maps: the oldest are of an earlier pair
+                cache.pop(next(iter(cache)))
             m = compute_map(field, scene_tensors(source.points, source.label, source.instance),
                             scene_tensors(target.points, target.label, target.instance),
                             torch.as_tensor(query, dtype=torch.float32), cfg)
