@@ -74,8 +74,8 @@ class ContextDescriptorField(nn.Module):
         if frame is None:
             frame = torch.eye(3, dtype=q.dtype, device=q.device).expand(b, 3, 3)
         frame = frame.reshape(b, 3, 3)
-        scale = torch.as_tensor(scale, dtype=q.dtype, device=q.device).reshape(-1).expand(b) if not (
-            isinstance(scale, torch.Tensor) and scale.numel() == b) else scale.reshape(b).to(q.dtype)
+        scale = torch.as_tensor(scale, dtype=q.dtype, device=q.device).reshape(-1)
+        scale = scale.expand(b) if scale.numel() == 1 else scale.reshape(b)
         k = min(cfg.max_neighbours, len(points))
         dist, idx = torch.cdist(q.reshape(-1, 3), points).topk(k, largest=False)  # [B*Q, k]
         reach = (cfg.radius * scale).repeat_interleave(nq)[:, None]

@@ -85,6 +85,11 @@ def map_files(source_path: str | Path, target_path: str | Path, checkpoint: str 
     if not len(region):
         raise SceneError(f"{source_path}: no object points to map (every point is floor)")
     field = ContextDescriptorField.load(checkpoint)
+    for path, scene in ((source_path, source), (target_path, target)):
+        bad = scene.label[(scene.label < -1) | (scene.label > field.config.num_labels)]
+        if len(bad):
+            raise SceneError(f"{path}: field 'label' holds {int(bad[0])}: labels are LVIS category ids "
+                             f"1..{field.config.num_labels} or -1 (floor)")
     m = compute_map(field, scene_tensors(source.points, source.label, source.instance),
                     scene_tensors(target.points, target.label, target.instance), torch.from_numpy(region), cfg)
     q = torch.from_numpy(query)
