@@ -344,6 +344,7 @@ class AnalogyParams(Section):
     # evaluation pairs
     eval_pairs: int = Field(24, ge=1)
     yaw_jitter_deg: float = Field(10.0, ge=0.0, le=45.0)
+    eval_swap_instances: bool = False  # true: kept objects become other instances of their class (harder)
 
     @model_validator(mode="after")
     def _ranges(self):

@@ -130,6 +130,12 @@ def test_triplet_and_eval_pair_ground_truth(scenes):
     assert 2 <= len(np.unique(pair.truth_instance)) <= 4
     assert len(split_objects(pair.target)) >= len(np.unique(pair.truth_instance)) + 1  # distractors added
     assert ev.chamfer_accuracy(pair.truth, pair.target, pair.truth_instance, 0.15) > 0.95
+    swapped = eval_pair(scenes[1], lib, np.random.default_rng(1), yaw_jitter_deg=0.0, swap=True)
+    kept = np.unique(swapped.truth_instance)
+    same = [swapped.source.label[swapped.query][swapped.truth_instance == k][0] for k in kept]
+    assert [swapped.target.object_label(k) for k in kept] == same  # same classes, other shapes
+    d = np.linalg.norm(swapped.truth[:, None] - swapped.target.points[None], axis=-1).min(1)
+    assert np.median(d) > 0.004  # the truth is where each point's place went, not a point of the new shape
 
 
 def test_saved_field_is_checked_before_loading(tmp_path):

@@ -251,11 +251,15 @@ class EvalPair:
 
 def eval_pair(scene: Scene, library: dict[int, list[np.ndarray]], rng: np.random.Generator,
               keep: tuple[int, int] = (2, 4), distractors: tuple[int, int] = (2, 5),
-              yaw_jitter_deg: float = 10.0, keep_fraction: float = 0.8, noise: float = 0.003) -> EvalPair:
+              yaw_jitter_deg: float = 10.0, keep_fraction: float = 0.8, noise: float = 0.003,
+              swap: bool = False) -> EvalPair:
     """Target = an anchor object and its nearest neighbours (2-4 objects), turned about their
     centre by k * 90 deg + U(-jitter, jitter), moved, resampled (a random ``keep_fraction`` of each
-    object's points, plus noise), with distractor objects around them. Source = ``scene``."""
+    object's points, plus noise), with distractor objects around them. Source = ``scene``.
+    ``swap`` (beyond the paper's pairs): the kept objects become other instances of their class,
+    rescaled, same place; the truth stays where each point's place went."""
     objects = split_objects(scene)
+    shapes = swap_instances(objects, library, rng) if swap else objects
     anchor = objects[rng.integers(len(objects))].position
     order = np.argsort([np.linalg.norm(o.position[:2] - anchor[:2]) for o in objects])
     kept = order[:min(int(rng.integers(keep[0], keep[1] + 1)), len(objects))]
@@ -271,8 +275,9 @@ def eval_pair(scene: Scene, library: dict[int, list[np.ndarray]], rng: np.random
     for j, k in enumerate(kept):
         idx = np.flatnonzero(scene.instance == scene.object_ids()[k])
         world = move(scene.points[idx].astype(np.float64))
-        sub = rng.random(len(idx)) < keep_fraction
-        sampled = world[sub] + rng.normal(0, noise, (int(sub.sum()), 3))
+        shape = move(shapes[k].world())
+        sub = rng.random(len(shape)) < keep_fraction
+        sampled = shape[sub] + rng.normal(0, noise, (int(sub.sum()), 3))
         pos = move(objects[k].position)
         target_objects.append(Obj(objects[k].label, sampled - pos, pos))
         query.append(idx)

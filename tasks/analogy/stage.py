@@ -58,8 +58,8 @@ def eval_pairs(p: AnalogyParams, train: list[Scene], heldout: list[Scene]):
     """Pairs from the held-out scenes, distractors from the training scenes' objects."""
     rng = np.random.default_rng(np.random.SeedSequence([p.seed, 2]))
     library = object_library(train)
-    return [eval_pair(heldout[i % len(heldout)], library, rng, yaw_jitter_deg=p.yaw_jitter_deg)
-            for i in range(p.eval_pairs)]
+    return [eval_pair(heldout[i % len(heldout)], library, rng, yaw_jitter_deg=p.yaw_jitter_deg,
+                      swap=p.eval_swap_instances) for i in range(p.eval_pairs)]
 
 
 def write_loss(path: Path, curve: list[dict]) -> None:
