@@ -30,7 +30,6 @@ from .file_hashes import file_record, mismatch
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 HASHES_NAME = "sha256.json"
-FLOOR_LABEL = -1
 
 
 @dataclass

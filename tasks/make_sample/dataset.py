@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.make_sample.annotate import bbox_xywh, depth_order, encode_rle, segmentation
 from tasks import atomic
+from tasks.make_sample.annotate import bbox_xywh, depth_order, encode_rle, segmentation
 from tasks.make_sample.layout import build_scene, compose_scene, reframe, scene_points
 from tasks.make_sample.renderer import get_renderer
 from tasks.make_sample.shapes import CATEGORIES
