@@ -204,6 +204,40 @@ def evaluate(
 
 
 @app.command()
+def analogy(
+    source: Optional[Path] = typer.Option(None, help="Source scene .npz (points, instance, label)."),
+    target: Optional[Path] = typer.Option(None, help="Target scene .npz."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A trained field folder (e.g. data/analogy/final)."),
+    out: Optional[Path] = typer.Option(None, help="Map to write (.npz: mapped [P,3], ...); a .png beside it."),
+    query: Optional[Path] = typer.Option(None, help="Points to map (.npz with points [Q,3]); default: the source's."),
+    set_: Optional[list[str]] = SetOpt,
+    params: Optional[Path] = ParamsOpt,
+):
+    """3D scene analogies. With --source/--target/--checkpoint/--out: map one scene into another.
+    Without them: the stage (generate scenes, train the field, score maps against baselines)."""
+    p = _params(params, set_)
+    from pics_model.context_field import FieldFileError
+    from tasks.analogy.scenes import SceneError
+
+    given = {"--source": source, "--target": target, "--checkpoint": checkpoint, "--out": out}
+    with _user_errors(SceneError, FieldFileError):
+        if not any(v is not None for v in given.values()) and query is None:
+            from flows.analogy import analogy_flow
+
+            analogy_flow(params=p)
+            return
+        missing = [k for k, v in given.items() if v is None]
+        if missing:
+            _fail(f"analogy: mapping one scene needs {', '.join(missing)} too (or none of them to run the stage)")
+        from tasks.analogy.apply import map_files
+        from tasks.analogy.stage import map_config
+
+        cfg = map_config(p.analogy)
+        for path in map_files(source, target, checkpoint, out, query, cfg):
+            typer.echo(str(path))
+
+
+@app.command()
 def pipeline(
     set_: Optional[list[str]] = SetOpt,
     name: Optional[str] = typer.Option(None, help="DVC experiment name."),

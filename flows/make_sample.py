@@ -69,7 +69,7 @@ def make_sample_flow(overrides: list[str] | None = None, params: Params | None =
     logger.info("rendering %d images %dx%d, %d-%d objects each, seed %d -> %s", p.num_images, p.width, p.height,
                 p.min_objects, p.max_objects, p.seed, out)
     # the rename below replaces the whole folder: only a folder of make_sample's own may go
-    check_output_owner(out, STAGE, {dataset.IMAGES, dataset.ANNOTATIONS})
+    check_output_owner(out, STAGE, {dataset.IMAGES, dataset.SCENES, dataset.ANNOTATIONS})
     t0 = time.perf_counter()
     with atomic.atomic_dir(out) as tmp:
         mark_output(tmp, STAGE)

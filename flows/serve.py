@@ -22,6 +22,7 @@ DEPLOYMENTS = [
     ("flows.render_priors", "render_priors_flow", "render-priors"),
     ("flows.train", "train_flow", "train"),
     ("flows.evaluate", "evaluate_flow", "evaluate"),
+    ("flows.analogy", "analogy_flow", "analogy"),
     ("flows.pipeline", "pipeline_flow", "pipeline"),
 ]
 

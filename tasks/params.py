@@ -292,6 +292,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     location: LocationParams = LocationParams()
+    analogy: AnalogyParams = Field(default_factory=lambda: AnalogyParams())  # class at the end of the file
 
 
 class ParamsError(ValueError):
@@ -411,3 +412,51 @@ def resolve_path(p: str | Path, root: Path | None = None) -> Path:
     """Paths in params.yaml are relative to the project root (see :func:`project_root`)."""
     p = Path(p).expanduser()
     return p if p.is_absolute() else (root or project_root()) / p
+
+
+class AnalogyParams(Section):
+    """3D scene analogies (tasks/analogy): scenes from the embedded generator, a contextual
+    descriptor field trained on triplets, scene maps scored on augmented pairs."""
+    out: str = "data/analogy"
+    num_scenes: int = Field(96, ge=4)  # generated layouts (point sets only, no images)
+    heldout_scenes: int = Field(16, ge=1)  # the last ones: evaluation pairs come from these only
+    min_objects: int = Field(4, ge=2)
+    max_objects: int = Field(7, ge=2)
+    points_per_object: int = Field(64, ge=8)
+    seed: int = 0
+    # descriptor field
+    radius: float = Field(0.35, gt=0.0)  # scene units
+    max_neighbours: int = Field(24, ge=4)
+    width: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    feature_dim: int = Field(64, ge=8)
+    # training (seconds on 2 cores ~ steps * batch_scenes * queries / 300)
+    steps: int = Field(400, ge=1)
+    batch_scenes: int = Field(2, ge=1)
+    queries: int = Field(48, ge=2)
+    lr: float = Field(1e-3, gt=0.0)
+    temperature: float = Field(0.2, gt=0.0)
+    threads: int = Field(2, ge=1)  # torch CPU threads
+    # scene map
+    num_yaws: int = Field(4, ge=1)
+    flips: bool = True
+    scales: list[float] = [1.0]
+    topk: int = Field(3, ge=1)
+    refine_iters: int = Field(4, ge=0)
+    rbf_smoothing: float = Field(0.5, ge=0.0)
+    # evaluation pairs
+    eval_pairs: int = Field(24, ge=1)
+    yaw_jitter_deg: float = Field(10.0, ge=0.0, le=45.0)
+    eval_swap_instances: bool = False  # true: kept objects become other instances of their class (harder)
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if self.max_objects < self.min_objects:
+            raise ValueError("max_objects must be >= min_objects")
+        if self.heldout_scenes >= self.num_scenes:
+            raise ValueError("heldout_scenes must be fewer than num_scenes")
+        return self
+
+
+Params.model_rebuild()  # resolves the forward reference to AnalogyParams

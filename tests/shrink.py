@@ -24,6 +24,10 @@ SHRUNK_OVERRIDES: dict = {
     "location.dpo_steps": 5,
     "location.ks": [10, 20],
     "location.bootstrap": 20,
+    "analogy.num_scenes": 6,
+    "analogy.heldout_scenes": 2,
+    "analogy.steps": 2,
+    "analogy.eval_pairs": 1,
 }
 
 

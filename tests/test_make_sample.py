@@ -179,3 +179,15 @@ def test_flow_writes_the_dataset_atomically_and_ray_gives_the_same_bytes(prefect
     for n in names:  # Ray workers render the very same pixels as the driver
         assert (out1 / dataset.IMAGES / n).read_bytes() == (out2 / dataset.IMAGES / n).read_bytes()
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".tmp-")]
+
+
+def test_each_image_has_its_scene_as_a_point_set(sample, lvis_api):
+    from tasks.analogy.scenes import load_scene
+
+    for img in lvis_api.dataset["images"]:
+        scene = load_scene(sample / dataset.SCENES / f"{Path(img['file_name']).stem}.npz")
+        # every object of the scene is in the point set, annotated or left out of the image
+        shown = {a["object_index"]: a["category_id"] for a in lvis_api.img_ann_map[img["id"]]}
+        for k, cat in shown.items():
+            assert set(scene.label[scene.instance == k]) == {cat}
+        assert len(scene.object_ids()) >= len(shown) and (scene.label[scene.instance < 0] == -1).all()

@@ -14,14 +14,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tasks import atomic
 from tasks.make_sample.annotate import bbox_xywh, depth_order, encode_rle, segmentation
-from tasks.make_sample.layout import build_scene, compose_scene, reframe
+from tasks.make_sample.layout import build_scene, compose_scene, reframe, scene_points
 from tasks.make_sample.renderer import get_renderer
 from tasks.make_sample.shapes import CATEGORIES
 from tasks.params import MakeSampleParams
 
 ANNOTATIONS = "annotations.json"
 IMAGES = "images"
+SCENES = "scenes"  # each image's 3D scene as a labelled point set (.npz), for tasks/analogy
 CAMERA_ATTEMPTS = 4  # a hidden object gets up to 3 higher cameras before it is left out
 
 
@@ -115,10 +117,20 @@ def render_image(p: MakeSampleParams, index: int, images_dir: Path) -> dict:
     t2 = time.perf_counter()
     name = file_name(index, p.image_format)
     (images_dir / name).write_bytes(_encode_image(views.rgb, p))
+    write_scene_points(images_dir.parent / SCENES / f"{Path(name).stem}.npz", spec, p.seed, index)
     image = {"id": index + 1, "width": p.width, "height": p.height, "file_name": name,
              "coco_url": f"{IMAGES}/{name}", "license": 1, "not_exhaustive_category_ids": []}
     timing = {"layout": t_layout, "render": t_render, "annotate": t_annotate, "encode_write": time.perf_counter() - t2}
     return {"image": image, "annotations": anns, "omitted": omitted, "formats": dict(formats), "timing": timing}
+
+
+def write_scene_points(path: Path, spec, seed: int, index: int) -> None:
+    """The scene's point set (layout.scene_points) as .npz; its own random stream, so the images
+    do not change."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index, 1]))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **scene_points(spec, rng))
+    atomic.write_bytes(path, buf.getvalue())
 
 
 def render_images(p: MakeSampleParams, indices: list[int], images_dir: str | Path) -> list[dict]:

@@ -332,3 +332,33 @@ def build_scene(pyrender, spec: SceneSpec, width: int, height: int):
     add(cam, spec.camera_pose)
     add(pyrender.DirectionalLight(color=spec.sun_color, intensity=spec.sun_intensity), spec.sun_pose)
     return scene, nodes
+
+
+FLOOR_SPACING = 0.1  # scene units between floor points
+FLOOR_MARGIN = 0.2  # the floor grid reaches this far beyond the objects' footprints
+
+
+def floor_grid(object_points: np.ndarray) -> np.ndarray:
+    """[F, 3] floor points (z = 0) on a grid under the objects' footprints, with a margin."""
+    lo, hi = object_points[:, :2].min(0) - FLOOR_MARGIN, object_points[:, :2].max(0) + FLOOR_MARGIN
+    gx, gy = np.meshgrid(np.arange(lo[0], hi[0], FLOOR_SPACING), np.arange(lo[1], hi[1], FLOOR_SPACING))
+    return np.stack([gx.ravel(), gy.ravel(), np.zeros(gx.size)], 1)
+
+
+def scene_points(spec: SceneSpec, rng: np.random.Generator, per_object: int = 64) -> dict[str, np.ndarray]:
+    """The scene as a labelled point set (the 3D scene analogy stage's input, tasks/analogy):
+    ``points`` [P, 3] float32 scene units (``per_object`` area-uniform surface samples of each
+    object, then a floor grid under the objects at z = 0), ``instance`` [P] int32 (object index,
+    -1 floor), ``label`` [P] int32 (LVIS category id, -1 floor)."""
+    pts, inst, lab = [], [], []
+    for k, o in enumerate(spec.objects):
+        local, _ = trimesh.sample.sample_surface(o.shape.mesh, per_object, seed=rng)
+        pts.append(trimesh.transform_points(local, o.pose))
+        inst.append(np.full(per_object, k))
+        lab.append(np.full(per_object, o.category.id))
+    floor = floor_grid(np.concatenate(pts))
+    pts.append(floor)
+    inst.append(np.full(len(floor), -1))
+    lab.append(np.full(len(floor), -1))
+    return {"points": np.concatenate(pts).astype(np.float32), "instance": np.concatenate(inst).astype(np.int32),
+            "label": np.concatenate(lab).astype(np.int32)}

@@ -1,0 +1,136 @@
+"""Contextual descriptor field of a 3D scene (Kim et al., "Learning 3D Scene Analogies with Neural
+Contextual Scene Maps", ICCV 2025): a unit vector for any point in space that describes what lies
+around it, so that points with the same spatial context in two scenes get close descriptors.
+
+For a query point q, the scene points within ``radius`` of it (at most ``max_neighbours``, the
+nearest) each become a token: an MLP of the offset (p - q) / radius, concatenated with a learnt
+embedding of the point's semantic label (floor included). A small transformer reads the tokens
+after a learnt summary token; the summary token's output, projected and L2-normalised, is the
+descriptor. Nothing here is rotation invariant: a descriptor is taken in a *frame* (rotation R,
+scale s), i.e. offsets are read as R^T (p - q) / s, which is how the scene map compares a source
+point with its image under a candidate similarity transform. Trained with InfoNCE (`info_nce`).
+
+Saved as a folder: config.json + model.safetensors + sha256.json (sizes and SHA-256 of both,
+checked before loading, as for the PICS model); never pickle.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .file_hashes import file_record, mismatch
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+HASHES_NAME = "sha256.json"
+
+
+@dataclass
+class FieldConfig:
+    radius: float = 0.35  # scene units: the context a descriptor sees
+    max_neighbours: int = 32
+    width: int = 64  # transformer width (position 32 + semantic 32 per token)
+    layers: int = 2
+    heads: int = 4
+    feature_dim: int = 64  # descriptor size
+    num_labels: int = 1204  # LVIS v1 category ids 1..1203; -1 (floor) is embedded too
+    typical_object_size: float = 0.4  # the unit of the PCP thresholds; set from the training scenes
+
+
+class FieldFileError(ValueError):
+    """A saved field folder that is incomplete or whose bytes differ from its sha256.json."""
+
+
+class ContextDescriptorField(nn.Module):
+    def __init__(self, config: FieldConfig):
+        super().__init__()
+        self.config = config
+        half = config.width // 2
+        self.position = nn.Sequential(nn.Linear(3, half), nn.ReLU(), nn.Linear(half, half))
+        self.semantic = nn.Embedding(config.num_labels + 1, config.width - half)  # index label + 1: floor is 0
+        self.summary = nn.Parameter(torch.randn(1, 1, config.width) * 0.02)
+        layer = nn.TransformerEncoderLayer(config.width, config.heads, 2 * config.width, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.head = nn.Linear(config.width, config.feature_dim)
+
+    def forward(self, queries: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
+                frame: torch.Tensor | None = None, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """Descriptors [..., Q, D] of ``queries`` [..., Q, 3] in one scene (``points`` [P, 3],
+        ``labels`` [P] int, -1 floor), each batch entry read in its frame: ``frame`` [..., 3, 3]
+        (rotation, possibly with a flip; default identity) and ``scale`` [...] or a float."""
+        cfg = self.config
+        lead = queries.shape[:-2]
+        q = queries.reshape(-1, queries.shape[-2], 3)  # [B, Q, 3]
+        b, nq = q.shape[:2]
+        if frame is None:
+            frame = torch.eye(3, dtype=q.dtype, device=q.device).expand(b, 3, 3)
+        frame = frame.reshape(b, 3, 3)
+        scale = torch.as_tensor(scale, dtype=q.dtype, device=q.device).reshape(-1)
+        scale = scale.expand(b) if scale.numel() == 1 else scale.reshape(b)
+        k = min(cfg.max_neighbours, len(points))
+        dist, idx = torch.cdist(q.reshape(-1, 3), points).topk(k, largest=False)  # [B*Q, k]
+        reach = (cfg.radius * scale).repeat_interleave(nq)[:, None]
+        offset = (points[idx] - q.reshape(-1, 1, 3)).reshape(b, nq * k, 3)
+        offset = (offset @ frame).reshape(b * nq, k, 3) / reach[..., None]  # R^T (p - q) as rows
+        tokens = torch.cat([self.position(offset), self.semantic(labels[idx].long() + 1)], -1)
+        far = dist > reach  # [B*Q, k]
+        x = torch.cat([self.summary.expand(len(tokens), 1, -1), tokens], 1)
+        pad = torch.cat([torch.zeros_like(far[:, :1]), far], 1)
+        out = self.encoder(x, src_key_padding_mask=pad)[:, 0]
+        return F.normalize(self.head(out), dim=-1).reshape(*lead, nq, cfg.feature_dim)
+
+    # ------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """config.json + model.safetensors, then sha256.json of both (checked by `load`). Files
+        are written in place: a stage writes into a temporary folder it renames when complete
+        (tasks.atomic.atomic_dir)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "pics_model": "context_field"})
+        (d / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2, sort_keys=True) + "\n")
+        hashes = {n: file_record(d / n) for n in (CONFIG_NAME, WEIGHTS_NAME)}
+        (d / HASHES_NAME).write_text(json.dumps(hashes, indent=2) + "\n")
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ContextDescriptorField":
+        """The field saved in ``directory``, after checking its files against sha256.json."""
+        d = Path(directory)
+        try:
+            records = json.loads((d / HASHES_NAME).read_text())
+            config = FieldConfig(**json.loads((d / CONFIG_NAME).read_text()))
+        except FileNotFoundError as e:
+            raise FieldFileError(f"{e.filename}: missing; {d} is not a saved context field "
+                                 "(train one with `pics analogy`, the analogy stage)") from None
+        except (OSError, ValueError, TypeError) as e:
+            raise FieldFileError(f"{d}: unreadable config.json or sha256.json ({e})") from None
+        problem = mismatch(d, {n: records.get(n, {}) for n in (CONFIG_NAME, WEIGHTS_NAME)}, HASHES_NAME)
+        if problem:
+            raise FieldFileError(problem)
+        field = cls(config)
+        try:
+            field.load_state_dict(load_file(str(d / WEIGHTS_NAME)))
+        except (SafetensorError, RuntimeError) as e:
+            raise FieldFileError(f"{d / WEIGHTS_NAME}: does not hold this config's weights ({e})") from None
+        return field.eval()
+
+
+def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None = None,
+             temperature: float = 0.2) -> torch.Tensor:
+    """InfoNCE over corresponding rows: ``anchor`` [N, D] row i should match ``positive`` row i
+    rather than any other positive row or any row of ``negative`` [M, D] (the same points in a
+    scene whose context was disturbed); symmetric in anchor and positive. Inputs are unit vectors."""
+    others = positive if negative is None else torch.cat([positive, negative])
+    target = torch.arange(len(anchor), device=anchor.device)
+    forward = F.cross_entropy(anchor @ others.T / temperature, target)
+    backward = F.cross_entropy(positive @ anchor.T / temperature, target)
+    return (forward + backward) / 2

@@ -1,0 +1,201 @@
+"""3D scene analogies: the point-set export, the descriptor field's frames, the coarse stage on a
+pair with a known answer, the metric and baseline definitions, the saved field and `pics analogy`."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pics_model.context_field import ContextDescriptorField, FieldConfig, FieldFileError
+from pics_model.scene_map import MapConfig, compute_map, scene_tensors, yaw
+from tasks.analogy import evaluate as ev
+from tasks.analogy.scenes import (Scene, SceneError, eval_pair, generate_scene, load_scene, object_library,
+                                  save_scene, split_objects, triplet, yaw_matrix)
+from tasks.make_sample.shapes import CATEGORIES
+
+FAST = MapConfig(max_query_objects=1, topk=1, coarse_queries=48)  # fewer candidates, same code
+SMALL = FieldConfig(radius=0.35, max_neighbours=16, width=32, layers=1, heads=2, feature_dim=16)
+
+
+@pytest.fixture(scope="module")
+def scenes() -> list[Scene]:
+    return [generate_scene(i, 0, (4, 5), 24) for i in range(3)]
+
+
+def _turned(scene: Scene, angle: float, shift) -> Scene:
+    return Scene((scene.points @ yaw_matrix(angle).T + np.asarray(shift)).astype(np.float32), scene.instance.copy(),
+                 scene.label.copy())
+
+
+def test_export_schema(scenes, tmp_path):
+    s = scenes[0]
+    assert s.points.dtype == np.float32 and s.points.shape[1] == 3
+    assert s.instance.shape == s.label.shape == (len(s.points),)
+    floor = s.instance == -1
+    assert floor.any() and (s.label[floor] == -1).all() and np.allclose(s.points[floor, 2], 0)
+    ids = s.object_ids()
+    assert list(ids) == list(range(len(ids))) and 4 <= len(ids) <= 5
+    assert all((s.instance == k).sum() == 24 for k in ids)
+    assert set(s.label[~floor]) <= {c.id for c in CATEGORIES}
+    assert s.points[~floor, 2].min() > -1e-3  # objects rest on or above the floor
+    path = save_scene(tmp_path / "s.npz", s)
+    back = load_scene(path)
+    assert np.array_equal(back.points, s.points) and np.array_equal(back.label, s.label)
+
+
+def test_bad_scene_files_are_named_with_the_field(tmp_path):
+    np.savez(tmp_path / "a.npz", points=np.zeros((4, 3), np.float32), instance=np.zeros(4, np.int32))
+    with pytest.raises(SceneError, match=r"a\.npz: field 'label' missing"):
+        load_scene(tmp_path / "a.npz")
+    np.savez(tmp_path / "b.npz", points=np.zeros((4, 2), np.float32), instance=np.zeros(4, np.int32),
+             label=np.zeros(4, np.int32))
+    with pytest.raises(SceneError, match=r"b\.npz: field 'points' must be \[P, 3\]"):
+        load_scene(tmp_path / "b.npz")
+    with pytest.raises(SceneError, match="no such scene file"):
+        load_scene(tmp_path / "missing.npz")
+
+
+def test_descriptors_follow_rigid_motions_when_read_in_their_frame(scenes):
+    torch.manual_seed(0)
+    field = ContextDescriptorField(SMALL).eval()
+    s = scenes[0]
+    angle, shift = 1.1, (0.4, -0.3, 0.0)
+    moved = _turned(s, angle, shift)
+    q = s.points[s.instance >= 0][::5]
+    with torch.no_grad():
+        here = field(torch.from_numpy(q), torch.from_numpy(s.points), torch.from_numpy(s.label))
+        there = field(torch.from_numpy(moved.points[s.instance >= 0][::5]), torch.from_numpy(moved.points),
+                      torch.from_numpy(moved.label), yaw(angle))
+        unframed = field(torch.from_numpy(moved.points[s.instance >= 0][::5]), torch.from_numpy(moved.points),
+                         torch.from_numpy(moved.label))
+    assert torch.allclose(here, there, atol=1e-4)
+    assert not torch.allclose(here, unframed, atol=1e-2)  # the frame is what makes them agree
+    assert torch.allclose(here.norm(dim=-1), torch.ones(len(q)), atol=1e-5)
+
+
+def test_coarse_stage_recovers_a_known_rotation(scenes):
+    torch.manual_seed(0)
+    field = ContextDescriptorField(SMALL).eval()
+    s = scenes[1]
+    angle, shift = np.pi / 2, np.array([1.5, 0.2, 0.0])
+    target = _turned(s, angle, shift)
+    query = torch.from_numpy(s.points[s.instance >= 0])
+    m = compute_map(field, scene_tensors(s.points, s.label, s.instance),
+                    scene_tensors(target.points, target.label, target.instance), query, FAST)
+    assert torch.allclose(m.transform.rotation, yaw(angle), atol=1e-3)
+    truth = query.numpy() @ yaw_matrix(angle).T + shift
+    assert np.abs(m.transform.apply(query).numpy() - truth).max() < 1e-3
+    # the fine stage's smoothed displacements keep an exact map exact (to a fraction of the point spacing)
+    assert m.displacement is not None
+    assert ev.pcp(m(query).numpy(), truth, 0.02) > 0.95
+
+
+def test_metric_definitions():
+    truth = np.zeros((4, 3))
+    mapped = np.array([[0.05, 0, 0], [0.2, 0, 0], [0, 0.09, 0], [0, 0, 1.0]])
+    assert ev.pcp(mapped, truth, 0.1) == 0.5
+    assert ev.pcp(mapped, truth, 0.25) == 0.75
+    target = Scene(np.array([[0, 0, 0], [1, 0, 0], [5, 5, 0]], np.float32), np.array([0, 0, 1], np.int32),
+                   np.array([3, 3, 4], np.int32))
+    # mapped points near object 0's points count for object 0 only, wherever on it they land
+    pts = np.array([[0.95, 0.05, 0], [5, 5, 0], [0.5, 0, 0]])
+    assert ev.chamfer_accuracy(pts, target, np.array([0, 0, 0]), 0.2) == pytest.approx(1 / 3)
+
+
+def test_baselines_on_pairs_they_should_solve(scenes):
+    s = scenes[2]
+    angle, shift = np.pi / 2 + 0.05, np.array([0.7, -0.4, 0.0])
+    target = _turned(s, angle, shift)
+    query = s.points[s.instance >= 0]
+    truth = query @ yaw_matrix(angle).T + shift
+    assert ev.pcp(ev.icp_baseline(s, target, query), truth, 0.01) > 0.99
+    moved = Scene((s.points + shift).astype(np.float32), s.instance, s.label)  # a pure translation
+    assert ev.pcp(ev.centroid_baseline(s, moved, query), query + shift, 1e-4) == 1.0
+
+
+def test_triplet_and_eval_pair_ground_truth(scenes):
+    rng = np.random.default_rng(0)
+    lib = object_library(scenes)
+    t = triplet(scenes[0], lib, rng, 32, drop=0.0)
+    d = np.linalg.norm(t.negative_at[:, None] - t.negative.points[None], axis=-1).min(1)
+    assert d.max() < 1e-5  # each negative correspondence is the moved object point itself
+    assert len(split_objects(t.positive)) == len(split_objects(t.anchor))
+    pair = eval_pair(scenes[1], lib, rng, yaw_jitter_deg=0.0)
+    q = pair.source.points[pair.query].astype(np.float64)
+    # the truth is a rigid motion of the query points: distances are kept
+    assert np.allclose(np.linalg.norm(q[:1] - q, axis=1), np.linalg.norm(pair.truth[:1] - pair.truth, axis=1),
+                       atol=1e-4)
+    assert 2 <= len(np.unique(pair.truth_instance)) <= 4
+    assert len(split_objects(pair.target)) >= len(np.unique(pair.truth_instance)) + 1  # distractors added
+    assert ev.chamfer_accuracy(pair.truth, pair.target, pair.truth_instance, 0.15) > 0.95
+    swapped = eval_pair(scenes[1], lib, np.random.default_rng(1), yaw_jitter_deg=0.0, swap=True)
+    kept = np.unique(swapped.truth_instance)
+    same = [swapped.source.label[swapped.query][swapped.truth_instance == k][0] for k in kept]
+    assert [swapped.target.object_label(k) for k in kept] == same  # same classes, other shapes
+    d = np.linalg.norm(swapped.truth[:, None] - swapped.target.points[None], axis=-1).min(1)
+    assert np.median(d) > 0.004  # the truth is where each point's place went, not a point of the new shape
+
+
+def test_saved_field_is_checked_before_loading(tmp_path):
+    field = ContextDescriptorField(SMALL)
+    d = field.save(tmp_path / "f")
+    assert json.loads((d / "config.json").read_text())["width"] == 32
+    loaded = ContextDescriptorField.load(d)
+    assert all(torch.equal(a, b) for a, b in zip(field.state_dict().values(), loaded.state_dict().values()))
+    raw = bytearray((d / "model.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (d / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(FieldFileError, match="model.safetensors: its sha256 differs"):
+        ContextDescriptorField.load(d)
+
+
+def test_pics_analogy_maps_one_scene_into_another(scenes, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    s = scenes[1]
+    target = _turned(s, -np.pi / 2, (0.2, 0.1, 0.0))
+    save_scene(tmp_path / "a.npz", s)
+    save_scene(tmp_path / "b.npz", target)
+    torch.manual_seed(0)
+    ContextDescriptorField(SMALL).save(tmp_path / "field")
+    args = ["analogy", "--source", str(tmp_path / "a.npz"), "--target", str(tmp_path / "b.npz"),
+            "--checkpoint", str(tmp_path / "field"), "--out", str(tmp_path / "map.npz"),
+            "--set", "analogy.topk=1", "--set", "analogy.refine_iters=1"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    with np.load(tmp_path / "map.npz") as z:
+        mapped = z["mapped"]
+    assert mapped.shape == s.points.shape
+    obj = s.instance >= 0
+    assert ev.pcp(mapped[obj], target.points[obj], 0.02) > 0.95
+    assert (tmp_path / "map.png").stat().st_size > 0
+    r = CliRunner().invoke(app, args[:3] + ["--out", str(tmp_path / "m2.npz")])  # half the mapping options
+    assert r.exit_code == 2 and "--target, --checkpoint" in r.output
+
+
+@pytest.mark.slow
+def test_flow_leaves_scenes_field_and_metrics(prefect_harness, tmp_path):
+    from flows.analogy import analogy_flow
+
+    sets = [f"analogy.out={tmp_path / 'analogy'}", "analogy.num_scenes=5", "analogy.heldout_scenes=2",
+            "analogy.steps=3", "analogy.eval_pairs=2", "analogy.min_objects=3", "analogy.max_objects=4",
+            "analogy.points_per_object=16", "analogy.threads=1"]
+    metrics = analogy_flow(overrides=sets)
+    out = tmp_path / "analogy"
+    assert len(list((out / "scenes").glob("scene-*.npz"))) == 5
+    ContextDescriptorField.load(out / "final")
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["methods"].keys() == {"ours", "ours_coarse_only", "icp", "centroid"} == metrics["methods"].keys()
+    for m in saved["methods"].values():
+        assert {"pcp@0.25", "pcp@0.5", "bipcp@0.25", "chamfer@0.25"} <= m.keys()
+    assert saved["train"]["steps"] == 3 and (out / "loss.csv").read_text().count("\n") == 4
+    # a rerun replaces its own outputs; a folder of someone else's is refused
+    analogy_flow(overrides=sets)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("x")
+    with pytest.raises(Exception, match="not marked as an output folder of analogy"):
+        analogy_flow(overrides=sets[1:] + [f"analogy.out={tmp_path / 'other'}"])
