@@ -225,6 +225,27 @@ def composite(
 
 
 @app.command()
+def layout(
+    elements: list[Path] = typer.Option(..., "--elements", help="Element images or folders of them (silhouette: "
+                                        "alpha, else non-white pixels); more may follow as arguments."),
+    more_elements: Optional[list[Path]] = typer.Argument(None, help="More element images (e.g. --elements dir/*.png)."),
+    target: Path = typer.Option(..., help="Target mask (white inside, or alpha)."),
+    out: Path = typer.Option(..., help="Output folder: layout.json, masks/, collage.png, metrics.json."),
+    set_: Optional[list[str]] = SetOpt,
+    params: Optional[Path] = ParamsOpt,
+):
+    """Pack elements into a target shape: image-space collage by differentiable rendering."""
+    from tasks.layout.io import LayoutInputError
+    from tasks.layout.stage import run_files
+    from tasks.params import load_params
+
+    with _user_errors(LayoutInputError):
+        p = load_params(_params_file(params), list(set_ or [])).layout
+        metrics = run_files([*elements, *(more_elements or [])], target, out, p)
+    typer.echo(" ".join(f"{k}={v}" for k, v in metrics.items()))
+
+
+@app.command()
 def results(
     evaluate: Optional[Path] = typer.Option(None, help="Evaluate metrics (default: <evaluate.out>/metrics.json)."),
     train: Optional[Path] = typer.Option(None, help="Train metrics (default: <train.out>/metrics.json)."),

@@ -203,6 +203,57 @@ class EvaluateParams(Section):
     dreamsim_path: str | None = None  # local DreamSim ensemble (TorchScript): dreamsim
 
 
+class LayoutParams(Section):
+    """``pics layout`` and the layout stage (pics_model.layout.LayoutConfig carries the method's fields)."""
+
+    samples: str = "data/decomposed"  # stage: whose object silhouettes are packed
+    out: str = "data/layout"
+    targets: list[Literal["circle", "heart", "star", "letter"]] = ["circle", "heart", "star", "letter"]
+    letter: str = Field("S", min_length=1, max_length=1)  # the "letter" target's character
+    target_size: int = Field(160, ge=32)  # stage: the procedural targets' side, px
+    max_elements: int = Field(40, ge=1)  # stage: distinct silhouettes packed per target
+    method: Literal["differentiable", "greedy"] = "differentiable"  # pics layout's packer
+    threads: int | None = Field(None, ge=1)  # torch CPU threads; None: torch's default
+    # the method (paper: Wang & Lu 2025); see pics_model/layout/optimize.py
+    resolutions: list[int] = [64, 128, 256]  # level long sides, coarse to fine (capped at the target's)
+    iterations: list[int] = [100, 60, 40]
+    w_containment: float = Field(1.0, ge=0.0)
+    w_overlap: float = Field(20.0, ge=0.0)
+    overlap_ramp: float = Field(10.0, ge=1.0)
+    w_uniformity: float = Field(0.2, ge=0.0)
+    w_pair: float = Field(1.0, ge=0.0)
+    outside_weight: float = Field(100.0, ge=1.0)
+    lr_position: float = Field(0.5, gt=0.0)
+    lr_angle: float = Field(0.05, ge=0.0)
+    lr_scale: float = Field(0.01, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.9)  # Adam (paper code)
+    init_fill: float = Field(0.55, gt=0.0, le=1.0)
+    rotate: bool = True
+    pair_overlap: float = Field(0.0, ge=0.0, lt=1.0)  # > 0: each pair (i, i+1) shares this much of the smaller
+    composite_pair_overlap: float = Field(0.15, ge=0.0, lt=1.0)  # pics composite --layout auto's pair_overlap
+    uniformity_kernels: list[int] = [5, 11, 17]
+    blur_px: float = Field(1.0, ge=0.0)
+    margin: float = Field(0.1, ge=0.0)
+    reseed_share: float = Field(0.5, gt=0.0)  # >= 1: never
+    separate_rounds: int = Field(20, ge=0)
+
+    @model_validator(mode="after")
+    def _levels(self):
+        if len(self.resolutions) != len(self.iterations) or not self.resolutions:
+            raise ValueError("resolutions and iterations need the same, non-zero, length")
+        if min(self.resolutions) < 8 or min(self.iterations) < 0:
+            raise ValueError("resolutions must be >= 8 and iterations >= 0")
+        return self
+
+    def config(self, **changes):
+        """The method's fields as a pics_model LayoutConfig (``changes`` override some)."""
+        from dataclasses import fields
+
+        from pics_model.layout import LayoutConfig
+
+        return LayoutConfig(**{f.name: getattr(self, f.name) for f in fields(LayoutConfig)} | changes)
+
+
 class Params(Section):
     ray: RayParams = RayParams()
     make_sample: MakeSampleParams = MakeSampleParams()
@@ -211,6 +262,7 @@ class Params(Section):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    layout: LayoutParams = LayoutParams()
 
 
 class ParamsError(ValueError):

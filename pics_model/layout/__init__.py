@@ -13,11 +13,11 @@ A greedy object-space packer is the baseline. Components, one file each:
     greedy.py    :func:`greedy_pack`, the object-space baseline
     metrics.py   placed masks at the target's size, coverage / overlap / exceed
 """
-from pics_model.layout.elements import Element, make_elements
+from pics_model.layout.elements import Element, make_element, make_elements
 from pics_model.layout.greedy import greedy_pack
 from pics_model.layout.metrics import layout_metrics, placed_masks
 from pics_model.layout.optimize import LayoutConfig, pack
 from pics_model.layout.placement import Placement
 
-__all__ = ["Element", "make_elements", "LayoutConfig", "Placement", "greedy_pack", "layout_metrics", "pack",
-           "placed_masks"]
+__all__ = ["Element", "LayoutConfig", "Placement", "greedy_pack", "layout_metrics", "make_element", "make_elements",
+           "pack", "placed_masks"]

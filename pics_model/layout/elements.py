@@ -16,16 +16,19 @@ import torch.nn.functional as F
 @dataclass
 class Element:
     """mask: float32 [S, S] in [0, 1], the tight box centred in a square; extent: S (source px);
-    area: silhouette pixels (source px); name: where it came from (a file name, an object key)."""
+    area: silhouette pixels (source px); name: where it came from (a file name, an object key);
+    image: optional float32 [3, S, S] in [0, 1], the object's pixels cut the same way (pictures)."""
 
     mask: torch.Tensor
     extent: float
     area: float
     name: str = ""
+    image: torch.Tensor | None = None
 
 
-def make_element(mask: np.ndarray, name: str = "") -> Element:
-    """A silhouette (bool/0-1/0-255 array [h, w], any background) -> Element; ValueError when empty."""
+def make_element(mask: np.ndarray, name: str = "", image: np.ndarray | None = None) -> Element:
+    """A silhouette (bool/0-1/0-255 array [h, w], any background) and optionally the object's
+    uint8 RGB [h, w, 3] -> Element; ValueError when the silhouette is empty."""
     m = np.asarray(mask)
     m = m > (127 if m.dtype == np.uint8 and m.max() > 1 else 0.5)
     ys, xs = np.nonzero(m)
@@ -35,13 +38,20 @@ def make_element(mask: np.ndarray, name: str = "") -> Element:
     h, w = crop.shape
     side = max(h, w)
     square = np.zeros((side, side), np.float32)
-    square[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = crop
-    return Element(torch.from_numpy(square), float(side), float(crop.sum()), name)
+    oy, ox = (side - h) // 2, (side - w) // 2
+    square[oy:oy + h, ox:ox + w] = crop
+    rgb = None
+    if image is not None:
+        rgb = np.zeros((side, side, 3), np.float32)
+        rgb[oy:oy + h, ox:ox + w] = np.asarray(image)[ys.min():ys.max() + 1, xs.min():xs.max() + 1, :3] / 255.0
+        rgb = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+    return Element(torch.from_numpy(square), float(side), float(crop.sum()), name, rgb)
 
 
-def make_elements(masks, names=None) -> list[Element]:
+def make_elements(masks, names=None, images=None) -> list[Element]:
     names = list(names) if names is not None else [str(i) for i in range(len(masks))]
-    return [make_element(m, n) for m, n in zip(masks, names)]
+    images = list(images) if images is not None else [None] * len(masks)
+    return [make_element(m, n, im) for m, n, im in zip(masks, names, images)]
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
