@@ -115,7 +115,7 @@ def _reseed(p: _Params, elements: list[Element], draw: tuple, target: torch.Tens
     free = ((target >= 0.5) & ~hard[~buried].any(0)).numpy()
     moved = sorted(torch.nonzero(buried)[:, 0].tolist(), key=lambda i: -elements[i].area)
     scales = p.log_s.detach().exp()
-    radii = [0.5 * float(size[i]) * px for i in moved]  # half the placed square: a conservative fit
+    radii = [0.5 * float(size[i].detach()) * px for i in moved]  # half the placed square: a conservative fit
     found = place_at_maxima(free, radii)
     with torch.no_grad():
         for i, r, (x, y, room) in zip(moved, radii, found):
