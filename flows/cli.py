@@ -198,7 +198,7 @@ def serve(only: Optional[list[str]] = typer.Argument(None, help="Deployment name
 def composite(
     background: Optional[Path] = typer.Option(None, help="Background image."),
     object_: Optional[list[str]] = typer.Option(None, "--object",
-                                                help="IMG:MASK or IMG:x0,y0,x1,y1 (repeatable, in order)."),
+                                                help="IMG:MASK or IMG:x0,y0,x1,y1 (repeatable, in order); IMG with --layout auto."),
     sample_dir: Optional[Path] = typer.Option(None, help="Instead of --background/--object: a folder in the "
                                               "reference's layout (image.jpg, object_k.png, object_k_mask.png)."),
     checkpoint: Path = typer.Option(..., help="A saved PICS model folder (e.g. data/train/final)."),
@@ -209,6 +209,9 @@ def composite(
     seed: Optional[int] = typer.Option(None, help="Noise seed (default: evaluate.seed)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: one per core)."),
+    layout: Optional[str] = typer.Option(None, help="auto: --object values are plain images, laid out in "
+                                         "--region first (the layout: section of params.yaml)."),
+    region: Optional[str] = typer.Option(None, help="x0,y0,x1,y1: where --layout auto puts the objects."),
     params: Optional[Path] = ParamsOpt,
 ):
     """Composite objects into a background with a trained checkpoint."""
@@ -220,7 +223,7 @@ def composite(
         path = composite_cli(str(background) if background else None, object_, str(checkpoint), str(out),
                              steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, device=device,
                              threads=threads, params_file=str(params) if params else None,
-                             sample_dir=str(sample_dir) if sample_dir else None)
+                             sample_dir=str(sample_dir) if sample_dir else None, layout=layout, region=region)
     typer.echo(str(path))
 
 

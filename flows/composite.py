@@ -6,7 +6,9 @@
 Each ``--object`` is an object image (on white, or RGBA: transparent pixels become white) and,
 after the last ``:``, where it goes in the background: a mask image of the background's size
 (the object's tight box is taken from its pixels) or a box ``x0,y0,x1,y1`` in background pixels.
-``--sample-dir DIR`` instead reads the reference implementation's sample layout: ``DIR/image.jpg``
+``--layout auto --region x0,y0,x1,y1`` instead takes plain ``--object IMG`` values and lays the
+objects out in that region first (tasks/layout/place.py: pics_model.layout with each object
+overlapping the next). ``--sample-dir DIR`` instead reads the reference implementation's sample layout: ``DIR/image.jpg``
 (background), ``DIR/object_k.png`` and ``DIR/object_k_mask.png`` (its placement mask, the
 background's size) for k = 0, 1, ... The same through Python: :func:`composite` (and
 :func:`read_sample_dir`). Not a pipeline stage, so no Prefect here: a call is one model load and
@@ -246,26 +248,52 @@ def composite(background, objects: Sequence, checkpoint, masks: Sequence | None 
     return img
 
 
+def auto_layout_specs(background, objects: list[str], region: str | None, layout_params) -> list[ObjectSpec]:
+    """``--layout auto``: each object's placement mask from a layout of all of them in ``region``."""
+    from tasks.layout.io import LayoutInputError
+    from tasks.layout.place import layout_objects
+
+    if region is None:
+        raise CompositeInputError("--layout auto needs --region x0,y0,x1,y1 (where the objects go)")
+    if not BOX_RE.match(region):
+        raise CompositeInputError(f"--region {region!r}: expected x0,y0,x1,y1")
+    bg = _open(background, "--background")
+    box = check_box([float(v) for v in region.split(",")], "--region", bg.size, _name(background, "<background>"))
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    try:
+        masks = layout_objects(objects, (x0, y0, x1, y1), bg.size, layout_params)
+    except LayoutInputError as e:
+        raise CompositeInputError(str(e)) from None
+    return [ObjectSpec(image=o, mask=m) for o, m in zip(objects, masks)]
+
+
 def composite_cli(background: str | None, objects: list[str] | None, checkpoint: str, out: str,
                   steps: int | None = None, guidance: float | None = None, scheduler: str | None = None,
                   seed: int | None = None, device: str = "auto", params_file: str | None = None,
-                  threads: int | None = None, sample_dir: str | None = None) -> Path:
+                  threads: int | None = None, sample_dir: str | None = None, layout: str | None = None,
+                  region: str | None = None) -> Path:
     """The command: unset options default to the ``evaluate:`` section of params.yaml, so a CLI
-    composite matches what the evaluation measured. `sample_dir` replaces background/objects."""
+    composite matches what the evaluation measured. `sample_dir` replaces background/objects;
+    `layout="auto"` places plain object images in `region` (the ``layout:`` section's method)."""
     from tasks.params import Params, load_params, project_root
 
+    if params_file is None and not (project_root() / "params.yaml").is_file():
+        params = Params.model_validate({})  # an installed pics outside a project: the schema's defaults
+    else:
+        params = load_params(params_file)
+    p = params.evaluate
+    if layout not in (None, "auto"):
+        raise CompositeInputError(f"--layout {layout!r}: the only layout is 'auto'")
     if sample_dir is not None:
         if background is not None or objects:
             raise CompositeInputError("--sample-dir replaces --background and --object: give one or the other")
         background, specs = read_sample_dir(sample_dir)
     elif background is None or not objects:
         raise CompositeInputError("give --background and at least one --object, or --sample-dir")
+    elif layout == "auto":
+        specs = auto_layout_specs(background, objects, region, params.layout)
     else:
         specs = [parse_object(o) for o in objects]
-    if params_file is None and not (project_root() / "params.yaml").is_file():
-        p = Params.model_validate({}).evaluate  # an installed pics outside a project: the schema's defaults
-    else:
-        p = load_params(params_file).evaluate
     composite(background, specs, checkpoint,
               steps=p.steps if steps is None else steps, guidance=p.guidance if guidance is None else guidance,
               scheduler=scheduler or p.scheduler, seed=p.seed if seed is None else seed, device=device, out=out,

@@ -177,6 +177,22 @@ def test_layout_params_carry_every_config_field_with_its_default():
     assert asdict(LayoutParams().config()) == asdict(LayoutConfig())
 
 
+def test_composite_layout_puts_upright_objects_in_the_region_overlapping_the_next(tiny_inputs):
+    from tasks.layout.place import layout_objects
+    from tasks.params import LayoutParams
+
+    d = tiny_inputs
+    images = [d / "els" / "b0.png", d / "els" / "b1.png", d / "a_red.png"]
+    p = LayoutParams(iterations=[30, 20, 10], threads=1)
+    masks = layout_objects(images, (20, 10, 84, 58), (100, 70), p)
+    assert len(masks) == 3 and all(m.shape == (70, 100) and m.any() for m in masks)
+    inside = np.zeros((70, 100), bool)
+    inside[10:58, 20:84] = True
+    assert not any((m & ~inside).any() for m in masks)
+    for a, b in zip(masks, masks[1:]):
+        assert (a & b).sum() > 0.05 * min(a.sum(), b.sum())  # each object overlaps the next
+
+
 # ------------------------------------------------------------------------------ the command --
 
 @pytest.fixture()

@@ -33,8 +33,8 @@ def place_at_maxima(free: np.ndarray, radii: list[float], fallback: np.ndarray |
     the distance transform of ``free`` (bool [h, w], updated as discs are placed). Returns
     float64 [N, 3]: centre x, y (pixel units, continuous) and the free distance found there; when
     nothing is free, the argmax of ``fallback`` (default: the first free map) is used."""
-    free = free.copy()
-    fallback = distance_transform_edt(free) if fallback is None else fallback
+    free = np.pad(free, 1)  # beyond the frame is not free (and an all-free map has a transform)
+    fallback = distance_transform_edt(free) if fallback is None else np.pad(fallback, 1)
     ys, xs = np.mgrid[:free.shape[0], :free.shape[1]]
     out = np.zeros((len(radii), 3))
     for i, radius in enumerate(radii):
@@ -42,7 +42,7 @@ def place_at_maxima(free: np.ndarray, radii: list[float], fallback: np.ndarray |
         if dist.max() <= 0:  # the shape is used up: stack on the deepest point
             dist = fallback
         y, x = np.unravel_index(np.argmax(dist), dist.shape)
-        out[i] = (x + 0.5, y + 0.5, dist[y, x])
+        out[i] = (x - 0.5, y - 0.5, dist[y, x])  # pixel centre, in the unpadded map's frame
         free &= (xs - x) ** 2 + (ys - y) ** 2 > radius ** 2
     return out
 
