@@ -18,6 +18,9 @@ SHRUNK_OVERRIDES: dict = {
     "evaluate.steps": 2,
     "evaluate.max_samples": 2,
     "evaluate.num_actors": 1,
+    "layout.max_elements": 8,
+    "layout.target_size": 64,
+    "layout.iterations": [20, 10, 10],
 }
 
 
