@@ -70,11 +70,13 @@ def chain_pairs(n: int) -> list[tuple[int, int]]:
 class _Params:
     """The optimised tensors: positions normalised by the target's long side, angle, log scale."""
 
-    def __init__(self, pos: np.ndarray, scale: float, n: int, long_side: float, rotate: bool):
+    def __init__(self, start: Placement, long_side: float, rotate: bool):
         self.long_side = long_side
-        self.pos = torch.tensor(pos / long_side, dtype=torch.float32, requires_grad=True)
-        self.theta = torch.zeros(n, requires_grad=rotate)
-        self.log_s = torch.full((n,), math.log(scale), requires_grad=True)
+        pos = np.stack([start.tx, start.ty], 1) / long_side
+        self.pos = torch.tensor(pos, dtype=torch.float32, requires_grad=True)
+        self.theta = torch.tensor(start.theta if rotate else np.zeros(len(pos)), dtype=torch.float32,
+                                  requires_grad=rotate)
+        self.log_s = torch.tensor(np.log(start.scale), dtype=torch.float32, requires_grad=True)
 
     def placement(self) -> Placement:
         p = self.pos.detach().double().numpy() * self.long_side
@@ -126,10 +128,12 @@ def _reseed(p: _Params, elements: list[Element], draw: tuple, target: torch.Tens
 
 
 def pack(elements: list[Element], target: np.ndarray, cfg: LayoutConfig | None = None,
-         pairs: list[tuple[int, int]] | None = None, log_every: int = 0) -> tuple[Placement, dict]:
+         pairs: list[tuple[int, int]] | None = None, init: Placement | None = None,
+         log_every: int = 0) -> tuple[Placement, dict]:
     """Lay ``elements`` out in ``target`` (bool [H, W]). Returns the placement and an info dict
     (seconds, per-level seconds and iterations, the initial placement, the last loss terms).
-    ``pairs``: pair-overlap mode's interacting pairs (default: :func:`chain_pairs`)."""
+    ``pairs``: pair-overlap mode's interacting pairs (default: :func:`chain_pairs`). ``init``: the
+    starting placement (default: the area-ratio scale at distance-transform maxima)."""
     cfg = cfg or LayoutConfig()
     target = np.asarray(target, bool)
     if not target.any():
@@ -141,8 +145,11 @@ def pack(elements: list[Element], target: np.ndarray, cfg: LayoutConfig | None =
     long_side = float(max(h, w))
     margin_px = int(round(cfg.margin * long_side))
     pairs = chain_pairs(len(elements)) if pairs is None else pairs
-    s0 = initial_scale(elements, float(target.sum()), cfg.init_fill)
-    p = _Params(initial_positions(elements, target, s0), s0, len(elements), long_side, cfg.rotate)
+    if init is None:
+        n, s0 = len(elements), initial_scale(elements, float(target.sum()), cfg.init_fill)
+        centres = initial_positions(elements, target, s0)
+        init = Placement(centres[:, 0], centres[:, 1], np.zeros(n), np.full(n, s0))
+    p = _Params(init, long_side, cfg.rotate)
     initial = p.placement()
     groups = [{"params": [p.pos]}, {"params": [p.log_s], "lr": cfg.lr_scale}]
     if cfg.rotate:
