@@ -15,30 +15,37 @@ from pics_model.layout.placement import Placement
 from pics_model.layout.warp import render
 
 
+def place_mask(e: Element, tx: float, ty: float, theta: float, scale: float, out: np.ndarray,
+               margin_px: int = 0) -> None:
+    """Draw one element's hard silhouette into ``out`` (bool [rows, cols], cleared first): its mask
+    resampled to its placed size (area), warped bilinearly in a window around its centre (the rest
+    of the canvas is empty anyway), thresholded at one half."""
+    out[:] = False
+    rows, cols = out.shape
+    size = float(scale * e.extent)
+    if size <= 0:  # an element the greedy packer left out
+        return
+    side = int(np.clip(round(size), 2, e.mask.shape[0]))
+    m = F.interpolate(e.mask[None, None], size=(side, side), mode="area")
+    half = int(np.ceil(size * 0.75)) + 1  # > half the square's diagonal
+    cx, cy = int(np.floor(tx)) + margin_px, int(np.floor(ty)) + margin_px
+    x0, y0, x1, y1 = max(cx - half, 0), max(cy - half, 0), min(cx + half, cols), min(cy + half, rows)
+    if x1 <= x0 or y1 <= y0:
+        return
+    one = lambda v: torch.tensor([float(v)], dtype=torch.float32)  # noqa: E731
+    alpha = render(m, one(tx + margin_px - x0), one(ty + margin_px - y0), one(theta), one(size),
+                   (x1 - x0, y1 - y0), 0, (y1 - y0, x1 - x0))
+    out[y0:y1, x0:x1] = alpha[0].numpy() >= 0.5
+
+
 def placed_masks(elements: list[Element], placement: Placement, frame: tuple[int, int],
                  margin_px: int = 0) -> np.ndarray:
-    """bool [N, H + 2m, W + 2m]: every element's silhouette where ``placement`` puts it, on the
-    target's frame (width, height) grown by ``margin_px``. Each mask is resampled to its placed
-    size first (area), warped bilinearly in a window around its centre (whole pixels; the rest
-    of the canvas is empty anyway) and thresholded at one half."""
+    """bool [N, H + 2m, W + 2m]: every element's silhouette where ``placement`` puts it
+    (:func:`place_mask`), on the target's frame (width, height) grown by ``margin_px``."""
     w, h = frame
-    rows, cols = h + 2 * margin_px, w + 2 * margin_px
-    out = np.zeros((len(elements), rows, cols), bool)
+    out = np.zeros((len(elements), h + 2 * margin_px, w + 2 * margin_px), bool)
     for i, e in enumerate(elements):
-        size = float(placement.scale[i] * e.extent)
-        if size <= 0:  # an element the greedy packer left out
-            continue
-        side = int(np.clip(round(size), 2, e.mask.shape[0]))
-        m = F.interpolate(e.mask[None, None], size=(side, side), mode="area")
-        half = int(np.ceil(size * 0.75)) + 1  # > half the square's diagonal
-        cx, cy = int(np.floor(placement.tx[i])) + margin_px, int(np.floor(placement.ty[i])) + margin_px
-        x0, y0, x1, y1 = max(cx - half, 0), max(cy - half, 0), min(cx + half, cols), min(cy + half, rows)
-        if x1 <= x0 or y1 <= y0:
-            continue
-        one = lambda v: torch.tensor([float(v)], dtype=torch.float32)  # noqa: E731
-        alpha = render(m, one(placement.tx[i] + margin_px - x0), one(placement.ty[i] + margin_px - y0),
-                       one(placement.theta[i]), one(size), (x1 - x0, y1 - y0), 0, (y1 - y0, x1 - x0))
-        out[i, y0:y1, x0:x1] = alpha[0].numpy() >= 0.5
+        place_mask(e, placement.tx[i], placement.ty[i], placement.theta[i], placement.scale[i], out[i], margin_px)
     return out
 
 
@@ -75,8 +82,8 @@ def separate(elements: list[Element], placement: Placement, target: np.ndarray, 
     h, w = target.shape
     scale = placement.scale.copy()
     areas = np.array([e.area for e in elements]) * scale ** 2
+    masks = placed_masks(elements, placement, (w, h))
     for rounds in range(max_rounds):
-        masks = placed_masks(elements, Placement(placement.tx, placement.ty, placement.theta, scale), (w, h))
         shared = masks[:, masks.sum(0) >= 2].astype(np.float32)  # [N, shared pixels]
         if shared.shape[1] == 0:
             return Placement(placement.tx, placement.ty, placement.theta, scale), rounds
@@ -84,4 +91,6 @@ def separate(elements: list[Element], placement: Placement, target: np.ndarray, 
         smaller = np.unique(np.where(areas[i] <= areas[j], i, j))
         scale[smaller] *= factor
         areas[smaller] *= factor ** 2
+        for k in smaller:  # only the shrunk ones change
+            place_mask(elements[k], placement.tx[k], placement.ty[k], placement.theta[k], scale[k], masks[k])
     return Placement(placement.tx, placement.ty, placement.theta, scale), max_rounds
