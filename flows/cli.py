@@ -263,7 +263,7 @@ def serve(only: Optional[list[str]] = typer.Argument(None, help="Deployment name
 def composite(
     background: Optional[Path] = typer.Option(None, help="Background image."),
     object_: Optional[list[str]] = typer.Option(None, "--object",
-                                                help="IMG:MASK or IMG:x0,y0,x1,y1 (repeatable, in order)."),
+                                                help="IMG:MASK or IMG:x0,y0,x1,y1 (repeatable, in order); IMG with --layout auto."),
     sample_dir: Optional[Path] = typer.Option(None, help="Instead of --background/--object: a folder in the "
                                               "reference's layout (image.jpg, object_k.png, object_k_mask.png)."),
     checkpoint: Path = typer.Option(..., help="A saved PICS model folder (e.g. data/train/final)."),
@@ -279,6 +279,9 @@ def composite(
     location_checkpoint: Optional[Path] = typer.Option(None, help="Location model for --class (default: "
                                                        "data/location/final)."),
     set_: Optional[list[str]] = SetOpt,
+    layout: Optional[str] = typer.Option(None, help="auto: --object values are plain images, laid out in "
+                                         "--region first (the layout: section of params.yaml)."),
+    region: Optional[str] = typer.Option(None, help="x0,y0,x1,y1: where --layout auto puts the objects."),
     params: Optional[Path] = ParamsOpt,
 ):
     """Composite objects into a background with a trained checkpoint (sampler settings: params.yaml's evaluate)."""
@@ -291,10 +294,43 @@ def composite(
 
     with _user_errors(CompositeInputError, WeightsError, NonFiniteOutputError):
         path = composite_cli(str(background) if background else None, object_, str(checkpoint), str(out),
-                             p.evaluate, device=device, threads=threads,
+                             p, device=device, threads=threads,
                              sample_dir=str(sample_dir) if sample_dir else None, class_name=class_,
-                             location_checkpoint=str(location_checkpoint) if location_checkpoint else None)
+                             location_checkpoint=str(location_checkpoint) if location_checkpoint else None,
+                             layout=layout, region=region)
     typer.echo(str(path))
+
+
+@app.command()
+def layout(
+    elements: Optional[list[Path]] = typer.Option(None, "--elements", help="Element images or folders of them "
+                                                  "(silhouette: alpha, else non-white pixels); more may follow as arguments."),
+    more_elements: Optional[list[Path]] = typer.Argument(None, help="More element images (e.g. --elements dir/*.png)."),
+    target: Optional[Path] = typer.Option(None, help="Target mask (white inside, or alpha)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder: layout.json, masks/, collage.png, metrics.json."),
+    set_: Optional[list[str]] = SetOpt,
+    params: Optional[Path] = ParamsOpt,
+):
+    """Pack elements into a target shape: image-space collage by differentiable rendering.
+    With --elements/--target/--out: one packing. Without them: the stage (the decomposed dataset's
+    silhouettes packed into the layout.targets shapes, data/layout)."""
+    p = _params(params, set_, missing_ok=True)
+    from tasks.layout.io import LayoutInputError
+
+    given = {"--elements": elements or more_elements, "--target": target, "--out": out}
+    with _user_errors(LayoutInputError):
+        if not any(given.values()):
+            from flows.layout import layout_flow
+
+            layout_flow(params=p)
+            return
+        missing = [k for k, v in given.items() if not v]
+        if missing:
+            _fail(f"layout: packing files needs {', '.join(missing)} too (or none of them to run the stage)")
+        from tasks.layout.stage import run_files
+
+        metrics = run_files([*(elements or []), *(more_elements or [])], target, out, p.layout)
+    typer.echo(" ".join(f"{k}={v}" for k, v in metrics.items()))
 
 
 @app.command()

@@ -6,7 +6,9 @@
 Each ``--object`` is an object image (on white, or RGBA: transparent pixels become white) and,
 after the last ``:``, where it goes in the background: a mask image of the background's size
 (the object's tight box is taken from its pixels) or a box ``x0,y0,x1,y1`` in background pixels.
-``--sample-dir DIR`` instead reads the reference implementation's sample layout: ``DIR/image.jpg``
+``--layout auto --region x0,y0,x1,y1`` instead takes plain ``--object IMG`` values and lays the
+objects out in that region first (tasks/layout/place.py: pics_model.layout with each object
+overlapping the next). ``--sample-dir DIR`` instead reads the reference implementation's sample layout: ``DIR/image.jpg``
 (background), ``DIR/object_k.png`` and ``DIR/object_k_mask.png`` (its placement mask, the
 background's size) for k = 0, 1, ... The same through Python: :func:`composite` (and
 :func:`read_sample_dir`). Not a pipeline stage, so no Prefect here: a call is one model load and
@@ -22,7 +24,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from tasks.params import EvaluateParams
+from tasks.params import EvaluateParams, Params
 
 _SAMPLER = EvaluateParams()  # the defaults of steps, guidance, scheduler and seed: the evaluate section's
 
@@ -263,23 +265,49 @@ def _proposed(obj: str, background: str, class_name: str, checkpoint: str | None
         raise CompositeInputError(f"--object {obj!r} with --class {class_name!r}: {e}") from None
 
 
+def auto_layout_specs(background, objects: list[str], region: str | None, layout_params) -> list[ObjectSpec]:
+    """``--layout auto``: each object's placement mask from a layout of all of them in ``region``."""
+    from tasks.layout.io import LayoutInputError
+    from tasks.layout.place import layout_objects
+
+    if region is None:
+        raise CompositeInputError("--layout auto needs --region x0,y0,x1,y1 (where the objects go)")
+    if not BOX_RE.match(region):
+        raise CompositeInputError(f"--region {region!r}: expected x0,y0,x1,y1")
+    bg = _open(background, "--background")
+    box = check_box([float(v) for v in region.split(",")], "--region", bg.size, _name(background, "<background>"))
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    try:
+        masks = layout_objects(objects, (x0, y0, x1, y1), bg.size, layout_params)
+    except LayoutInputError as e:
+        raise CompositeInputError(str(e)) from None
+    return [ObjectSpec(image=o, mask=m) for o, m in zip(objects, masks)]
+
+
 def composite_cli(background: str | None, objects: list[str] | None, checkpoint: str, out: str,
-                  sampler: EvaluateParams, device: str = "auto", threads: int | None = None,
+                  params: Params, device: str = "auto", threads: int | None = None,
                   sample_dir: str | None = None, class_name: str | None = None,
-                  location_checkpoint: str | None = None) -> Path:
+                  location_checkpoint: str | None = None, layout: str | None = None,
+                  region: str | None = None) -> Path:
     """The command: steps, guidance, scheduler and seed are the ``evaluate:`` section's (``pics
     composite`` validated it), so a CLI composite matches what the evaluation measured.
     `sample_dir` replaces background/objects; an object without mask or box and ``class_name``:
-    the location model proposes its box."""
+    the location model proposes its box; `layout="auto"` places plain object images in `region`
+    (the ``layout:`` section's method)."""
+    if layout not in (None, "auto"):
+        raise CompositeInputError(f"--layout {layout!r}: the only layout is 'auto'")
     if sample_dir is not None:
         if background is not None or objects:
             raise CompositeInputError("--sample-dir replaces --background and --object: give one or the other")
         background, specs = read_sample_dir(sample_dir)
     elif background is None or not objects:
         raise CompositeInputError("give --background and at least one --object, or --sample-dir")
+    elif layout == "auto":
+        specs = auto_layout_specs(background, objects, region, params.layout)
     else:
         specs = [_proposed(o, background, class_name, location_checkpoint) if class_name and ":" not in o
                  else parse_object(o) for o in objects]
+    sampler = params.evaluate
     composite(background, specs, checkpoint, steps=sampler.steps, guidance=sampler.guidance,
               scheduler=sampler.scheduler, seed=sampler.seed, device=device, out=out, threads=threads)
     return Path(out)

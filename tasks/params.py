@@ -281,6 +281,100 @@ class LocationParams(Section):
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     bootstrap: int = Field(1000, ge=10)
+class LayoutParams(Section):
+    """``pics layout`` and the layout stage (pics_model.layout.LayoutConfig carries the method's fields)."""
+
+    samples: str = "data/decomposed"  # stage: whose object silhouettes are packed
+    out: str = "data/layout"
+    targets: list[Literal["circle", "heart", "star", "letter"]] = ["circle", "heart", "star", "letter"]
+    letter: str = Field("S", min_length=1, max_length=1)  # the "letter" target's character
+    target_size: int = Field(160, ge=32)  # stage: the procedural targets' side, px
+    max_elements: int = Field(40, ge=1)  # stage: distinct silhouettes packed per target
+    method: Literal["differentiable", "greedy"] = "differentiable"  # pics layout's packer
+    threads: int | None = Field(None, ge=1)  # torch CPU threads; None: torch's default
+    # the method (paper: Wang & Lu 2025); see pics_model/layout/optimize.py
+    resolutions: list[int] = [64, 128, 256]  # level long sides, coarse to fine (capped at the target's)
+    iterations: list[int] = [100, 60, 40]
+    w_containment: float = Field(1.0, ge=0.0)
+    w_overlap: float = Field(20.0, ge=0.0)
+    overlap_ramp: float = Field(10.0, ge=1.0)
+    w_uniformity: float = Field(0.2, ge=0.0)
+    w_pair: float = Field(1.0, ge=0.0)
+    outside_weight: float = Field(100.0, ge=1.0)
+    lr_position: float = Field(0.5, gt=0.0)
+    lr_angle: float = Field(0.05, ge=0.0)
+    lr_scale: float = Field(0.01, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.9)  # Adam (paper code)
+    init_fill: float = Field(0.55, gt=0.0, le=1.0)
+    rotate: bool = True
+    pair_overlap: float = Field(0.0, ge=0.0, lt=1.0)  # > 0: each pair (i, i+1) shares this much of the smaller
+    composite_pair_overlap: float = Field(0.15, ge=0.0, lt=1.0)  # pics composite --layout auto's pair_overlap
+    uniformity_kernels: list[int] = [5, 11, 17]
+    blur_px: float = Field(1.0, ge=0.0)
+    margin: float = Field(0.1, ge=0.0)
+    reseed_share: float = Field(0.5, gt=0.0)  # >= 1: never
+    separate_rounds: int = Field(20, ge=0)
+
+    @model_validator(mode="after")
+    def _levels(self):
+        if len(self.resolutions) != len(self.iterations) or not self.resolutions:
+            raise ValueError("resolutions and iterations need the same, non-zero, length")
+        if min(self.resolutions) < 8 or min(self.iterations) < 0:
+            raise ValueError("resolutions must be >= 8 and iterations >= 0")
+        return self
+
+    def config(self, **changes):
+        """The method's fields as a pics_model LayoutConfig (``changes`` override some)."""
+        from dataclasses import fields
+
+        from pics_model.layout import LayoutConfig
+
+        return LayoutConfig(**{f.name: getattr(self, f.name) for f in fields(LayoutConfig)} | changes)
+
+
+class AnalogyParams(Section):
+    """3D scene analogies (tasks/analogy): scenes from the embedded generator, a contextual
+    descriptor field trained on triplets, scene maps scored on augmented pairs."""
+    out: str = "data/analogy"
+    num_scenes: int = Field(96, ge=4)  # generated layouts (point sets only, no images)
+    heldout_scenes: int = Field(16, ge=1)  # the last ones: evaluation pairs come from these only
+    min_objects: int = Field(4, ge=2)
+    max_objects: int = Field(7, ge=2)
+    points_per_object: int = Field(64, ge=8)
+    seed: int = 0
+    # descriptor field
+    radius: float = Field(0.35, gt=0.0)  # scene units
+    max_neighbours: int = Field(24, ge=4)
+    width: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    feature_dim: int = Field(64, ge=8)
+    # training (seconds on 2 cores ~ steps * batch_scenes * queries / 300)
+    steps: int = Field(400, ge=1)
+    batch_scenes: int = Field(2, ge=1)
+    queries: int = Field(48, ge=2)
+    lr: float = Field(1e-3, gt=0.0)
+    temperature: float = Field(0.2, gt=0.0)
+    threads: int = Field(2, ge=1)  # torch CPU threads
+    # scene map
+    num_yaws: int = Field(4, ge=1)
+    flips: bool = True
+    scales: list[float] = [1.0]
+    topk: int = Field(3, ge=1)
+    refine_iters: int = Field(4, ge=0)
+    rbf_smoothing: float = Field(0.5, ge=0.0)
+    # evaluation pairs
+    eval_pairs: int = Field(24, ge=1)
+    yaw_jitter_deg: float = Field(10.0, ge=0.0, le=45.0)
+    eval_swap_instances: bool = False  # true: kept objects become other instances of their class (harder)
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if self.max_objects < self.min_objects:
+            raise ValueError("max_objects must be >= min_objects")
+        if self.heldout_scenes >= self.num_scenes:
+            raise ValueError("heldout_scenes must be fewer than num_scenes")
+        return self
 
 
 class Params(Section):
@@ -292,7 +386,8 @@ class Params(Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     location: LocationParams = LocationParams()
-    analogy: AnalogyParams = Field(default_factory=lambda: AnalogyParams())  # class at the end of the file
+    analogy: AnalogyParams = AnalogyParams()
+    layout: LayoutParams = LayoutParams()
 
 
 class ParamsError(ValueError):
@@ -412,51 +507,3 @@ def resolve_path(p: str | Path, root: Path | None = None) -> Path:
     """Paths in params.yaml are relative to the project root (see :func:`project_root`)."""
     p = Path(p).expanduser()
     return p if p.is_absolute() else (root or project_root()) / p
-
-
-class AnalogyParams(Section):
-    """3D scene analogies (tasks/analogy): scenes from the embedded generator, a contextual
-    descriptor field trained on triplets, scene maps scored on augmented pairs."""
-    out: str = "data/analogy"
-    num_scenes: int = Field(96, ge=4)  # generated layouts (point sets only, no images)
-    heldout_scenes: int = Field(16, ge=1)  # the last ones: evaluation pairs come from these only
-    min_objects: int = Field(4, ge=2)
-    max_objects: int = Field(7, ge=2)
-    points_per_object: int = Field(64, ge=8)
-    seed: int = 0
-    # descriptor field
-    radius: float = Field(0.35, gt=0.0)  # scene units
-    max_neighbours: int = Field(24, ge=4)
-    width: int = Field(64, ge=8)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(4, ge=1)
-    feature_dim: int = Field(64, ge=8)
-    # training (seconds on 2 cores ~ steps * batch_scenes * queries / 300)
-    steps: int = Field(400, ge=1)
-    batch_scenes: int = Field(2, ge=1)
-    queries: int = Field(48, ge=2)
-    lr: float = Field(1e-3, gt=0.0)
-    temperature: float = Field(0.2, gt=0.0)
-    threads: int = Field(2, ge=1)  # torch CPU threads
-    # scene map
-    num_yaws: int = Field(4, ge=1)
-    flips: bool = True
-    scales: list[float] = [1.0]
-    topk: int = Field(3, ge=1)
-    refine_iters: int = Field(4, ge=0)
-    rbf_smoothing: float = Field(0.5, ge=0.0)
-    # evaluation pairs
-    eval_pairs: int = Field(24, ge=1)
-    yaw_jitter_deg: float = Field(10.0, ge=0.0, le=45.0)
-    eval_swap_instances: bool = False  # true: kept objects become other instances of their class (harder)
-
-    @model_validator(mode="after")
-    def _ranges(self):
-        if self.max_objects < self.min_objects:
-            raise ValueError("max_objects must be >= min_objects")
-        if self.heldout_scenes >= self.num_scenes:
-            raise ValueError("heldout_scenes must be fewer than num_scenes")
-        return self
-
-
-Params.model_rebuild()  # resolves the forward reference to AnalogyParams

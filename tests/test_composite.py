@@ -67,6 +67,22 @@ def test_cli_composites_real_images_and_matches_python_api(scene, tiny_checkpoin
     assert np.array_equal(np.asarray(api), img)
 
 
+def test_layout_auto_places_plain_objects_in_the_region_then_composites(scene, tiny_checkpoint, tmp_path):
+    out = tmp_path / "auto.png"
+    objects = ["--object", scene["obj1"], "--object", scene["obj2"]]
+    r = _run("--background", scene["bg"], *objects, "--layout", "auto", "--region", "200,200,440,420",
+             "--checkpoint", tiny_checkpoint, "--out", out, *STEPS)
+    assert r.exit_code == 0, r.output
+    img = np.asarray(Image.open(out).convert("RGB"))
+    bg = np.asarray(Image.open(scene["bg"]).convert("RGB"))
+    # the objects went into the region (pasted back within their expanded boxes, near it), not elsewhere
+    assert np.array_equal(img[:150], bg[:150]) and np.array_equal(img[:, 500:], bg[:, 500:])
+    assert np.abs(img[200:420, 200:440].astype(int) - bg[200:420, 200:440]).mean() > 1.0
+    missing = _run("--background", scene["bg"], *objects, "--layout", "auto", "--checkpoint", tiny_checkpoint,
+                   "--out", out, *STEPS)
+    assert missing.exit_code == 2 and "--layout auto needs --region" in missing.output
+
+
 @pytest.mark.parametrize("case, pattern", [
     ("missing", r"obj_missing.png: no such file"),
     ("unreadable", r"not_an_image.png: cannot read the image"),

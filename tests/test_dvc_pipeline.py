@@ -55,6 +55,7 @@ def test_dvc_repro_runs_every_stage(repo_copy):
     eval_metrics = json.loads((data / "evaluate" / "metrics.json").read_text())
     assert eval_metrics
     assert list((data / "evaluate" / "report").glob("*.html"))
+    assert set(json.loads((data / "layout" / "metrics.json").read_text())) == set(shrunk["layout"]["targets"])
 
     # Everything is up to date now, bytecode of the stages' code included: a second repro runs nothing.
     status = _run([sys.executable, "-m", "dvc", "status"], repo_copy)
