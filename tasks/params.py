@@ -122,6 +122,8 @@ class ModelParams(Section):
     expert_mode: Literal["sparse", "dense", "reference"] = "sparse"
     max_objects: int = Field(4, ge=1)  # objects per composite the model accepts (ITBs are general in N)
     cond_drop_prob: float = Field(0.1, ge=0.0, le=1.0)  # objects -> zero image in training, for guidance
+    # None: the preset's (tiny: on; sd15/sd21: off). The objects drawn into the hint (pics_model/data.py)
+    collage_hint: bool | None = None
 
 
 class TrainParams(Section):

@@ -30,7 +30,8 @@ def tiny():
 def batch():
     rng = np.random.default_rng(0)
     big_overlap = np.array([[0, 0, 56, 46], [24, 4, 80, 48], [10, 10, 40, 40]], np.float32)
-    items = [build_item(synthetic_sample(rng, n=n, views=2, boxes=big_overlap[:n]), 64, None) for n in (2, 3)]
+    items = [build_item(synthetic_sample(rng, n=n, views=2, boxes=big_overlap[:n]), 64, None, collage=True)
+             for n in (2, 3)]
     return collate(items)
 
 
@@ -38,7 +39,7 @@ def test_every_transformer_block_is_an_itb(tiny):
     from diffusers.models.attention import BasicTransformerBlock
     assert not any(isinstance(m, BasicTransformerBlock) for m in tiny.modules())
     assert len(tiny.itb_blocks()) == 10  # UNet 7 + ControlNet 3
-    assert tiny.controlnet.controlnet_cond_embedding.conv_in.in_channels == 4
+    assert tiny.controlnet.controlnet_cond_embedding.conv_in.in_channels == 5  # the collage hint
     assert tiny.config.latent_size == 16
 
 

@@ -535,7 +535,7 @@ def train_loop_per_worker(config: dict) -> None:
     trainer = Trainer(spec)
     priors = PriorStore(spec.priors_dir) if spec.priors_dir else None
     builder = load_class(spec.batch_builder)(resolution=spec.resolution, augment=spec.augment, priors=priors,
-                           object_size=spec.object_size)
+                           object_size=spec.object_size, collage=trainer.model.config.collage_hint)
     rows = heldout_rows(spec)
     heldout = heldout_items(spec, builder, rows)
     # which object is visible where they occlude (embedded data: amodal masks); empty elsewhere

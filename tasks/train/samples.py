@@ -46,7 +46,7 @@ class SampleWriter:
             pipe = PICSPipeline(model, "ddim")
             rows = []
             for i, s in enumerate(self.samples):
-                res = pipe(s["image"], list(s["patches"]), masks=list(s["masks"]),
+                res = pipe(s["image"], list(s["patches"]), masks=list(s["masks"]), patch_masks=s["patch_masks"],
                            priors=s.get("priors"), num_inference_steps=self.spec.sample_steps,
                            guidance_scale=self.spec.sample_guidance, seed=self.spec.seed + i, output_type="np")
                 comp = (res.images[0] * 255 + 0.5).clip(0, 255).astype(np.uint8)
