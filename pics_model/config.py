@@ -185,7 +185,8 @@ class SchedulerConfig(_Cfg):
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    # sample: the network predicts the clean latent x0 (no noise to reproduce at low t)
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     clip_sample: bool = False
     set_alpha_to_one: bool = False
     steps_offset: int = 1

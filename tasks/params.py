@@ -145,7 +145,7 @@ class TrainParams(Section):
     weight_decay: float = Field(0.01, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     trainable: str = "reference"  # PICSModel.set_trainable spec: the design notes' trained set
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     mask_weight: float = Field(1.0, ge=0.0)  # extra loss weight inside the object boxes
     ema_decay: float | None = Field(0.999, gt=0.0, lt=1.0)  # None: no EMA
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on GPU only

@@ -127,9 +127,13 @@ def test_prediction_types_and_cond_drop(tiny, batch):
     with torch.no_grad():
         lv, _ = tiny.training_loss(batch, g, prediction_type="v_prediction")
         _, st = tiny.training_loss(batch, g, cond_drop_prob=1.0)
+        # x0 prediction: same noise and timesteps, only the target differs
+        le, _ = tiny.training_loss(batch, torch.Generator().manual_seed(2), prediction_type="epsilon")
+        lx, _ = tiny.training_loss(batch, torch.Generator().manual_seed(2), prediction_type="sample")
     assert torch.isfinite(lv) and st["cond_dropped"] == 2
+    assert torch.isfinite(lx) and abs(float(lx - le)) > 1e-3
     with pytest.raises(ValueError, match="prediction_type"):
-        tiny.training_loss(batch, g, prediction_type="sample")
+        tiny.training_loss(batch, g, prediction_type="x0")
 
 
 def test_shape_encoder_starts_neutral_and_is_view_order_invariant(tiny, batch):
