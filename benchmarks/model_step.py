@@ -70,10 +70,11 @@ def make_batch(cfg, batch: int, n_objects: int = 2) -> dict:
     r, p = cfg.resolution, cfg.object_encoder.image_size
     items = []
     for _ in range(batch):
+        boxes = overlap_boxes(r, n_objects)
         s = {"image": rng.integers(0, 255, (r, r, 3), dtype=np.uint8),
-             "boxes_expanded": overlap_boxes(r, n_objects),
+             "boxes_expanded": boxes, "boxes_tight": boxes, "patch_masks": np.ones((n_objects, p, p), np.uint8),
              "patches": rng.integers(0, 255, (n_objects, p, p, 3), dtype=np.uint8)}
-        items.append(build_item(s, r, None, None, object_size=p))
+        items.append(build_item(s, r, None, None, object_size=p, collage=cfg.collage_hint))
     return collate(items)
 
 
@@ -249,8 +250,7 @@ def bench_infer(args) -> list[dict]:
     sync(args.device)
     ours = time.perf_counter() - t0
     # the reference's way: dense experts, conditional and unconditional as two separate passes
-    batch = collate([build_item({"image": bg, "boxes_expanded": boxes, "patches": np.stack(objs)}, r, None, None,
-                                object_size=p)])
+    batch = pipe.prepare(bg, objs, boxes=boxes)[0]
     dev, dt = model.device, model.dtype
     objects = batch["objects"].to(dev, dt)
     codes_c, codes_u = model.encode_objects(objects), model.encode_objects(torch.zeros_like(objects))

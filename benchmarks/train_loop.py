@@ -49,7 +49,8 @@ def model_only(plan, batch_size: int, steps: int, warmup: int, threads: int) -> 
     params = model.set_trainable(plan.params.train.trainable)
     opt = torch.optim.AdamW(params, lr=plan.params.train.lr)
     builder = BatchBuilder(plan.resolution, {"rotate_max_deg": 30.0} if plan.params.train.augment else None,
-                           PriorStore(plan.priors_dir) if plan.priors_dir else None, plan.object_size)
+                           PriorStore(plan.priors_dir) if plan.priors_dir else None, plan.object_size,
+                           collage=model.config.collage_hint)
     rows = list(rows_of_split(plan.shards_dir, "train", batch_size))
     batch, _ = builder(rows, [np.random.default_rng(i) for i in range(len(rows))])
     gen = torch.Generator().manual_seed(0)

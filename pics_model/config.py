@@ -112,7 +112,7 @@ class UNetConfig(_Cfg):
 
 
 class ControlNetConfig(_Cfg):
-    conditioning_channels: int = 4  # masked background RGB + mask channel
+    conditioning_channels: int = 4  # masked background RGB + mask channel (+ coverage: collage hint)
     # one entry per VAE downsampling level (+1) so the image-resolution hint lands on the latent grid
     conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
     conditioning_scale: float = 1.0
@@ -184,7 +184,8 @@ class SchedulerConfig(_Cfg):
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    # sample: the network predicts the clean latent x0 (no noise to reproduce at low t)
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     clip_sample: bool = False
     set_alpha_to_one: bool = False
     steps_offset: int = 1
@@ -211,6 +212,12 @@ class PICSConfig(_Cfg):
     # UNet only through zero-initialised layers, and 600 CPU steps did not open them far enough
     # for the background to be copied; this input path works from the first step.
     hint_concat: bool = False
+    # The collage hint (pics_model/data.py): each object cut to its silhouette and drawn on its
+    # tight box in the hint (mean colour where several overlap, plus a coverage channel), as
+    # AnyDoor's hint carries the object's detail map. A deviation from PICS for the tiny preset,
+    # which has to learn appearance from ~200 pairs: the network is left with harmonisation and
+    # the occlusion order. Off for the sd15/sd21 presets (the paper's 4-channel hint).
+    collage_hint: bool = False
     vae: VAEConfig = VAEConfig()
     unet: UNetConfig = UNetConfig()
     controlnet: ControlNetConfig = ControlNetConfig()
@@ -233,6 +240,11 @@ class PICSConfig(_Cfg):
         if len(self.controlnet.conditioning_embedding_out_channels) != levels:
             raise ValueError("controlnet.conditioning_embedding_out_channels needs one entry per VAE level "
                              f"({levels}) so the hint lands on the latent grid")
+        from .data import hint_channels
+
+        if self.controlnet.conditioning_channels != hint_channels(self.collage_hint):
+            raise ValueError(f"controlnet.conditioning_channels must be {hint_channels(self.collage_hint)} with "
+                             f"collage_hint={self.collage_hint}, got {self.controlnet.conditioning_channels}")
         lc = self.vae.latent_channels
         need = lc + (self.controlnet.conditioning_channels * f * f if self.hint_concat else 0)
         if self.unet.in_channels != need or self.unet.out_channels != lc:
@@ -286,9 +298,10 @@ def _tiny() -> PICSConfig:
         # AutoencoderKL reached 20 dB without colours: the latent was the ceiling)
         vae=VAEConfig(kind="pixel_shuffle", factor=4, latent_channels=48, sample_size=64, scaling_factor=1.0),
         hint_concat=True,
+        collage_hint=True,
         unet=UNetConfig(
             sample_size=16,
-            in_channels=48 + 4 * 16,  # latent + the 4-channel hint folded by f = 4
+            in_channels=48 + 5 * 16,  # latent + the 5-channel collage hint folded by f = 4
             out_channels=48,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -300,7 +313,7 @@ def _tiny() -> PICSConfig:
             cross_attention_dim=64,
             norm_num_groups=8,
         ),
-        controlnet=ControlNetConfig(conditioning_embedding_out_channels=(16, 32, 32)),
+        controlnet=ControlNetConfig(conditioning_channels=5, conditioning_embedding_out_channels=(16, 32, 32)),
         object_encoder=ObjectEncoderConfig(kind="mobilenetv2", image_size=96, appearance_grid=6),
         # prior views at 32 px: the shape descriptor uses only the pooled feature
         shape_encoder=ShapeEncoderConfig(hidden_dim=64, view_size=32),
@@ -358,3 +371,15 @@ def get_preset(name: str, **overrides: Any) -> PICSConfig:
     return PICSConfig.model_validate(data)
 
 
+def hint_layout(over: dict[str, Any], base: PICSConfig, collage: bool) -> None:
+    """Set collage_hint in ``over`` with what follows from it: the ControlNet's hint channels and,
+    where the hint is folded onto the UNet input, the UNet's input channels."""
+    from .data import hint_channels
+
+    ch = hint_channels(collage)
+    over["collage_hint"] = collage
+    over["controlnet"] = {"conditioning_channels": ch}
+    if base.hint_concat:
+        vae = VAEConfig(**over["vae"]) if "vae" in over else base.vae
+        unet = over.setdefault("unet", {})
+        unet["in_channels"] = vae.latent_channels + ch * vae.downsample_factor ** 2

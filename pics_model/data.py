@@ -7,6 +7,16 @@ Geometry: the image is padded to a centred square of side S = max(H, W) (black p
 resized to R. A box in source pixels maps to ``(x + left) * R / S``. Routing masks and the hint's
 mask channel use the *expanded* boxes (design notes: the reference's "overlap" is the
 intersection of the expanded boxes, not of the silhouettes).
+
+The collage hint (``build_item(..., collage=True)``, `PICSConfig.collage_hint`): as AnyDoor puts
+the object's detail map at the target location in its ControlNet hint, each object patch, cut to
+its silhouette, is scaled onto its *tight* box (`silhouette_on_box`, the copy-paste baseline's
+rule) and drawn into the hint. Where several silhouettes cover a pixel the hint holds their mean
+and a channel counts them, so the hint does not depend on the objects' order: who is in front in
+the overlap is left to the network (the gate). The collage is drawn from the patches as given,
+before augmentation: at inference the patches are not augmented, and a flipped or rotated
+collage would contradict the target the loss compares with; augmentation still reaches the
+object encoder, whose codes must not learn pixel positions.
 """
 from __future__ import annotations
 
@@ -20,7 +30,7 @@ from PIL import Image
 __all__ = [
     "AugmentConfig", "rotate_object", "augment_object", "expand_boxes", "tight_box_from_mask",
     "square_geometry", "to_square_frame", "content_window", "box_masks", "region_map", "rasterize_boxes",
-    "build_item", "collate",
+    "silhouette_on_box", "silhouette_from_white", "collage_layer", "hint_channels", "build_item", "collate",
 ]
 
 
@@ -175,6 +185,63 @@ def rasterize_boxes(boxes: np.ndarray, size: int) -> np.ndarray:
     return m
 
 
+def silhouette_on_box(patch: np.ndarray, patch_mask: np.ndarray, box, height: int, width: int):
+    """``patch`` [P,P,3] uint8 cut to ``patch_mask`` [P,P] (> 0 inside), its silhouette's own
+    bounding box scaled onto the xyxy ``box`` (rounded to whole pixels) of an H x W canvas.
+
+    Returns ``((x0, y0, x1, y1), rgb uint8 [y1-y0, x1-x0, 3], inside bool [y1-y0, x1-x0])``: the
+    part of the box on the canvas (a box reaching past the edge keeps its scale and is cut there),
+    or None when the mask is empty or the box misses the canvas.
+    """
+    ys, xs = np.nonzero(np.asarray(patch_mask) > 0)
+    bx0, by0, bx1, by1 = (int(round(float(v))) for v in box)
+    if len(xs) == 0 or bx1 <= bx0 or by1 <= by0:
+        return None
+    x0, y0, x1, y1 = max(bx0, 0), max(by0, 0), min(bx1, width), min(by1, height)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    crop = patch[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    cmask = (patch_mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1] > 0).astype(np.uint8) * 255
+    size = (bx1 - bx0, by1 - by0)
+    rgb = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize(size, Image.Resampling.BICUBIC))
+    inside = np.asarray(Image.fromarray(cmask).resize(size, Image.Resampling.BILINEAR)) >= 128
+    window = (slice(y0 - by0, y1 - by0), slice(x0 - bx0, x1 - bx0))
+    return (x0, y0, x1, y1), rgb[window], inside[window]
+
+
+def silhouette_from_white(patch: np.ndarray, tolerance: int = 8) -> np.ndarray:
+    """uint8 [P,P] mask (255 inside) of an object patch on white: the pixels whose any channel is
+    more than ``tolerance`` below 255. For inputs that come without their patch mask (an object
+    image from a user); white parts of the object are lost, so the dataset's masks are preferred."""
+    return ((np.asarray(patch) < 255 - tolerance).any(-1) * 255).astype(np.uint8)
+
+
+def collage_layer(patches: np.ndarray, patch_masks: np.ndarray, boxes: np.ndarray,
+                  size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every object's silhouette on its xyxy box (`silhouette_on_box`) on a size x size canvas.
+
+    Returns (rgb float32 [size,size,3] in [0,1]: the mean of the silhouettes covering a pixel, 0
+    where none does; coverage float32 [size,size]: how many cover it). Summed in integers, so the
+    result is bit-identical under any order of the objects.
+    """
+    total = np.zeros((size, size, 3), np.int32)
+    count = np.zeros((size, size), np.int32)
+    for patch, pmask, box in zip(patches, patch_masks, np.asarray(boxes, np.float32).reshape(-1, 4)):
+        placed = silhouette_on_box(patch, pmask, box, size, size)
+        if placed is None:
+            continue
+        (x0, y0, x1, y1), rgb, inside = placed
+        total[y0:y1, x0:x1][inside] += rgb[inside]
+        count[y0:y1, x0:x1] += inside
+    rgb = total.astype(np.float32) / (np.float32(255.0) * np.maximum(count, 1)[..., None])
+    return rgb.astype(np.float32), count.astype(np.float32)
+
+
+def hint_channels(collage: bool) -> int:
+    """Channels of `build_item`'s hint: masked RGB + mask (4), + the collage's coverage (5)."""
+    return 5 if collage else 4
+
+
 def _resize_rgb(img: np.ndarray, size: int) -> np.ndarray:
     if img.shape[0] == size and img.shape[1] == size:
         return img
@@ -188,7 +255,7 @@ def _to_unit(img: np.ndarray) -> torch.Tensor:
 
 def build_item(sample: dict, resolution: int, rng: np.random.Generator | None,
                augment: AugmentConfig | None = None, object_size: int | None = None,
-               source: str | None = None) -> dict[str, torch.Tensor]:
+               source: str | None = None, collage: bool = False) -> dict[str, torch.Tensor]:
     """One decoded sample -> tensors for `PICSModel.training_loss` / the pipeline.
 
     sample: {"image": uint8 [H,W,3], "boxes_expanded": float [N,4] xyxy source px,
@@ -249,7 +316,10 @@ def build_item(sample: dict, resolution: int, rng: np.random.Generator | None,
     union = routing.max(0)
     mask_ch = np.where(valid > 0, union, -1.0).astype(np.float32)
     hint_rgb = target * torch.from_numpy(1.0 - union)[None]
-    hint = torch.cat([hint_rgb, torch.from_numpy(mask_ch)[None]], 0)
+    hint = [hint_rgb, torch.from_numpy(mask_ch)[None]]
+    if collage:  # from the patches as given, before augmentation (module doc)
+        hint = _with_collage(hint, sample, pmasks, patches, left, top, scale, r, source)
+    hint = torch.cat(hint, 0)
 
     size = object_size or patches.shape[1]
     objs, pri = [], []
@@ -276,10 +346,26 @@ def build_item(sample: dict, resolution: int, rng: np.random.Generator | None,
     return out
 
 
+def _with_collage(hint: list[torch.Tensor], sample: dict, pmasks, patches: np.ndarray, left: int, top: int,
+                  scale: float, r: int, source: str | None) -> list[torch.Tensor]:
+    """[masked RGB, mask] -> [RGB with the collage's mean colours where it covers, mask, coverage]."""
+    n = len(patches)
+    _check(pmasks is not None, source, "patch_masks", "the collage hint needs each object's patch mask")
+    tight = sample.get("boxes_tight")
+    tight = None if tight is None else np.asarray(tight, np.float32)
+    _check(tight is not None and tight.shape == (n, 4) and bool(np.isfinite(tight).all()), source, "boxes_tight",
+           f"the collage hint needs finite [N={n},4] xyxy tight boxes, got {getattr(tight, 'shape', None)}")
+    boxes_r = (tight + np.array([left, top, left, top], np.float32)) * scale
+    rgb, coverage = collage_layer(patches, pmasks, boxes_r, r)
+    covered = torch.from_numpy(coverage > 0)[None]
+    hint_rgb = torch.where(covered, torch.from_numpy(rgb).permute(2, 0, 1) * 2.0 - 1.0, hint[0])
+    return [hint_rgb, hint[1], torch.from_numpy(coverage)[None]]
+
+
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack items; pad the object axis to the largest N with zeros and mark it in "object_valid".
 
-    Batch: target [B,3,R,R], hint [B,4,R,R], valid [B,R,R], crop [B,4], objects [B,N,3,P,P],
+    Batch: target [B,3,R,R], hint [B,4 or 5,R,R], valid [B,R,R], crop [B,4], objects [B,N,3,P,P],
     routing_masks [B,N,R,R], boxes [B,N,4], object_valid [B,N] bool; when any item has priors:
     priors [B,N,K,3,P,P] (zeros where absent) and prior_valid [B,N] bool.
     """

@@ -234,14 +234,15 @@ class PICSModel(nn.Module):
                       prediction_type: str | None = None, mask_weight: float = 0.0,
                       cond_drop_prob: float | None = None) -> tuple[torch.Tensor, dict]:
         """One denoising loss on a `collate` batch (target, hint, objects, routing_masks,
-        object_valid, optional priors/prior_valid). prediction_type: 'epsilon' | 'v_prediction'
+        object_valid, optional priors/prior_valid). prediction_type: 'epsilon' | 'v_prediction' | 'sample'
         (default: the scheduler config's). mask_weight w: per-latent-pixel weight 1 + w inside the
         union of boxes (0: the reference's plain MSE). cond_drop_prob: objects -> zero image, the
         unconditional input used by guidance (default: config.objective)."""
         dev = self.device
         pt = prediction_type or self.config.scheduler.prediction_type
-        if pt not in ("epsilon", "v_prediction"):
-            raise ValueError(f"training_loss: prediction_type must be 'epsilon' or 'v_prediction', got {pt!r}")
+        if pt not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"training_loss: prediction_type must be 'epsilon', 'v_prediction' or 'sample', "
+                             f"got {pt!r}")
         target_img = batch["target"].to(dev)
         b = target_img.shape[0]
         latents = self.encode_images(target_img, generator).to(self.dtype)
@@ -264,7 +265,9 @@ class PICSModel(nn.Module):
         valid = batch.get("object_valid")
         valid = valid.to(dev) if valid is not None else None
         pred = self(noisy, t, batch["hint"].to(dev), codes, masks, valid)
-        tgt = noise if pt == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
+        tgt = {"epsilon": noise, "sample": latents}.get(pt)
+        if tgt is None:
+            tgt = self.noise_scheduler.get_velocity(latents, noise, t)
         se = (pred.float() - tgt.float()).pow(2).mean(1)  # [B,h,h]
         m = masks if valid is None else masks * valid[:, :, None, None].to(masks.dtype)
         union = F.interpolate(m.float().amax(1, keepdim=True), size=se.shape[-2:], mode="area")[:, 0]

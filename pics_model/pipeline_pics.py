@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 
-from .data import build_item, collate, expand_boxes, tight_box_from_mask
+from .data import build_item, collate, expand_boxes, silhouette_from_white, tight_box_from_mask
 from .modeling_pics import PICSModel
 
 SCHEDULERS = ("ddim", "dpmsolver++")
@@ -64,6 +64,11 @@ def block_gates(sink: list, ctx, row: int) -> list[tuple[np.ndarray, np.ndarray]
     return out
 
 
+def _square(img: np.ndarray, size: int, resample) -> np.ndarray:
+    """A square patch (or mask) at ``size`` x ``size``."""
+    return img if img.shape[:2] == (size, size) else np.asarray(Image.fromarray(img).resize((size, size), resample))
+
+
 def make_scheduler(name: str, model: PICSModel):
     cfg = model.noise_scheduler.config
     sc = model.config.scheduler
@@ -92,18 +97,11 @@ class PICSPipeline:
         self.scheduler = make_scheduler(scheduler_name, model)
         self.box_expand = model.config.box_expand if box_expand is None else float(box_expand)
 
-    @torch.no_grad()
-    def __call__(self, background, objects, masks=None, boxes=None, num_inference_steps: int = 50,
-                 guidance_scale: float = 5.0, generator: torch.Generator | None = None, seed: int | None = None,
-                 record_alpha: bool = False, priors: np.ndarray | None = None, box_expand: float | None = None,
-                 output_type: str = "pil") -> PICSPipelineOutput:
-        """background: PIL / uint8 [H,W,3] scene (the boxed regions are masked out here);
-        objects: N patches, PIL / uint8 [P,P,3] on white (or uint8 [N,P,P,3]);
-        masks: N full-image instance masks [H,W] (tight boxes are taken from them) or boxes: [N,4]
-        tight xyxy boxes in background pixels; priors: optional uint8 [N,K,V,V,3] prior views;
-        generator/seed: the initial noise (drawn on CPU, so a seed gives the same noise on any device).
-        """
-        model, cfg = self.model, self.model.config
+    def prepare(self, background, objects, masks=None, boxes=None, priors: np.ndarray | None = None,
+                box_expand: float | None = None, patch_masks=None) -> tuple[dict, np.ndarray, np.ndarray]:
+        """The model's inputs for one composite, built by `build_item` as in training (arguments as
+        `__call__`). Returns (a `collate` batch of one, the expanded boxes [N,4], the background)."""
+        cfg = self.model.config
         bg = _rgb_uint8(background, "background")
         h, w = bg.shape[:2]
         patches = [_rgb_uint8(o, f"objects[{i}]") for i, o in enumerate(objects)]
@@ -117,14 +115,41 @@ class PICSPipeline:
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         if len(boxes) != n:
             raise ValueError(f"PICSPipeline: {n} objects but {len(boxes)} boxes/masks")
+        if patch_masks is None:
+            patch_masks = [silhouette_from_white(p) for p in patches]
+        if len(patch_masks) != n:
+            raise ValueError(f"PICSPipeline: {n} objects but {len(patch_masks)} patch masks")
         expanded = expand_boxes(boxes, self.box_expand if box_expand is None else box_expand, w, h)
         size = max(p.shape[0] for p in patches)
-        patches = np.stack([np.asarray(Image.fromarray(p).resize((size, size), Image.Resampling.BICUBIC))
-                            if p.shape[:2] != (size, size) else p for p in patches])
-        sample = {"image": bg, "boxes_expanded": expanded, "patches": patches,
-                  "priors": None if priors is None else np.asarray(priors)}
+        patches = np.stack([_square(p, size, Image.Resampling.BICUBIC) for p in patches])
+        pmasks = []
+        for i, m in enumerate(patch_masks):
+            m = np.asarray(m)
+            if m.ndim != 2:
+                raise ValueError(f"PICSPipeline: patch_masks[{i}] must be [P,P], got shape {m.shape}")
+            pmasks.append(_square(((m > 0) * 255).astype(np.uint8), size, Image.Resampling.NEAREST))
+        sample = {"image": bg, "boxes_expanded": expanded, "boxes_tight": boxes, "patches": patches,
+                  "patch_masks": np.stack(pmasks), "priors": None if priors is None else np.asarray(priors)}
         batch = collate([build_item(sample, cfg.resolution, None, None, object_size=cfg.object_encoder.image_size,
-                                    source="PICSPipeline input")])
+                                    source="PICSPipeline input", collage=cfg.collage_hint)])
+        return batch, expanded, bg
+
+    @torch.no_grad()
+    def __call__(self, background, objects, masks=None, boxes=None, num_inference_steps: int = 50,
+                 guidance_scale: float = 5.0, generator: torch.Generator | None = None, seed: int | None = None,
+                 record_alpha: bool = False, priors: np.ndarray | None = None, box_expand: float | None = None,
+                 output_type: str = "pil", patch_masks=None) -> PICSPipelineOutput:
+        """background: PIL / uint8 [H,W,3] scene (the boxed regions are masked out here);
+        objects: N patches, PIL / uint8 [P,P,3] on white (or uint8 [N,P,P,3]);
+        masks: N full-image instance masks [H,W] (tight boxes are taken from them) or boxes: [N,4]
+        tight xyxy boxes in background pixels; priors: optional uint8 [N,K,V,V,3] prior views;
+        patch_masks: N silhouettes [P,P] of the patches (> 0 inside), for a model with the collage
+        hint; default: the patches' non-white pixels (`data.silhouette_from_white`);
+        generator/seed: the initial noise (drawn on CPU, so a seed gives the same noise on any device).
+        """
+        model, cfg = self.model, self.model.config
+        batch, expanded, bg = self.prepare(background, objects, masks, boxes, priors, box_expand, patch_masks)
+        h, w = bg.shape[:2]
         dev, dt = model.device, model.dtype
         objs = batch["objects"].to(dev, dt)
         pri = batch.get("priors")

@@ -25,9 +25,12 @@ def synthetic_sample(rng: np.random.Generator, n: int = 2, height: int = 48, wid
     masks[:, patch // 8: -patch // 8, patch // 8: -patch // 8] = 255
     patches = np.full((n, patch, patch, 3), 255, np.uint8)
     patches[masks > 0] = rng.integers(0, 255, (int((masks > 0).sum()), 3), dtype=np.uint8)
+    boxes = np.asarray(boxes, np.float32)
+    centre, half = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]) / 2 / 1.15
     return {
         "image": rng.integers(0, 255, (height, width, 3), dtype=np.uint8),
-        "boxes_expanded": np.asarray(boxes, np.float32),
+        "boxes_expanded": boxes,
+        "boxes_tight": np.concatenate([centre - half, centre + half], 1),  # expanded = tight x 1.15
         "patches": patches,
         "patch_masks": masks,
         "priors": None if not views else rng.integers(0, 255, (n, views, view_size, view_size, 3), dtype=np.uint8),

@@ -131,6 +131,8 @@ class ModelParams(Section):
     expert_mode: Literal["sparse", "dense", "reference"] = "sparse"
     max_objects: int = Field(4, ge=1)  # objects per composite the model accepts (ITBs are general in N)
     cond_drop_prob: float = Field(0.1, ge=0.0, le=1.0)  # objects -> zero image in training, for guidance
+    # None: the preset's (tiny: on; sd15/sd21: off). The objects drawn into the hint (pics_model/data.py)
+    collage_hint: bool | None = None
 
     @model_validator(mode="after")
     def _latent(self):
@@ -142,14 +144,16 @@ class ModelParams(Section):
         """This section as the network's ``PICSConfig``: the one place that maps params.yaml's
         ``model:`` keys to the library's fields, so ``pics_model`` knows no pipeline key names.
         None keeps the preset's value."""
-        from pics_model.config import PRESETS, TINY_KL_VAE, get_preset
+        from pics_model.config import PRESETS, TINY_KL_VAE, get_preset, hint_layout
 
         over: dict[str, Any] = {"tau": self.tau, "expert_mode": self.expert_mode, "max_objects": self.max_objects}
         if self.stable_diffusion_path is not None:
             over["stable_diffusion_path"] = self.stable_diffusion_path
         if self.latent == "kl" and self.preset == "tiny":
             over["vae"] = TINY_KL_VAE
-            over["unet"] = {"in_channels": 4 + 4 * 16, "out_channels": 4}
+            over["unet"] = {"out_channels": 4}  # in_channels: hint_layout
+        base = PRESETS[self.preset]()
+        hint_layout(over, base, base.collage_hint if self.collage_hint is None else self.collage_hint)
         over["shape_encoder"] = {"enabled": self.use_shape_prior}
         over["objective"] = {"cond_drop_prob": self.cond_drop_prob}
         encoder: dict[str, Any] = {}
@@ -166,7 +170,7 @@ class ModelParams(Section):
 
 class TrainParams(Section):
     out: str = "data/train"
-    steps: int = Field(600, ge=1)
+    steps: int = Field(200, ge=1)
     batch_size: int = Field(8, ge=1)  # global: split evenly over num_workers
     lr: float = Field(1e-3, gt=0.0)  # tiny preset from scratch; fine-tuning sd15/sd21: 1e-5 (the reference's)
     seed: int = 0
@@ -184,7 +188,8 @@ class TrainParams(Section):
     grad_clip: float = Field(1.0, gt=0.0)
     # PICSModel.set_trainable spec. tiny has no pretrained UNet to keep frozen: full; sd15/sd21: reference (the paper's)
     trainable: str = "full"
-    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"  # tiny pixel latent: epsilon left box noise
+    # sample (x0): with the collage hint, epsilon and v left speckle in the boxes (docs/fidelity_log.md)
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "sample"
     mask_weight: float = Field(1.0, ge=0.0)  # extra loss weight inside the object boxes
     ema_decay: float | None = Field(0.999, gt=0.0, lt=1.0)  # None: no EMA
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on GPU only

@@ -130,7 +130,7 @@ def test_cli_writes_a_folder_that_runs_as_the_reference(tmp_path, monkeypatch):
 
     # a reference checkpoint carries an AutoencoderKL and no appearance tokens: the tiny preset with
     # its KL latent and without them stands in
-    tiny_kl = ModelParams(latent="kl").pics_config()
+    tiny_kl = ModelParams(latent="kl", collage_hint=False).pics_config()  # the reference's 4-channel hint
     tiny_kl = tiny_kl.model_copy(update={"object_encoder": tiny_kl.object_encoder.model_copy(update={"appearance_grid": 0})})
     monkeypatch.setitem(model_config.PRESETS, "tiny", lambda: tiny_kl)
     torch.manual_seed(0)

@@ -113,3 +113,66 @@ def test_box_masks_rules_and_region_map():
     rm = region_map([[0, 0, 100, 100], [50, 0, 200, 100]], 100, 200, 64)
     assert rm.dtype == np.uint8 and rm.shape == (64, 64)
     assert rm[20, 10] == 1 and rm[20, 20] == 3 and rm[20, 40] == 2 and not rm[:16].any() and not rm[48:].any()
+def _swap(sample: dict) -> dict:
+    """The same sample with its objects in reverse order."""
+    keys = ("boxes_expanded", "boxes_tight", "patches", "patch_masks")
+    return {**sample, **{k: sample[k][::-1].copy() for k in keys}}
+
+
+def test_collage_hint_shows_the_objects_and_ignores_their_order():
+    rng = np.random.default_rng(0)
+    s = synthetic_sample(rng, n=2, height=48, width=80, views=None)
+    plain, it = build_item(s, 64, None), build_item(s, 64, None, collage=True)
+    assert plain["hint"].shape == (4, 64, 64) and it["hint"].shape == (5, 64, 64)
+    assert torch.equal(it["hint"][3], plain["hint"][3])  # the mask channel is unchanged
+    coverage = it["hint"][4]
+    assert set(coverage.unique().tolist()) == {0.0, 1.0, 2.0}  # the silhouettes overlap
+    assert torch.equal(it["hint"][:3][:, coverage == 0], plain["hint"][:3][:, coverage == 0])
+    # one silhouette alone: its patch's colours, not the zeroed background (the patches are noise
+    # inside their silhouettes; bicubic downscaling averages it, hence the mean over the region)
+    single = it["hint"][:3][:, coverage == 1]
+    assert single.shape[1] > 50 and (single != 0).all()
+    assert torch.allclose(single.mean(1), torch.zeros(3), atol=0.15)  # mean of uniform noise
+    swapped = build_item(_swap(s), 64, None, collage=True)
+    assert torch.equal(swapped["hint"], it["hint"])
+    assert not torch.equal(swapped["objects"], it["objects"])  # the objects themselves did swap
+
+
+def test_collage_hint_mean_in_the_overlap():
+    s = synthetic_sample(np.random.default_rng(0), n=2, height=64, width=64, views=None,
+                         boxes=np.array([[0, 0, 46, 46], [18, 18, 64, 64]], np.float32))
+    s["patches"][0][s["patch_masks"][0] > 0] = (255, 0, 0)
+    s["patches"][1][s["patch_masks"][1] > 0] = (0, 0, 255)
+    hint = build_item(s, 64, None, collage=True)["hint"]
+    both = hint[4] == 2
+    assert both.sum() > 20
+    assert torch.allclose(hint[:3][:, both], torch.tensor([0.0, -1.0, 0.0])[:, None])  # (red + blue) / 2
+
+
+def test_collage_is_drawn_from_the_patches_before_augmentation():
+    """Augmentation (flip, rotation, colour) reaches the encoder's objects, not the collage: the
+    hint of an augmented item is the deterministic one (what inference builds)."""
+    s = synthetic_sample(np.random.default_rng(0), n=2, views=None)
+    always = AugmentConfig(flip_p=1.0, color_p=1.0, rotate_p=1.0)
+    aug = build_item(s, 64, np.random.default_rng(3), always, collage=True)
+    ref = build_item(s, 64, None, collage=True)
+    assert torch.equal(aug["hint"], ref["hint"]) and not torch.equal(aug["objects"], ref["objects"])
+
+
+def test_collage_hint_needs_patch_masks_and_tight_boxes():
+    s = synthetic_sample(np.random.default_rng(0), views=None)
+    with pytest.raises(ValueError, match="s1: sample field 'boxes_tight'"):
+        build_item({k: v for k, v in s.items() if k != "boxes_tight"}, 64, None, source="s1", collage=True)
+    with pytest.raises(ValueError, match="'patch_masks'"):
+        build_item({k: v for k, v in s.items() if k != "patch_masks"}, 64, None, collage=True)
+
+
+def test_silhouette_on_box_keeps_scale_at_the_canvas_edge():
+    from pics_model.data import silhouette_on_box
+
+    patch = np.full((10, 10, 3), 255, np.uint8)
+    mask = np.zeros((10, 10), np.uint8)
+    patch[:, :5], mask[:, :5] = (200, 0, 0), 255  # left half red: the silhouette is 5 x 10
+    window, rgb, inside = silhouette_on_box(patch, mask, (-10, 0, 10, 20), 30, 30)
+    assert window == (0, 0, 10, 20) and rgb.shape == (20, 10, 3) and inside.all()  # the right half of the box
+    assert silhouette_on_box(patch, np.zeros_like(mask), (0, 0, 5, 5), 30, 30) is None

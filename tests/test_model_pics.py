@@ -25,7 +25,8 @@ def tiny():
 def batch():
     rng = np.random.default_rng(0)
     big_overlap = np.array([[0, 0, 56, 46], [24, 4, 80, 48], [10, 10, 40, 40]], np.float32)
-    items = [build_item(synthetic_sample(rng, n=n, views=2, boxes=big_overlap[:n]), 64, None) for n in (2, 3)]
+    items = [build_item(synthetic_sample(rng, n=n, views=2, boxes=big_overlap[:n]), 64, None, collage=True)
+             for n in (2, 3)]
     return collate(items)
 
 
@@ -33,7 +34,7 @@ def test_every_transformer_block_is_an_itb(tiny):
     from diffusers.models.attention import BasicTransformerBlock
     assert not any(isinstance(m, BasicTransformerBlock) for m in tiny.modules())
     assert len(tiny.itb_blocks()) == 10  # UNet 7 + ControlNet 3
-    assert tiny.controlnet.controlnet_cond_embedding.conv_in.in_channels == 4
+    assert tiny.controlnet.controlnet_cond_embedding.conv_in.in_channels == 5  # the collage hint
     assert tiny.config.latent_size == 16
 
 
@@ -119,9 +120,13 @@ def test_prediction_types_and_cond_drop(tiny, batch):
     with torch.no_grad():
         lv, _ = tiny.training_loss(batch, g, prediction_type="v_prediction")
         _, st = tiny.training_loss(batch, g, cond_drop_prob=1.0)
+        # x0 prediction: same noise and timesteps, only the target differs
+        le, _ = tiny.training_loss(batch, torch.Generator().manual_seed(2), prediction_type="epsilon")
+        lx, _ = tiny.training_loss(batch, torch.Generator().manual_seed(2), prediction_type="sample")
     assert torch.isfinite(lv) and st["cond_dropped"] == 2
+    assert torch.isfinite(lx) and abs(float(lx - le)) > 1e-3
     with pytest.raises(ValueError, match="prediction_type"):
-        tiny.training_loss(batch, g, prediction_type="sample")
+        tiny.training_loss(batch, g, prediction_type="x0")
 
 
 def test_shape_encoder_starts_neutral_and_is_view_order_invariant(tiny, batch):

@@ -128,3 +128,25 @@ def test_non_finite_decoded_image_raises_instead_of_pasting_black(scene):
     with pytest.raises(NonFiniteOutputError, match="of the decoded image are NaN or inf"):
         PICSPipeline(broken)(bg, objs[:1], boxes=boxes[:1], num_inference_steps=1, seed=0)
 
+
+
+def test_pipeline_hint_is_the_training_hint(model):
+    """One hint function for training and inference: the pipeline's inputs for a sample equal the
+    training item of that sample (augmented: the collage ignores augmentation), collage included."""
+    from pics_model.data import AugmentConfig, build_item
+    from pics_model.testing import synthetic_sample
+
+    cfg = model.config
+    assert cfg.collage_hint
+    s = synthetic_sample(np.random.default_rng(0), n=2, height=48, width=80, views=None)
+    s["boxes_expanded"] = expand_boxes(s["boxes_tight"], 1.15, 80, 48)
+    train = build_item(s, cfg.resolution, np.random.default_rng(1), AugmentConfig(),
+                       object_size=cfg.object_encoder.image_size, collage=cfg.collage_hint)
+    batch, expanded, _ = PICSPipeline(model).prepare(s["image"], list(s["patches"]), boxes=s["boxes_tight"],
+                                                     patch_masks=s["patch_masks"])
+    assert np.allclose(expanded, s["boxes_expanded"])
+    assert batch["hint"].shape == (1, 5, 64, 64) and torch.equal(batch["hint"][0], train["hint"])
+    assert torch.equal(batch["routing_masks"][0], train["routing_masks"])
+    # without patch masks the pipeline takes the non-white pixels: these patches are on white
+    guessed, _, _ = PICSPipeline(model).prepare(s["image"], list(s["patches"]), boxes=s["boxes_tight"])
+    assert torch.equal(guessed["hint"], batch["hint"])

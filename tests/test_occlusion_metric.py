@@ -135,7 +135,7 @@ def test_training_gate_probe_gives_per_timestep_block_maps():
     model = PICSModel(get_preset("tiny")).eval()
     cfg = model.config
     batch = collate([build_item(synthetic_sample(np.random.default_rng(0), views=None), cfg.resolution, None,
-                                object_size=cfg.object_encoder.image_size)])
+                                object_size=cfg.object_encoder.image_size, collage=cfg.collage_hint)])
     runs = [gate_probe(model, batch, [100, 900], torch.Generator().manual_seed(5)) for _ in range(2)]
     assert len(runs[0]) == 2 and len(runs[0][0]) == len(model.itb_blocks())
     for (w0, r0), (w1, r1) in zip(runs[0][1], runs[1][1]):

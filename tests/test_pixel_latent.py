@@ -77,7 +77,7 @@ def test_appearance_tokens_see_the_object_colour_and_train():
 def test_model_latent_param_selects_the_fitted_kl_autoencoder():
     from tasks.params import ModelParams
     kl = ModelParams(preset="tiny", latent="kl").pics_config()
-    assert (kl.vae.kind, kl.vae.latent_channels, kl.unet.in_channels, kl.latent_size) == ("kl", 4, 4 + 64, 16)
+    assert (kl.vae.kind, kl.vae.latent_channels, kl.unet.in_channels, kl.latent_size) == ("kl", 4, 4 + 5 * 16, 16)
     assert ModelParams(preset="tiny").pics_config().vae.kind == "pixel_shuffle"
     with pytest.raises(ValueError, match="tiny preset's"):
         ModelParams(preset="sd21", latent="pixel_shuffle")
@@ -96,7 +96,7 @@ def test_hint_reaches_the_unet_input_directly():
     import numpy as np
 
     rng = np.random.default_rng(0)
-    batch = collate([build_item(synthetic_sample(rng, n=2, views=0), 64, None)])
+    batch = collate([build_item(synthetic_sample(rng, n=2, views=0), 64, None, collage=True)])
     torch.manual_seed(0)
     outs = {}
     for concat in (True, False):
@@ -123,3 +123,14 @@ def test_tiny_sampler_starts_from_pure_noise():
     sched = make_scheduler("ddim", sd21)  # SD keeps the spacing it was trained and tuned with
     sched.set_timesteps(4)
     assert sched.timesteps.tolist() == [751, 501, 251, 1]
+
+
+def test_collage_hint_is_the_tiny_presets_and_switchable():
+    from pics_model.config import config_from_model_params
+
+    tiny, off = config_from_model_params({}), config_from_model_params({"collage_hint": False})
+    assert tiny.collage_hint and (tiny.controlnet.conditioning_channels, tiny.unet.in_channels) == (5, 48 + 5 * 16)
+    assert not off.collage_hint and (off.controlnet.conditioning_channels, off.unet.in_channels) == (4, 48 + 4 * 16)
+    assert not get_preset("sd21").collage_hint and not get_preset("sd15").collage_hint
+    with pytest.raises(ValueError, match="conditioning_channels must be 5"):
+        get_preset("tiny", controlnet={"conditioning_channels": 4})

@@ -14,8 +14,10 @@ def _batch(cfg, b=2):
     for _ in range(b):
         s = {"image": rng.integers(0, 255, (48, 64, 3), dtype=np.uint8),
              "boxes_expanded": np.array([[4, 4, 30, 40], [20, 10, 60, 44]], np.float32),
-             "patches": rng.integers(0, 255, (2, p, p, 3), dtype=np.uint8)}
-        items.append(build_item(s, r, None, None, object_size=p))
+             "boxes_tight": np.array([[6, 6, 28, 38], [22, 12, 58, 42]], np.float32),
+             "patches": rng.integers(0, 255, (2, p, p, 3), dtype=np.uint8),
+             "patch_masks": np.full((2, p, p), 255, np.uint8)}
+        items.append(build_item(s, r, None, None, object_size=p, collage=cfg.collage_hint))
     return collate(items)
 
 

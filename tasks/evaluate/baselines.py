@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from PIL import Image
+
+from pics_model.data import silhouette_on_box
 
 from pics_model.data import box_masks
 
@@ -33,20 +34,12 @@ def erase_and_inpaint(image: np.ndarray, boxes: np.ndarray, radius: int = 5) -> 
 
 def paste_object(canvas: np.ndarray, patch: np.ndarray, patch_mask: np.ndarray, box) -> np.ndarray:
     """Paste ``patch`` [P, P, 3] (object on white) inside its mask [P, P] onto ``canvas`` at the
-    tight xyxy ``box``: the silhouette's own bounding box in the patch is scaled onto ``box``."""
-    ys, xs = np.nonzero(patch_mask > 0)
-    if len(xs) == 0:
+    tight xyxy ``box``: the silhouette's own bounding box in the patch is scaled onto ``box``
+    (`pics_model.data.silhouette_on_box`, the rule the collage hint uses too)."""
+    placed = silhouette_on_box(patch, patch_mask, box, *canvas.shape[:2])
+    if placed is None:
         return canvas
-    crop = patch[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-    cmask = (patch_mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1] > 0).astype(np.uint8) * 255
-    h, w = canvas.shape[:2]
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
-    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-    if x1 <= x0 or y1 <= y0:
-        return canvas
-    size = (x1 - x0, y1 - y0)
-    obj = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.BICUBIC))
-    m = np.asarray(Image.fromarray(cmask).resize(size, Image.Resampling.BILINEAR)) >= 128
+    (x0, y0, x1, y1), obj, m = placed
     out = canvas.copy()
     region = out[y0:y1, x0:x1]
     region[m] = obj[m]
@@ -82,6 +75,7 @@ def sequential(pipe, sample: dict, boxes_expanded: np.ndarray, *, steps: int, gu
     for k, i in enumerate(far_to_near(sample)):
         out = pipe(canvas, sample["patches"][i:i + 1], boxes=sample["boxes_tight"][i:i + 1],
                    num_inference_steps=steps, guidance_scale=guidance, seed=seed + 7919 * k,
-                   priors=None if priors is None else priors[i:i + 1], output_type="pil")
+                   priors=None if priors is None else priors[i:i + 1], output_type="pil",
+                   patch_masks=sample["patch_masks"][i:i + 1])
         canvas = np.asarray(out.images[0])
     return canvas

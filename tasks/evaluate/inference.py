@@ -187,7 +187,7 @@ class Evaluator:
                     continue  # untrained requested but no init model: the summary says so
                 o = pipe(s["image"], s["patches"], boxes=s["boxes_tight"], num_inference_steps=p.steps,
                          guidance_scale=p.guidance, seed=seed, record_alpha=p.record_alpha, priors=priors,
-                         output_type="pil")
+                         output_type="pil", patch_masks=s["patch_masks"])
                 img, alpha, gates, extra = np.asarray(o.images[0]), o.alpha_maps, o.gate_maps, 0.0
                 if not np.allclose(o.boxes[0], s["expanded"], atol=1e-3):
                     raise RuntimeError(f"{s['sample_id']}: pipeline used boxes {o.boxes[0].tolist()}, "

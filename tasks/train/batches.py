@@ -27,10 +27,11 @@ class BatchBuilder:
     """Callable ``(rows, rngs) -> (batch, quarantine_records)`` used by ``StepBatches``."""
 
     def __init__(self, resolution: int, augment: dict | None, priors: PriorStore | None,
-                 object_size: int | None = None):
+                 object_size: int | None = None, collage: bool = False):
         from pics_model.data import AugmentConfig
 
         self.resolution = resolution
+        self.collage = collage  # the model's collage hint (PICSConfig.collage_hint)
         self.augment = AugmentConfig(**augment) if augment is not None else None
         self.priors = priors
         self.object_size = object_size
@@ -69,7 +70,7 @@ class BatchBuilder:
         if rng is None and seed is not None:
             rng = np.random.default_rng(seed)
         return build_item(self.sample(row), self.resolution, rng, self.augment if augment else None,
-                          object_size=self.object_size, source=row.get("sample_id"))
+                          object_size=self.object_size, source=row.get("sample_id"), collage=self.collage)
 
     @staticmethod
     def collate(items: list[dict]) -> dict:

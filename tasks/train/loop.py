@@ -174,7 +174,7 @@ def train_loop_per_worker(config: dict) -> None:
     ts = build_state(plan)
     priors = PriorStore(plan.priors_dir) if plan.priors_dir else None
     builder = BatchBuilder(resolution=plan.resolution, augment=plan.augment, priors=priors,
-                           object_size=plan.object_size)
+                           object_size=plan.object_size, collage=ts.model.config.collage_hint)
     heldout = load_heldout(plan.shards_dir, t.heldout_samples, builder, t.occlusion_timesteps)
     samples = None
     if t.sample_every and plan.strategy != "fsdp":  # FSDP: rank 0 alone cannot run the sharded model

@@ -38,7 +38,7 @@ class SampleWriter:
             pipe = PICSPipeline(model, "ddim")
             rows = []
             for i, s in enumerate(self.samples):
-                res = pipe(s["image"], list(s["patches"]), masks=list(s["masks"]),
+                res = pipe(s["image"], list(s["patches"]), masks=list(s["masks"]), patch_masks=s["patch_masks"],
                            priors=s.get("priors"), num_inference_steps=self.t.sample_steps,
                            guidance_scale=self.t.sample_guidance, seed=self.t.seed + i, output_type="np")
                 comp = (res.images[0] * 255 + 0.5).clip(0, 255).astype(np.uint8)
