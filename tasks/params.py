@@ -355,7 +355,7 @@ class AnalogyParams(Section):
     heads: int = Field(4, ge=1)
     feature_dim: int = Field(64, ge=8)
     # training (seconds on 2 cores ~ steps * batch_scenes * queries / 300)
-    steps: int = Field(400, ge=1)
+    steps: int = Field(200, ge=1)
     batch_scenes: int = Field(2, ge=1)
     queries: int = Field(48, ge=2)
     lr: float = Field(1e-3, gt=0.0)
@@ -369,7 +369,7 @@ class AnalogyParams(Section):
     refine_iters: int = Field(4, ge=0)
     rbf_smoothing: float = Field(0.5, ge=0.0)
     # evaluation pairs
-    eval_pairs: int = Field(24, ge=1)
+    eval_pairs: int = Field(16, ge=1)
     yaw_jitter_deg: float = Field(10.0, ge=0.0, le=45.0)
     eval_swap_instances: bool = False  # true: kept objects become other instances of their class (harder)
 
