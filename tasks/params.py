@@ -296,7 +296,7 @@ class LayoutParams(Section):
     target_size: int = Field(160, ge=32)  # stage: the procedural targets' side, px
     max_elements: int = Field(40, ge=1)  # stage: distinct silhouettes packed per target
     method: Literal["differentiable", "greedy"] = "differentiable"  # pics layout's packer
-    threads: int | None = Field(None, ge=1)  # torch CPU threads; None: torch's default
+    threads: int | None = Field(1, ge=1)  # torch CPU threads (None: torch's default); two spin-waited under load
     # the method (paper: Wang & Lu 2025); see pics_model/layout/optimize.py
     resolutions: list[int] = [64, 128, 256]  # level long sides, coarse to fine (capped at the target's)
     iterations: list[int] = [100, 60, 40]

@@ -126,9 +126,9 @@ def test_tiny_sampler_starts_from_pure_noise():
 
 
 def test_collage_hint_is_the_tiny_presets_and_switchable():
-    from pics_model.config import config_from_model_params
+    from tasks.params import ModelParams
 
-    tiny, off = config_from_model_params({}), config_from_model_params({"collage_hint": False})
+    tiny, off = ModelParams().pics_config(), ModelParams(collage_hint=False).pics_config()
     assert tiny.collage_hint and (tiny.controlnet.conditioning_channels, tiny.unet.in_channels) == (5, 48 + 5 * 16)
     assert not off.collage_hint and (off.controlnet.conditioning_channels, off.unet.in_channels) == (4, 48 + 4 * 16)
     assert not get_preset("sd21").collage_hint and not get_preset("sd15").collage_hint
