@@ -22,14 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from .file_hashes import file_record, mismatch
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-HASHES_NAME = "sha256.json"
+from .file_hashes import CONFIG_NAME, HASHES_NAME, WEIGHTS_NAME, mismatch, save_model_folder
 
 
 @dataclass
@@ -92,14 +88,8 @@ class ContextDescriptorField(nn.Module):
         """config.json + model.safetensors, then sha256.json of both (checked by `load`). Files
         are written in place: a stage writes into a temporary folder it renames when complete
         (tasks.atomic.atomic_dir)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "pics_model": "context_field"})
-        (d / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2, sort_keys=True) + "\n")
-        hashes = {n: file_record(d / n) for n in (CONFIG_NAME, WEIGHTS_NAME)}
-        (d / HASHES_NAME).write_text(json.dumps(hashes, indent=2) + "\n")
-        return d
+        return save_model_folder(directory, self, json.dumps(asdict(self.config), indent=2, sort_keys=True) + "\n",
+                                 {"pics_model": "context_field"})
 
     @classmethod
     def load(cls, directory: str | Path) -> "ContextDescriptorField":

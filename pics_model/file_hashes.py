@@ -8,7 +8,15 @@ truncated, partly copied or bit-flipped file is refused by name instead of loadi
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import tempfile
 from pathlib import Path
+from typing import Callable
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+HASHES_NAME = "sha256.json"  # size + SHA-256 of the two files above, written after them
 
 
 def sha256_file(path: str | Path) -> str:
@@ -38,3 +46,33 @@ def mismatch(directory: str | Path, records: dict, listed_in: str) -> str | None
         if file_record(p)["sha256"] != want_sha:
             return f"{p}: its sha256 differs from the one {listed_in} recorded (the file is corrupted)"
     return None
+
+
+def replace_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_model_folder(directory: str | Path, module, config_json: str, metadata: dict[str, str]) -> Path:
+    """A model folder: ``config_json`` as config.json and every tensor of ``module`` as
+    model.safetensors (each replaced atomically), then sha256.json with both files' size and
+    SHA-256, written last so its presence means the other two are complete."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    writers = {WEIGHTS_NAME: lambda p: save_file(state, p, metadata={"format": "pt", **metadata}),
+               CONFIG_NAME: lambda p: Path(p).write_text(config_json)}
+    for name, write in writers.items():
+        replace_atomically(d / name, write)
+    hashes = json.dumps({name: file_record(d / name) for name in writers}, indent=2)
+    replace_atomically(d / HASHES_NAME, lambda p: Path(p).write_text(hashes))
+    return d

@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .config import ObjectEncoderConfig
-from .file_hashes import file_record
-from .modeling_pics import CONFIG_NAME, HASHES_NAME, WEIGHTS_NAME, _replace_atomically, verify_saved
+from .file_hashes import CONFIG_NAME, WEIGHTS_NAME, save_model_folder
+from .modeling_pics import verify_saved
 from .object_encoder import ObjectEncoder
 
 COORDS = 4  # x1, y1, x2, y2
@@ -232,16 +232,7 @@ class LocationModel(nn.Module):
     # -----------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
         """config.json + model.safetensors, then sha256.json (checked by :meth:`from_pretrained`)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        writers = {WEIGHTS_NAME: lambda p: save_file(state, p, metadata={"format": "pt", "pics_location": "1"}),
-                   CONFIG_NAME: lambda p: Path(p).write_text(self.cfg.to_json())}
-        for name, write in writers.items():
-            _replace_atomically(d / name, write)
-        hashes = json.dumps({name: file_record(d / name) for name in writers}, indent=2)
-        _replace_atomically(d / HASHES_NAME, lambda p: Path(p).write_text(hashes))
-        return d
+        return save_model_folder(directory, self, self.cfg.to_json(), {"pics_location": "1"})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "LocationModel":

@@ -14,19 +14,17 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .config import PICSConfig, UNetConfig, VAEConfig
-from .file_hashes import file_record, mismatch
+from .file_hashes import CONFIG_NAME, HASHES_NAME, WEIGHTS_NAME, mismatch, save_model_folder
 from .interaction_block import ROUTING_KEY, InteractionTransformerBlock, RoutingContext, convert_to_itb, itb_blocks
 from .object_encoder import ObjectEncoder
 from .pixel_autoencoder import PixelShuffleAutoencoder
@@ -34,9 +32,6 @@ from .shape_encoder import ShapeEncoder
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-HASHES_NAME = "sha256.json"  # size + SHA-256 of the two files above, written after them
 TRAINABLE_SPECS = ("reference", "full", "itb")
 
 
@@ -353,16 +348,7 @@ class PICSModel(nn.Module):
     def save_pretrained(self, directory: str | Path) -> Path:
         """config.json + model.safetensors (every tensor of the model, frozen parts included), then
         sha256.json with both files' size and SHA-256, which `from_pretrained` checks."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        writers = {WEIGHTS_NAME: lambda p: save_file(state, p, metadata={"format": "pt", "pics_model": "1"}),
-                   CONFIG_NAME: lambda p: Path(p).write_text(self.config.to_json())}
-        for name, write in writers.items():
-            _replace_atomically(d / name, write)
-        hashes = json.dumps({name: file_record(d / name) for name in writers}, indent=2)
-        _replace_atomically(d / HASHES_NAME, lambda p: Path(p).write_text(hashes))
-        return d
+        return save_model_folder(directory, self, self.config.to_json(), {"pics_model": "1"})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",
@@ -419,18 +405,6 @@ def verify_saved(directory: str | Path) -> None:
     problem = mismatch(d, {n: records[n] for n in (CONFIG_NAME, WEIGHTS_NAME)}, HASHES_NAME)
     if problem is not None:
         raise WeightsError(f"{problem}; {_REFETCH}")
-
-
-def _replace_atomically(path: Path, write) -> None:
-    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def flops_per_sample(config: PICSConfig, resolution: int | None = None, training: bool = True,
