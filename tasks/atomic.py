@@ -29,22 +29,32 @@ def _name_real_path(e: OSError, tmp: Path, path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary file path; on success it is fsynced and renamed onto ``path``."""
+def _staged(path: str | Path) -> Iterator[tuple[Path, Path]]:
+    """(``path``, a temporary sibling to build it in): the sibling is removed whatever happens,
+    and a failed write names ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path)
     try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        yield path, tmp
     except OSError as e:
         _name_real_path(e, tmp, path)
         raise
     finally:
-        if tmp.exists():
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary file path; on success it is fsynced and renamed onto ``path``."""
+    with _staged(path) as (path, tmp):
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
@@ -69,10 +79,7 @@ def write_parquet(path: str | Path, table, **write_options) -> Path:
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``path`` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    try:
+    with _staged(path) as (path, tmp):
         tmp.mkdir()
         yield tmp
         if path.exists():
@@ -82,12 +89,6 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except OSError as e:
-        _name_real_path(e, tmp, path)
-        raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def clean_tmp(directory: str | Path) -> int:
