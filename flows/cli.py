@@ -259,6 +259,23 @@ def serve(only: Optional[list[str]] = typer.Argument(None, help="Deployment name
     serve_all(only or None)
 
 
+@app.command("convert-reference")
+def convert_reference(
+    checkpoint: Path = typer.Argument(..., exists=True, dir_okay=False, help="The reference's Lightning checkpoint."),
+    out_dir: Path = typer.Argument(..., help="Model folder to write (config.json, model.safetensors, sha256.json)."),
+    preset: str = typer.Option("sd21", help="Preset with a KL autoencoder: sd21 | sd15."),
+    dinov2: Optional[Path] = typer.Option(None, help="Local DINOv2 weights (otherwise the checkpoint's)."),
+    stable_diffusion: Optional[Path] = typer.Option(None, help="Local diffusers SD folder (optional)."),
+):
+    """Convert the reference implementation's checkpoint into a model folder in the reference mode."""
+    from pics_model.convert_reference import convert
+
+    with _user_errors(ValueError):
+        report = convert(checkpoint, out_dir, preset, str(dinov2) if dinov2 else None,
+                         str(stable_diffusion) if stable_diffusion else None)
+    typer.echo(report.summary())
+
+
 @app.command()
 def composite(
     background: Optional[Path] = typer.Option(None, help="Background image."),

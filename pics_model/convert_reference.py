@@ -31,11 +31,10 @@ inference scripts expand them. To fine-tune under this project's design instead,
 Checkpoints are read with ``torch.load(weights_only=True)`` or safetensors; a Lightning file that
 needs arbitrary unpickling is refused (extract its ``state_dict`` in a trusted environment).
 
-CLI: ``python -m pics_model.convert_reference CKPT OUT_DIR [--preset sd21] [--dinov2 PATH]``
+CLI: ``pics convert-reference CKPT OUT_DIR [--preset sd21] [--dinov2 PATH]`` (flows/cli.py).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -191,29 +190,22 @@ def load_reference_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return read_state_dict(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("checkpoint")
-    ap.add_argument("out_dir")
-    ap.add_argument("--preset", default="sd21")
-    ap.add_argument("--dinov2", default=None, help="local DINOv2 weights (otherwise from the checkpoint)")
-    ap.add_argument("--stable-diffusion", default=None, help="local diffusers SD folder (optional)")
-    args = ap.parse_args(argv)
+def convert(checkpoint: str | Path, out_dir: str | Path, preset: str = "sd21", dinov2: str | None = None,
+            stable_diffusion: str | None = None) -> ConversionReport:
+    """Convert a reference checkpoint into a model folder at ``out_dir`` (plus
+    ``conversion_report.json``) that computes what the reference computed. ``dinov2`` and
+    ``stable_diffusion``: local weights (otherwise the checkpoint's and the preset's)."""
     from .config import get_preset
-    over = {"stable_diffusion_path": args.stable_diffusion}
-    if args.dinov2:
-        over["object_encoder"] = {"weights_path": args.dinov2}
-    config = reference_config(get_preset(args.preset, **over))
+
+    over: dict = {"stable_diffusion_path": stable_diffusion}
+    if dinov2:
+        over["object_encoder"] = {"weights_path": dinov2}
+    config = reference_config(get_preset(preset, **over))
     if config.vae.kind != "kl":
-        raise ValueError(f"preset {args.preset!r} has a {config.vae.kind} latent; a reference checkpoint "
+        raise ValueError(f"preset {preset!r} has a {config.vae.kind} latent; a reference checkpoint "
                          "carries an AutoencoderKL: convert into a preset with a KL autoencoder (sd15, sd21)")
     model = PICSModel(config)
-    report = convert_reference_state_dict(load_reference_checkpoint(args.checkpoint), model)
-    out = model.save_pretrained(args.out_dir)
+    report = convert_reference_state_dict(load_reference_checkpoint(checkpoint), model)
+    out = model.save_pretrained(out_dir)
     (out / "conversion_report.json").write_text(report.to_json())
-    print(report.summary())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return report

@@ -120,12 +120,14 @@ def test_converted_model_in_reference_mode_equals_the_reference_equations():
 
 
 def test_cli_writes_a_folder_that_runs_as_the_reference(tmp_path, monkeypatch):
-    """`python -m pics_model.convert_reference CKPT OUT`: the folder's config selects the reference
+    """`pics convert-reference CKPT OUT`: the folder's config selects the reference
     expert mode, its nearest mask rule and its inference boxes, so loading it needs no flags."""
     from pics_model import config as model_config
     from pics_model.config import get_preset
     from tasks.params import ModelParams
-    from pics_model.convert_reference import main
+    from typer.testing import CliRunner
+
+    from flows.cli import app
     from pics_model.pipeline_pics import PICSPipeline
 
     # a reference checkpoint carries an AutoencoderKL and no appearance tokens: the tiny preset with
@@ -136,7 +138,9 @@ def test_cli_writes_a_folder_that_runs_as_the_reference(tmp_path, monkeypatch):
     torch.manual_seed(0)
     src = PICSModel(get_preset("tiny"))
     torch.save({"state_dict": reference_state_dict(src)}, tmp_path / "reference.ckpt")  # Lightning layout
-    assert main([str(tmp_path / "reference.ckpt"), str(tmp_path / "out"), "--preset", "tiny"]) == 0
+    r = CliRunner().invoke(app, ["convert-reference", str(tmp_path / "reference.ckpt"), str(tmp_path / "out"),
+                                 "--preset", "tiny"])
+    assert r.exit_code == 0, r.output
     model = PICSModel.from_pretrained(tmp_path / "out")
     cfg = model.config
     assert (cfg.itb.expert_mode, cfg.itb.mask_rule, cfg.box_expand) == ("reference", "nearest", 1.1)
@@ -147,8 +151,8 @@ def test_cli_writes_a_folder_that_runs_as_the_reference(tmp_path, monkeypatch):
 
 
 def test_converting_into_a_model_without_a_kl_autoencoder_is_refused(tmp_path):
-    from pics_model.convert_reference import main
+    from pics_model.convert_reference import convert
 
     torch.save({"state_dict": {}}, tmp_path / "reference.ckpt")
     with pytest.raises(ValueError, match="AutoencoderKL"):
-        main([str(tmp_path / "reference.ckpt"), str(tmp_path / "out"), "--preset", "tiny"])
+        convert(tmp_path / "reference.ckpt", tmp_path / "out", "tiny")
