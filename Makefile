@@ -31,8 +31,9 @@ check-system-packages:
 	if [ -n "$$missing" ]; then \
 	  echo "missing Debian packages:$$missing; as root: apt-get update && make system-packages" >&2; exit 1; fi
 
+# `pics repro` is `dvc repro` with one Prefect server for every stage (each would start its own).
 run: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pics repro
 
 # The longer profile (about an hour on 2 cores): three times the images, five times the steps, a
 # cosine schedule. It runs as the DVC experiment "long" in a temporary copy (the workspace and its

@@ -247,8 +247,25 @@ def pipeline(
     _params(None, set_)  # DVC reads the project's params.yaml: the overrides are checked against it
     from flows.pipeline import pipeline_flow
 
-    with _user_errors():
+    from tasks.runtime import shared_prefect_server
+
+    with _user_errors(), shared_prefect_server():  # the stages DVC starts report to the flow's server
         pipeline_flow(overrides=list(set_ or []), experiment_name=name, temp=not in_workspace)
+
+
+@app.command()
+def repro(stages: Optional[list[str]] = typer.Argument(None, help="dvc.yaml stages (default: every stage).")):
+    """`dvc repro` with one Prefect server for all its stages (what `make run` runs)."""
+    _params(None, None)  # a bad params.yaml fails here, before DVC starts
+    from flows.pipeline import run_dvc
+    from tasks.params import project_root
+    from tasks.runtime import shared_prefect_server
+
+    with _user_errors(), shared_prefect_server():
+        try:
+            run_dvc(project_root(), ["repro", *(stages or [])], echo=True)
+        except RuntimeError as e:
+            _fail(str(e).splitlines()[0])
 
 
 @app.command()

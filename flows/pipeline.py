@@ -33,8 +33,9 @@ def dvc_lock(repo: Path) -> FileLock:
     return FileLock(str(repo / ".dvc" / "tmp" / "pics-dvc.lock"))
 
 
-def run_dvc(repo: Path, args: list[str], logger=None, timeout: float | None = None) -> str:
-    """Run one DVC command under the repo lock, streaming its output to the logger."""
+def run_dvc(repo: Path, args: list[str], logger=None, timeout: float | None = None, echo: bool = False) -> str:
+    """Run one DVC command under the repo lock, streaming its output to the logger (``echo``: to
+    this process's stdout)."""
     cmd = [sys.executable, "-m", "dvc", *args]
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
     # The stages call `pics <stage>`: this interpreter's bin (where its `pics` is) first on PATH.
@@ -49,6 +50,8 @@ def run_dvc(repo: Path, args: list[str], logger=None, timeout: float | None = No
             lines.append(line)
             if logger:
                 logger.info(line.rstrip())
+            if echo:
+                print(line, end="", flush=True)
             if timeout and time.monotonic() - start > timeout:
                 proc.kill()
                 raise TimeoutError(f"dvc {' '.join(args)} ran past {timeout} s")

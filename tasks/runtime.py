@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from tasks.params import project_root
 
@@ -82,3 +84,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
         kwargs["_temp_dir"] = os.environ["RAY_TMPDIR"]
     ray.init(**kwargs)
     return ray
+
+
+@contextmanager
+def shared_prefect_server() -> Iterator[str]:
+    """One temporary Prefect server for every process started inside (exported as
+    ``PREFECT_API_URL``): ``dvc repro`` runs each stage in a process of its own, which would
+    otherwise start and stop a server of its own (about 20-30 s a stage on 2 cores). A server the
+    user already configured wins. Yields the API URL."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    configure_environment()
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        yield server.api_url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
