@@ -144,6 +144,15 @@ def test_opa_importer_groups_rows_into_queries(tmp_path):
     assert "9.jpg" in by_reason["missing_background"]
 
 
+def test_opa_import_replaces_generated_data_in_the_same_folder(tmp_path):
+    p = LocationParams(num_scenes=2, shard_size=1, width=W, height=H, max_objects=3, removals_per_scene=1)
+    sharded_stage.run_serial(LOCATION_DATA, data_params(p), tmp_path / "out")
+    _opa_fixture(tmp_path / "OPA")
+    manifest = import_opa(tmp_path / "OPA", tmp_path / "out")
+    assert {q["source"] for q in read_queries(tmp_path / "out")} == {"opa"}  # no generated shard left behind
+    assert manifest["queries"] == 3 and not (tmp_path / "out" / "_progress").exists()
+
+
 def test_opa_importer_names_a_missing_column(tmp_path):
     _opa_fixture(tmp_path / "OPA")
     (tmp_path / "OPA" / "test_set.csv").write_text("fg_id,bg_id,scale,label\n202,7,0.1,1\n")
