@@ -80,11 +80,6 @@ def write_shard(shards_dir: Path, index: int, rows: list[dict]) -> str:
                                      pa.Table.from_pylist(rows, schema=SCHEMA))
 
 
-def _split(seed: int, scene: int, test_fraction: float) -> str:
-    u = np.random.default_rng(np.random.SeedSequence([seed, scene, 7])).uniform()
-    return "test" if u < test_fraction else "train"
-
-
 # Bump when the generator's output for the same parameters changes, so old shards are not resumed.
 ALGORITHM_VERSION = 1
 # What decides the shards' bytes: the scenes (num_scenes, shard_size decide which scenes a shard
@@ -135,6 +130,11 @@ def prepare(params: dict, out: str | Path) -> Plan:
     scenes, size = list(range(params["num_scenes"])), params["shard_size"]
     works = [SceneWork(i, scenes[s:s + size]) for i, s in enumerate(range(0, len(scenes), size))]
     return Plan(DataContext(str(out), params, fp), works, done)
+
+
+def _split(seed: int, scene: int, test_fraction: float) -> str:
+    u = np.random.default_rng(np.random.SeedSequence([seed, scene, 7])).uniform()
+    return "test" if u < test_fraction else "train"
 
 
 def process_shard(work: SceneWork, ctx: DataContext) -> dict:
