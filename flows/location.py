@@ -2,31 +2,54 @@
 stage 1 maximum likelihood, stage 2 DPO, TPR/FPR against baselines, a report.
 
 ``pics location [--set location.key=value ...] [--params FILE]``.
-One Prefect task per phase; the data phase fans its shards out over Ray when
-``location.num_workers`` > 1 (tasks/location/data.py ``run_works``).
+The embedded data runs on the sharded-stage skeleton (``flows.sharded.run_stage``: one Prefect
+task per shard of ``location.shard_size`` scenes, each a Ray task, at most ``location.num_workers``
+in flight; a killed run keeps its finished shards); an OPA import is one Prefect task; training and
+evaluation are one more.
 """
 from __future__ import annotations
 
-import json
+import time
+from pathlib import Path
 
 import flows  # noqa: F401  (offline Prefect/Ray/EGL environment before anything imports them)
+from flows.sharded import run_stage
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks import quarantine
 from tasks.params import Params, resolve_path, stage_params
-from tasks.runtime import init_ray
 
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
 
 
+@task(name="location-opa", **_TASK)
+def opa_task(root: str, out: str) -> dict:
+    from tasks.location.opa import import_opa
+
+    return import_opa(root, out)
+
+
 @task(name="location-stage", **_TASK)
-def stage_task(p, out: str) -> dict:
+def stage_task(p, out: str, manifest: dict, t_data: float) -> dict:
     from tasks.location.stage import run
 
     logger = get_run_logger()
-    return run(p, out, log=logger.info)
+    return run(p, out, log=logger.info, manifest=manifest, t_data=t_data)
+
+
+def build_data(p, ray, out: Path) -> dict:
+    """The data phase into ``out``/data: the OPA import, or the generator's shards on Ray
+    (``ray``: the ``ray`` params section)."""
+    if p.opa_root:
+        return opa_task(p.opa_root, str(out / "data"))
+    from tasks.location.data import LOCATION_DATA, data_params
+
+    def describe(plan) -> str:
+        return f"location data: {len(plan.works)} shards of {p.shard_size} scenes, {len(plan.done)} kept"
+
+    return run_stage(LOCATION_DATA, (data_params(p), str(out / "data")), p.num_workers, ray, describe)[1]
 
 
 @flow(name="location")
@@ -36,13 +59,15 @@ def location_flow(overrides: list[str] | None = None, params: Params | None = No
     out = resolve_path(p.out)
     if p.opa_root:
         p = p.model_copy(update={"opa_root": str(resolve_path(p.opa_root))})
-    if p.num_workers > 1:
-        init_ray(params.ray.address, params.ray.num_cpus, params.ray.object_store_mb)
-    m = stage_task(p, str(out))
+    from tasks.location.stage import claim
+
+    claim(out)  # before the data phase writes into out/data
+    t0 = time.perf_counter()
+    manifest = build_data(p, params.ray, out)
+    m = stage_task(p, str(out), manifest, time.perf_counter() - t0)
     report = (out / "report.md").read_text()
     create_markdown_artifact(report.replace("](", f"]({out}/"), key="location-report",
                              description="location model: TPR/FPR vs K, DPO vs stage 1")
-    manifest = json.loads((out / "data" / "manifest.json").read_text())
     from tasks.location.data import quarantine_tallies
 
     get_run_logger().info(quarantine.check_limit("location", out / "data", quarantine_tallies(manifest),

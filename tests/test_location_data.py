@@ -7,12 +7,14 @@ import pytest
 from PIL import Image
 
 from tasks.decompose.pairing import box_iou
-from tasks.location.data import read_queries
+from tasks import sharded_stage
+from tasks.location.data import LOCATION_DATA, data_params, read_queries
 from tasks.location.opa import OPAFormatError, import_opa
 from tasks.location.scenes import (REASONS, Camera, SceneGeometry, mesh_box, off_ground_box, render_color,
                                    scene_queries, vertices_at)
 from tasks.make_sample.layout import CONTACT_GAP, compose_scene
 from tasks.make_sample.renderer import get_renderer
+from tasks.params import LocationParams
 
 W, H = 96, 72
 
@@ -39,6 +41,22 @@ def test_queries_have_distinct_positives_and_reasoned_negatives():
         assert (pos[:, [0, 2]] <= W).all() and (pos[:, [1, 3]] <= H).all()
         if q.negatives:  # every negative is far from every positive: evaluation is unambiguous
             assert box_iou(np.asarray(q.negatives), pos).max() < 0.5
+
+
+def test_generator_runs_on_the_sharded_stage_skeleton_and_resumes_finished_shards(tmp_path):
+    p = LocationParams(num_scenes=3, shard_size=2, width=W, height=H, max_objects=3, removals_per_scene=1)
+    out = tmp_path / "data"
+    plan, manifest, results = sharded_stage.run_serial(LOCATION_DATA, data_params(p), out)
+    assert [w.scenes for w in plan.works] == [[0, 1], [2]] and len(results) == 2
+    assert manifest["queries"] == len(read_queries(out)) > 0 and manifest["scenes"] == 3
+    assert manifest["queries"] == sum(r["rows"] for r in results)
+    assert sum(manifest["quarantined"].values()) == sum(len(r["quarantine"]) for r in results)
+    assert (out / ".pics-stage.json").is_file()
+    # a run killed after shard 0: only shard 1 is rendered again, to the same bytes
+    (out / "_progress" / "shard-00001.json").unlink()
+    plan2, manifest2, results2 = sharded_stage.run_serial(LOCATION_DATA, data_params(p), out)
+    assert [r["shard"] for r in results2] == ["shard-00001"] and manifest2["kept_from_earlier_runs"] == 1
+    assert manifest2["content_hash"] == manifest["content_hash"]
 
 
 def test_removal_image_does_not_show_the_removed_object(scene):
@@ -124,6 +142,15 @@ def test_opa_importer_groups_rows_into_queries(tmp_path):
     assert set(by_reason) == {"bad_opa_row", "missing_background"}
     assert "train_set.csv:5" in by_reason["bad_opa_row"] and "position" in by_reason["bad_opa_row"]
     assert "9.jpg" in by_reason["missing_background"]
+
+
+def test_opa_import_replaces_generated_data_in_the_same_folder(tmp_path):
+    p = LocationParams(num_scenes=2, shard_size=1, width=W, height=H, max_objects=3, removals_per_scene=1)
+    sharded_stage.run_serial(LOCATION_DATA, data_params(p), tmp_path / "out")
+    _opa_fixture(tmp_path / "OPA")
+    manifest = import_opa(tmp_path / "OPA", tmp_path / "out")
+    assert {q["source"] for q in read_queries(tmp_path / "out")} == {"opa"}  # no generated shard left behind
+    assert manifest["queries"] == 3 and not (tmp_path / "out" / "_progress").exists()
 
 
 def test_opa_importer_names_a_missing_column(tmp_path):

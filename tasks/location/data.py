@@ -3,22 +3,25 @@
 One row per query (``SCHEMA``); boxes are flat xyxy lists in the background's pixels. Two sources
 write the same rows: the embedded generator (:func:`generate`, removal renders of composed 3D
 scenes, ``tasks.location.scenes``) and the OPA importer (``tasks.location.opa``). The output folder
-holds ``shards/shard-*.parquet``, ``manifest.json`` and ``quarantine.parquet`` as decompose's does.
+holds ``shards/shard-*.parquet``, ``manifest.json`` and ``quarantine.parquet`` as decompose's does;
+the generator is a ``tasks.sharded_stage`` stage (:data:`LOCATION_DATA`: one shard of
+``shard_size`` scenes per worker, finished shards kept when a killed run is started again).
 """
 from __future__ import annotations
 
 import io
 import time
 from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from tasks import atomic, quarantine
+from tasks import atomic, quarantine, sharded_stage
 from tasks.quarantine import QuarantineRecord
-from tasks.shards import claim_output, content_hash, iter_rows
+from tasks.shards import content_hash, iter_rows
 
 STAGE = "location-data"
 SCHEMA = pa.schema([
@@ -67,32 +70,66 @@ def read_queries(path: str | Path, split: str | None = None) -> list[dict]:
     return [decode_query(r) for r in iter_rows(path, split)]
 
 
-def write_shard(shards_dir: Path, index: int, rows: list[dict]) -> Path:
-    return atomic.write_parquet(shards_dir / f"shard-{index:05d}.parquet", pa.Table.from_pylist(rows, schema=SCHEMA))
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
 
 
-def run_works(fn, works: list, num_workers: int) -> list:
-    """``fn(work)`` for every work item, in order: in this process, or on Ray with ``num_workers`` > 1.
-
-    The stage's only fan-out, kept to one function so it can move onto the shared sharded-stage
-    skeleton in one place."""
-    if num_workers <= 1:
-        return [fn(w) for w in works]
-    import ray
-
-    remote = ray.remote(num_cpus=1)(fn)
-    pending: list = []
-    for w in works:  # at most num_workers in flight; ray.get keeps the order of ``works``
-        if len(pending) - sum(1 for r in pending if _ready(r)) >= num_workers:
-            ray.wait([r for r in pending if not _ready(r)], num_returns=1)
-        pending.append(remote.remote(w))
-    return ray.get(pending)
+def write_shard(shards_dir: Path, index: int, rows: list[dict]) -> str:
+    """Query rows as shard ``index``; returns the file's sha256."""
+    return sharded_stage.write_shard(shards_dir / f"{shard_name(index)}.parquet",
+                                     pa.Table.from_pylist(rows, schema=SCHEMA))
 
 
-def _ready(ref) -> bool:
-    import ray
+# Bump when the generator's output for the same parameters changes, so old shards are not resumed.
+ALGORITHM_VERSION = 1
+# What decides the shards' bytes: the scenes (num_scenes, shard_size decide which scenes a shard
+# holds) and how they are rendered. num_workers only changes how many run at once.
+DATA_FIELDS = ("num_scenes", "shard_size", "seed", "width", "height", "min_objects", "max_objects",
+               "removals_per_scene", "positives_per_query", "negatives_per_reason", "shadows", "test_fraction")
 
-    return not ray.wait([ref], timeout=0)[1]
+
+def data_params(p) -> dict:
+    """The ``LocationParams`` fields the embedded generator reads."""
+    return {k: getattr(p, k) for k in DATA_FIELDS}
+
+
+@dataclass(frozen=True)
+class SceneWork:
+    index: int
+    scenes: list[int]
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.index)
+
+
+@dataclass(frozen=True)
+class DataContext:
+    out: str
+    params: dict
+    fingerprint: str
+
+
+@dataclass
+class Plan:
+    ctx: DataContext
+    works: list[SceneWork]  # every shard of the dataset
+    done: dict[str, dict]  # progress records kept from an earlier run
+
+    @property
+    def pending(self) -> list[SceneWork]:
+        return [w for w in self.works if w.name not in self.done]
+
+
+def prepare(params: dict, out: str | Path) -> Plan:
+    """Claim ``out``, keep the shards an earlier run with the same parameters finished, plan the rest."""
+    out = Path(out)
+    fp = sharded_stage.fingerprint(params, set(), ALGORITHM_VERSION)
+    sharded_stage.prepare_run_dir(out, fp, STAGE, set())
+    done = sharded_stage.resume(out, fp)
+    scenes, size = list(range(params["num_scenes"])), params["shard_size"]
+    works = [SceneWork(i, scenes[s:s + size]) for i, s in enumerate(range(0, len(scenes), size))]
+    return Plan(DataContext(str(out), params, fp), works, done)
 
 
 def _split(seed: int, scene: int, test_fraction: float) -> str:
@@ -100,16 +137,16 @@ def _split(seed: int, scene: int, test_fraction: float) -> str:
     return "test" if u < test_fraction else "train"
 
 
-def generate_shard(work: dict) -> dict:
-    """Render the scenes ``work["scenes"]`` and write their queries as shard ``work["index"]``."""
+def process_shard(work: SceneWork, ctx: DataContext) -> dict:
+    """Render the scenes of ``work``, write their queries as its shard, then its progress record."""
     from tasks.location.scenes import scene_queries
     from tasks.make_sample.renderer import get_renderer
 
-    p = work["params"]
+    p = ctx.params
     renderer = get_renderer(p["width"], p["height"])
     rows, bad = [], []
     t0 = time.perf_counter()
-    for s in work["scenes"]:
+    for s in work.scenes:
         try:
             qs = scene_queries(renderer, p["seed"], s, p["width"], p["height"], (p["min_objects"], p["max_objects"]),
                                p["removals_per_scene"], p["positives_per_query"], p["negatives_per_reason"],
@@ -123,14 +160,30 @@ def generate_shard(work: dict) -> dict:
             rows.append(row(f"scene{s:05d}-obj{q.removed}", "embedded", _split(p["seed"], s, p["test_fraction"]),
                             str(s), q.category, p["width"], p["height"], png_bytes(q.image), q.positives,
                             q.negatives, q.reasons, q.details))
-    write_shard(Path(work["shards_dir"]), work["index"], rows)
-    return {"index": work["index"], "rows": len(rows), "scenes": len(work["scenes"]),
-            "quarantine": bad, "seconds": time.perf_counter() - t0,
-            "reasons": dict(Counter(r for x in rows for r in x["negative_reasons"])),
-            "positives": sum(len(x["positives"]) // 4 for x in rows)}
+    out = Path(ctx.out)
+    sha = write_shard(out / sharded_stage.SHARDS_DIR, work.index, rows) if rows else None
+    record = {"shard": work.name, "fingerprint": ctx.fingerprint,
+              "file": f"{sharded_stage.SHARDS_DIR}/{work.name}.parquet" if rows else None, "sha256": sha,
+              "rows": len(rows), "scenes": len(work.scenes), "quarantine": [asdict(q) for q in bad],
+              "seconds": time.perf_counter() - t0,
+              "reasons": dict(Counter(r for x in rows for r in x["negative_reasons"])),
+              "positives": sum(len(x["positives"]) // 4 for x in rows)}
+    sharded_stage.write_progress(out, record)
+    return record
 
 
-def finalize(out: Path, results: list[dict], source: str, extra: dict | None = None) -> dict:
+def finalize(plan: Plan, results: list[dict], wall_s: float | None = None) -> dict:
+    """Merge the kept and new shard records into quarantine.parquet and manifest.json."""
+    out = Path(plan.ctx.out)
+    records = sharded_stage.merge_records(out, plan.done, results, [w.name for w in plan.works])
+    records = [{**r, "quarantine": [QuarantineRecord(**q) for q in r["quarantine"]]} for r in records]
+    params = {k: v for k, v in plan.ctx.params.items() if k not in ("num_scenes", "shard_size")}
+    return write_manifest(out, records, "embedded", {
+        "scenes": plan.ctx.params["num_scenes"], "params": params, "fingerprint": plan.ctx.fingerprint,
+        "kept_from_earlier_runs": len(plan.done), "wall_s": None if wall_s is None else round(wall_s, 2)})
+
+
+def write_manifest(out: Path, results: list[dict], source: str, extra: dict | None = None) -> dict:
     """Write quarantine.parquet and manifest.json for the shards the results describe."""
     bad = [q for r in results for q in r["quarantine"]]
     quarantine.write(out / "quarantine.parquet", bad)
@@ -145,22 +198,13 @@ def finalize(out: Path, results: list[dict], source: str, extra: dict | None = N
     return manifest
 
 
+# The embedded generator on the sharded-stage skeleton: prepare(data_params(p), out)
+LOCATION_DATA = sharded_stage.ShardedStage(STAGE, prepare, process_shard, finalize)
+
+
 def generate(p, out: str | Path) -> dict:
-    """The embedded location dataset (``p``: ``LocationParams``) under ``out``."""
-    out = Path(out)
-    claim_output(out, STAGE, {"shards", "manifest.json", "quarantine.parquet"})
-    shards_dir = out / "shards"
-    for old in shards_dir.glob("shard-*.parquet"):  # this stage wrote them (claim_output checked)
-        old.unlink()
-    shards_dir.mkdir(parents=True, exist_ok=True)
-    fields = ("seed", "width", "height", "min_objects", "max_objects", "removals_per_scene", "positives_per_query",
-              "negatives_per_reason", "shadows", "test_fraction")
-    params = {k: getattr(p, k) for k in fields}
-    scenes = list(range(p.num_scenes))
-    works = [{"index": i, "scenes": scenes[s:s + p.shard_size], "params": params, "shards_dir": str(shards_dir)}
-             for i, s in enumerate(range(0, len(scenes), p.shard_size))]
-    results = run_works(generate_shard, works, p.num_workers)
-    return finalize(out, results, "embedded", {"scenes": len(scenes), "params": params})
+    """The embedded location dataset (``p``: ``LocationParams``) under ``out``, in this process."""
+    return sharded_stage.run_serial(LOCATION_DATA, data_params(p), out)[1]
 
 
 def quarantine_tallies(manifest: dict) -> dict[str, tuple[int, dict[str, int]]]:

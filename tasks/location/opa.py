@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
-from tasks.location.data import STAGE, finalize, row, write_shard
+from tasks.location.data import STAGE, row, write_manifest, write_shard
 from tasks.quarantine import QuarantineRecord
+from tasks.sharded_stage import PROGRESS_DIR, RUN_FILES, SHARDS_DIR
 from tasks.shards import claim_output
 
 SPLIT_FILES = {"train": "train_set.csv", "test": "test_set.csv"}
@@ -92,7 +94,9 @@ def import_opa(root: str | Path, out: str | Path, queries_per_shard: int = 256) 
     root, out = Path(root), Path(out)
     if not (root / "background").is_dir() or not (root / "foreground").is_dir():
         raise OPAFormatError(f"{root}: not an OPA folder (needs background/ and foreground/)")
-    claim_output(out, STAGE, {"shards", "manifest.json", "quarantine.parquet"})
+    claim_output(out, STAGE, RUN_FILES)  # the generator's files too: the same folder may hold either
+    for d in (SHARDS_DIR, PROGRESS_DIR):  # an earlier run's (claim_output checked): every shard is written anew
+        shutil.rmtree(out / d, ignore_errors=True)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     fg_cat = foreground_categories(root)
     rows, bad, seen = [], [], 0
@@ -122,4 +126,4 @@ def import_opa(root: str | Path, out: str | Path, queries_per_shard: int = 256) 
         results.append({"rows": len(chunk), "positives": sum(len(r["positives"]) // 4 for r in chunk),
                         "reasons": {"opa_label_0": sum(len(r["negatives"]) // 4 for r in chunk)},
                         "quarantine": bad if i == 0 else []})
-    return finalize(out, results, "opa", {"root": str(root), "groups": seen})
+    return write_manifest(out, results, "opa", {"root": str(root), "groups": seen})

@@ -41,7 +41,14 @@ def model_config(p, class_names: list[str]) -> LocationConfig:
                           layers=p.layers, heads=p.heads, encoder=encoder)
 
 
+def claim(out: Path) -> None:
+    """Refuse ``out`` unless it is new or the location stage's: call before the data phase writes to it."""
+    claim_output(out, STAGE, OWNED)
+
+
 def build_data(p, out: Path) -> dict:
+    """The data phase in this process: the OPA import, or the embedded generator run serially
+    (the flow runs the generator's shards on Ray, ``flows.location``)."""
     if p.opa_root:
         from tasks.location.opa import import_opa
 
@@ -57,16 +64,19 @@ def class_names(p, queries: list[dict]) -> list[str]:
     return [c.name for c in CATEGORIES]  # every class the generator draws, seen in training or not
 
 
-def run(p, out: str | Path, log=print) -> dict:
+def run(p, out: str | Path, log=print, manifest: dict | None = None, t_data: float = 0.0) -> dict:
+    """Train and evaluate on ``out``/data; the data phase runs first unless ``manifest`` (its
+    manifest, made ``t_data`` seconds long by the caller) says it is done."""
     out = Path(out)
-    claim_output(out, STAGE, OWNED)
-    t0 = time.perf_counter()
-    manifest = build_data(p, out)
+    claim(out)
+    if manifest is None:
+        t0 = time.perf_counter()
+        manifest = build_data(p, out)
+        t_data = time.perf_counter() - t0
     train_q, test_q = read_queries(out / "data", "train"), read_queries(out / "data", "test")
     if not train_q or not test_q:
         raise LocationInputError(f"{out / 'data'}: {len(train_q)} train and {len(test_q)} test queries; the location "
                          "stage needs both (more location.num_scenes, or another test_fraction)")
-    t_data = time.perf_counter() - t0
     log(f"location data: {len(train_q)} train / {len(test_q)} test queries, {manifest['positives']} positives, "
         f"negatives {manifest['negatives_by_reason']} ({t_data:.0f} s)")
 
