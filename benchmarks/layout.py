@@ -24,11 +24,11 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.common import Clock  # noqa: E402  (the repository is on the path now)
 SHARED = Path(os.environ.get("PICS_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
@@ -51,15 +51,6 @@ def lvis_silhouettes(n: int, min_area: float = 400.0) -> list:
         if len(out) == n:
             break
     return out
-
-
-class Clock:
-    def __enter__(self):
-        self.w, self.c = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
 
 
 def run_packer(name, fn):

@@ -36,6 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.common import Clock  # noqa: E402  (the repository is on the path now)
 SHARED = Path(os.environ.get("PICS_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
@@ -53,17 +54,6 @@ def real_objects(variants: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------- part 1: one pinned process --
-
-class Clock:
-    """Wall and CPU time (all threads of this process, llvmpipe's included) of one section."""
-
-    def __enter__(self):
-        self.w, self.c = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
-
 
 def child(platform: str, views: int, resolution: int, variants: int, naive_objects: int) -> dict:
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})

@@ -55,6 +55,18 @@ def _fail(e: object, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _on_files(doing: str, given: dict, also: object = None) -> bool:
+    """For the commands that either run their stage or work on the files their options name:
+    False when none of ``given`` (option -> value) nor ``also`` (an optional extra) is set (run the
+    stage), True when all of ``given`` are; some but not all end the command (exit 2), naming the missing."""
+    if not any(given.values()) and also is None:
+        return False
+    missing = [k for k, v in given.items() if not v]
+    if missing:
+        _fail(f"{doing} needs {', '.join(missing)} too (or none of them to run the stage)")
+    return True
+
+
 # Causes of a failed write that the person running the command can fix: one line, no traceback.
 _WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
@@ -221,14 +233,11 @@ def analogy(
 
     given = {"--source": source, "--target": target, "--checkpoint": checkpoint, "--out": out}
     with _user_errors(SceneError, FieldFileError):
-        if not any(v is not None for v in given.values()) and query is None:
+        if not _on_files("analogy: mapping one scene", given, also=query):
             from flows.analogy import analogy_flow
 
             analogy_flow(params=p)
             return
-        missing = [k for k, v in given.items() if v is None]
-        if missing:
-            _fail(f"analogy: mapping one scene needs {', '.join(missing)} too (or none of them to run the stage)")
         from tasks.analogy.apply import map_files
         from tasks.analogy.stage import map_config
 
@@ -353,14 +362,11 @@ def layout(
 
     given = {"--elements": elements or more_elements, "--target": target, "--out": out}
     with _user_errors(LayoutInputError):
-        if not any(given.values()):
+        if not _on_files("layout: packing files", given):
             from flows.layout import layout_flow
 
             layout_flow(params=p)
             return
-        missing = [k for k, v in given.items() if not v]
-        if missing:
-            _fail(f"layout: packing files needs {', '.join(missing)} too (or none of them to run the stage)")
         from tasks.layout.stage import run_files
 
         metrics = run_files([*(elements or []), *(more_elements or [])], target, out, p.layout)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import flows  # noqa: F401  (offline Prefect/Ray environment before Prefect is imported)
-from flows.sharded import publish, run_stage
+from flows.sharded import log_outcome, publish, run_stage
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -43,7 +43,6 @@ def _publish(manifest: dict, grid: Path | None, out: Path) -> None:
 def decompose_flow(overrides: list[str] | None = None, params: Params | None = None) -> dict:
     params = stage_params(params, overrides)
     p = params.decompose
-    log = get_run_logger()
     out = resolve_path(p.out)
     plan, manifest, results = run_stage(
         pipeline.DECOMPOSE, (p.model_dump(), str(resolve_path(p.annotations)), str(resolve_path(p.images)), str(out)),
@@ -54,10 +53,9 @@ def decompose_flow(overrides: list[str] | None = None, params: Params | None = N
 
         grid = write_sample_grid(out, n=p.grid_samples)
     _publish(manifest, grid, out)
-    log.info("%d samples, skipped %s, quarantined %s", manifest["samples"], manifest["skipped"],
-             manifest["quarantined"])
-    log.info(quarantine.check_limit("decompose", out, pipeline.quarantine_tallies(manifest),
-                                    p.max_quarantine_fraction, "decompose.max_quarantine_fraction"))
+    log_outcome(pipeline.DECOMPOSE, out, f"{manifest['samples']} samples, skipped {manifest['skipped']}, "
+                f"quarantined {manifest['quarantined']}", pipeline.quarantine_tallies(manifest),
+                p.max_quarantine_fraction)
     return {
         "out": str(out),
         "images_seen": manifest["images_seen"],

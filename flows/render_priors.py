@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import flows  # noqa: F401  (offline Prefect/Ray/GL environment before Prefect is imported)
-from flows.sharded import publish, run_stage
-from prefect import flow, get_run_logger
+from flows.sharded import log_outcome, publish, run_stage
+from prefect import flow
 
-from tasks import quarantine
 from tasks.params import Params, resolve_path, stage_params
 from tasks.render_priors import pipeline
 
@@ -46,7 +45,6 @@ def _publish(manifest: dict, grid: Path | None, out: Path) -> None:
 def render_priors_flow(overrides: list[str] | None = None, params: Params | None = None) -> dict:
     params = stage_params(params, overrides)
     p = params.render_priors
-    log = get_run_logger()
     t0 = time.perf_counter()
     samples, out = resolve_path(p.samples), resolve_path(p.out)
     plan, manifest, results = run_stage(pipeline.RENDER_PRIORS, (p.model_dump(), str(samples), str(out)),
@@ -57,10 +55,8 @@ def render_priors_flow(overrides: list[str] | None = None, params: Params | None
 
         grid = write_prior_grid(out, samples, n=p.grid_objects)
     _publish(manifest, grid, out)
-    log.info("%d priors, quarantined %s, %.1f s", manifest["rendered"], manifest["quarantined"],
-             time.perf_counter() - t0)
-    log.info(quarantine.check_limit("render_priors", out, pipeline.quarantine_tallies(manifest),
-                                    p.max_quarantine_fraction, "render_priors.max_quarantine_fraction"))
+    log_outcome(pipeline.RENDER_PRIORS, out, f"{manifest['rendered']} priors, quarantined {manifest['quarantined']}, "
+                f"{time.perf_counter() - t0:.1f} s", pipeline.quarantine_tallies(manifest), p.max_quarantine_fraction)
     return {
         "out": str(out),
         "samples": manifest["samples"],

@@ -26,6 +26,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from tasks import quarantine
 from tasks.runtime import init_ray
 from tasks.sharded_stage import ShardedStage, remote_process_shard
 
@@ -83,6 +84,17 @@ def run_stage(stage: ShardedStage, args: tuple, num_workers: int, ray, describe:
         results = run_shards(stage, plan, num_workers)
     manifest = finalize_task(stage.finalize, quote((plan, results, time.perf_counter() - t0))).unquote()
     return plan, manifest, results
+
+
+def log_outcome(stage: ShardedStage, out: Path, summary: str, tallies: dict, max_fraction: float) -> None:
+    """The stage's last words: its ``summary`` line and the quarantine summary, logged. Raises
+    :class:`tasks.quarantine.QuarantineLimitError` past ``max_fraction`` (the stage's
+    ``max_quarantine_fraction``); call it after the outputs are written: they stay, for the post-mortem."""
+    from prefect import get_run_logger
+
+    log = get_run_logger()
+    log.info(summary)
+    log.info(quarantine.check_limit(stage.name, out, tallies, max_fraction, f"{stage.name}.max_quarantine_fraction"))
 
 
 def inline_picture(path: Path, max_side: int, alt: str) -> str:
