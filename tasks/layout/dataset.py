@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pics_model.layout import Element, make_element
-from tasks.shards import decode_image, iter_rows, list_shards
+from tasks.codec import decode_png
+from tasks.shards import iter_rows, list_shards
 from tasks.params import ParamsError
 from tasks.schema import object_key
 
@@ -22,10 +23,10 @@ def dataset_elements(samples: str | Path, limit: int) -> list[Element]:
             if key in seen:
                 continue
             seen.add(key)
-            mask = decode_image(mask_png)[..., 0] >= 128
+            mask = decode_png(mask_png, "gray") >= 128
             if mask.sum() < MIN_PIXELS:
                 continue
-            out.append(make_element(mask, key, decode_image(patch)))
+            out.append(make_element(mask, key, decode_png(patch)))
             if len(out) == limit:
                 return out
     if not out:
