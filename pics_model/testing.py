@@ -7,7 +7,9 @@ converter test checks one against the other.
 """
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -179,3 +181,42 @@ def reference_state_dict(model, with_extras: bool = True) -> dict[str, torch.Ten
         out["alphas_cumprod_prev"] = torch.cat([torch.ones(1, dtype=torch.float64),
                                                 torch.cumprod(1 - betas, 0)[:-1]]).float()
     return out
+
+
+def dinov2_hf_state_dict(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Our (torch-hub) DINOv2 keys -> transformers' Dinov2Model keys: the inverse of
+    `dinov2.hf_to_hub_state_dict`, written independently so the loader test checks one against the other."""
+    out = {"embeddings.cls_token": sd["cls_token"], "embeddings.mask_token": sd["mask_token"][0:1].reshape(1, -1),
+           "embeddings.position_embeddings": sd["pos_embed"],
+           "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+           "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+           "layernorm.weight": sd["norm.weight"], "layernorm.bias": sd["norm.bias"]}
+    names = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.output.dense",
+             "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1",
+             "mlp.w12": "mlp.weights_in", "mlp.w3": "mlp.weights_out", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    for i in range(depth):
+        for ours, hf in names.items():
+            for k, v in sd.items():
+                if k.startswith(f"blocks.{i}.{ours}"):
+                    out[f"encoder.layer.{i}.{hf}{k[len(f'blocks.{i}.{ours}'):]}"] = v
+        for kind in ("weight", "bias"):
+            q, k_, v_ = sd[f"blocks.{i}.attn.qkv.{kind}"].chunk(3, 0)
+            for name, t in (("query", q), ("key", k_), ("value", v_)):
+                out[f"encoder.layer.{i}.attention.attention.{name}.{kind}"] = t.contiguous()
+    return out
+
+
+def write_dinov2_hf_folder(model, folder: str | Path) -> Path:
+    """``model`` (a `dinov2.DinoV2ViT`) saved as a Hugging Face DINOv2 folder: config.json + model.safetensors."""
+    from safetensors.torch import save_file
+
+    a = model.arch
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    save_file(dinov2_hf_state_dict(sd, a.depth), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "hidden_size": a.embed_dim, "num_hidden_layers": a.depth, "num_attention_heads": a.num_heads,
+        "patch_size": a.patch_size, "image_size": a.pos_embed_size, "mlp_ratio": a.mlp_ratio,
+        "use_swiglu_ffn": a.ffn == "swiglu", "num_register_tokens": a.num_register_tokens}))
+    return folder

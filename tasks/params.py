@@ -240,9 +240,9 @@ class EvaluateParams(Section):
     record_alpha: bool = True  # alpha maps per step: occlusion-order accuracy and the report's maps
     grid_samples: int = Field(6, ge=0)
     lpips_min_side: int = Field(224, ge=32)  # feature metrics upsample smaller images to this short side
-    clip_path: str | None = None  # local CLIP image tower (TorchScript or HF folder): clip_score
-    dinov2_path: str | None = None  # local DINOv2 (TorchScript or HF folder): dinov2_score
-    dreamsim_path: str | None = None  # local DreamSim ensemble (TorchScript): dreamsim
+    clip_path: str | None = None  # local Hugging Face CLIP folder (needs transformers): clip_score
+    dinov2_path: str | None = None  # local Hugging Face DINOv2 folder (safetensors): dinov2_score
+    dreamsim_path: str | None = None  # refused: DreamSim ships as code (pics never runs a file's code)
 
 
 class LocationParams(Section):

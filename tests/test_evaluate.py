@@ -167,12 +167,15 @@ def test_nan_model_output_fails_the_evaluation_instead_of_scoring_black(coco_row
 
 
 def test_evaluator_on_a_real_coco_sample_with_a_local_standard_backbone(coco_rows, tmp_path):
-    """copy-paste re-inserts the real object pixels (high mPSNR); a TorchScript backbone named in
-    the config adds its standard-named score; COCO has no depth order -> no occlusion score."""
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 9, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
-                              torch.nn.Flatten())
-    path = tmp_path / "dinov2.ts"
-    torch.jit.save(torch.jit.script(net), str(path))
+    """copy-paste re-inserts the real object pixels (high mPSNR); a DINOv2 folder named in the
+    config adds its standard-named score; COCO has no depth order -> no occlusion score."""
+    from pics_model.config import DinoV2Arch
+    from pics_model.dinov2 import DinoV2ViT
+    from pics_model.testing import write_dinov2_hf_folder
+
+    torch.manual_seed(0)
+    path = write_dinov2_hf_folder(DinoV2ViT(DinoV2Arch(embed_dim=32, depth=1, num_heads=4, pos_embed_size=28,
+                                                       ffn="mlp")), tmp_path / "dinov2")
     ev = Evaluator(EvalConfig(checkpoint="", params=EvaluateParams(methods=["copy_paste"]),
                               backbones={"dinov2": str(path)}))
     rows = ev(pa.Table.from_pylist(coco_rows[:1])).to_pylist()

@@ -12,7 +12,8 @@ from skimage.metrics import peak_signal_noise_ratio as sk_psnr
 from skimage.metrics import structural_similarity as sk_ssim
 
 from tasks.evaluate import metrics as M
-from tasks.evaluate.backbones import BackboneError, MobileNetV2Features, load_embedder, mobilenetv2_embedder
+from tasks.evaluate.backbones import (IMAGENET_MEAN, IMAGENET_STD, BackboneError, MobileNetV2Features, load_embedder,
+                                      mobilenetv2_embedder)
 
 SK_SSIM = dict(channel_axis=2, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
 
@@ -201,18 +202,31 @@ def test_embedder_cosine_symmetric_and_one_on_identical(real_images):
     assert (M.cosine(e, flipped) < 0.999).any()
 
 
-def test_load_embedder_torchscript_and_clear_errors(tmp_path):
-    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 7, stride=4), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    path = tmp_path / "dinov2.pt"
-    torch.jit.save(torch.jit.script(module), str(path))
-    emb = load_embedder("dinov2", path)
-    assert emb.embed(torch.rand(2, 3, 50, 70)).shape == (2, 8)
+def test_load_embedder_reads_weights_never_code(tmp_path):
+    """A DINOv2 Hugging Face folder runs on our ViT; a TorchScript file (it runs code when
+    loaded: old code read it with torch.jit.load) and DreamSim are refused, naming the key."""
+    from pics_model.config import DinoV2Arch
+    from pics_model.dinov2 import DinoV2ViT
+    from pics_model.testing import write_dinov2_hf_folder
+
+    torch.manual_seed(0)
+    vit = DinoV2ViT(DinoV2Arch(embed_dim=32, depth=1, num_heads=4, pos_embed_size=28, ffn="mlp"))
+    folder = write_dinov2_hf_folder(vit, tmp_path / "dinov2")
+    emb = load_embedder("dinov2", folder)
+    x = torch.rand(2, 3, 50, 70)
+    assert emb.embed(x).shape == (2, 32)
+    resized = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(emb.embed(x), vit((resized - mean) / std)[:, 0], atol=1e-5)  # the CLS token
+    script = tmp_path / "dinov2.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Flatten()), str(script))
+    with pytest.raises(BackboneError, match="dinov2.pt.*evaluate.dinov2_path.*run code"):
+        load_embedder("dinov2", script, key="evaluate.dinov2_path")
+    with pytest.raises(BackboneError, match="DreamSim.*run"):
+        load_embedder("dreamsim", folder)
     with pytest.raises(BackboneError, match="no such file"):
-        load_embedder("clip", tmp_path / "missing.pt", key="evaluate.clip_path")
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a model")
-    with pytest.raises(BackboneError, match="bad.pt.*TorchScript"):
-        load_embedder("dreamsim", bad)
+        load_embedder("clip", tmp_path / "missing", key="evaluate.clip_path")
     (tmp_path / "hf").mkdir()
     with pytest.raises(BackboneError, match="config.json"):
         load_embedder("clip", tmp_path / "hf")

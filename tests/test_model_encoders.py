@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import importlib.resources
-import json
 import pickle
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from pics_model.config import DinoV2Arch, ObjectEncoderConfig
 from pics_model.dinov2 import DinoV2ViT, load_dinov2_weights, read_state_dict
 from pics_model.object_encoder import MOBILENET_WEIGHTS, ObjectEncoder
+from pics_model.testing import write_dinov2_hf_folder
 
 ARCH = DinoV2Arch(embed_dim=32, depth=2, num_heads=4, pos_embed_size=56, ffn="swiglu")
 
@@ -37,28 +36,6 @@ def test_mobilenet_encoder_uses_the_shipped_imagenet_weights():
     assert codes.shape == (3, 10, 64)
 
 
-def _hf_layout(sd: dict) -> dict:
-    """Our (torch-hub) DINOv2 keys -> transformers' Dinov2Model keys, for the loader test."""
-    out = {"embeddings.cls_token": sd["cls_token"], "embeddings.mask_token": sd["mask_token"][0:1].reshape(1, -1),
-           "embeddings.position_embeddings": sd["pos_embed"],
-           "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
-           "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
-           "layernorm.weight": sd["norm.weight"], "layernorm.bias": sd["norm.bias"]}
-    names = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.output.dense",
-             "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1",
-             "mlp.w12": "mlp.weights_in", "mlp.w3": "mlp.weights_out"}
-    for i in range(ARCH.depth):
-        for ours, hf in names.items():
-            for k, v in sd.items():
-                if k.startswith(f"blocks.{i}.{ours}"):
-                    out[f"encoder.layer.{i}.{hf}{k[len(f'blocks.{i}.{ours}'):]}"] = v
-        for kind in ("weight", "bias"):
-            q, k_, v_ = sd[f"blocks.{i}.attn.qkv.{kind}"].chunk(3, 0)
-            for name, t in (("query", q), ("key", k_), ("value", v_)):
-                out[f"encoder.layer.{i}.attention.attention.{name}.{kind}"] = t.contiguous()
-    return out
-
-
 def test_dinov2_hub_and_hf_layouts_load_the_same_network(tmp_path):
     torch.manual_seed(0)
     src = DinoV2ViT(ARCH)
@@ -67,12 +44,7 @@ def test_dinov2_hub_and_hf_layouts_load_the_same_network(tmp_path):
             p.add_(torch.randn_like(p) * 0.02)
     sd = {k: v.clone() for k, v in src.state_dict().items()}
     torch.save(sd, tmp_path / "dinov2_hub.pth")
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    save_file(_hf_layout(sd), hf / "model.safetensors")
-    (hf / "config.json").write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                                "patch_size": 14, "image_size": 56, "mlp_ratio": 4.0,
-                                                "use_swiglu_ffn": True}))
+    hf = write_dinov2_hf_folder(src, tmp_path / "hf")
     chunked = {k.replace("blocks.", "blocks.0.", 1) if k.startswith("blocks.") else k: v for k, v in sd.items()}
     torch.save(chunked, tmp_path / "dinov2_chunked.pth")  # hub models built with block_chunks > 0
     a, b, c = DinoV2ViT(ARCH), DinoV2ViT(ARCH), DinoV2ViT(ARCH)

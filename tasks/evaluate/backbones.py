@@ -4,10 +4,11 @@
   It is always available, so it backs the *proxy* metrics (``fid_mobilenetv2_proxy``,
   ``lpips_mobilenetv2_proxy``, ``objsim_mobilenetv2_proxy``) whose names say they are not the
   published Inception / AlexNet / CLIP numbers.
-* ``clip``, ``dinov2``, ``dreamsim``: the standard backbones, only when ``evaluate.<kind>_path`` names
-  a local file: a TorchScript module (``torch.jit.save``d image tower mapping [B, 3, 224, 224]
-  normalised floats to [B, D] embeddings; works with no extra package), or a Hugging Face folder
-  (``config.json`` + weights) loaded with ``transformers`` when that package is installed.
+* ``clip``, ``dinov2``: the standard backbones, only when ``evaluate.<kind>_path`` names a local
+  Hugging Face folder (``config.json`` + ``model.safetensors``). DINOv2 runs on this project's own
+  ViT (``pics_model.dinov2``, no extra package); CLIP needs ``transformers``. Weights only: a
+  TorchScript or pickled file would run code when loaded, so none is read. ``dreamsim`` ships only
+  as code plus weights and is refused until it can be loaded without running a file.
 """
 from __future__ import annotations
 
@@ -118,29 +119,49 @@ def mobilenetv2_embedder(weights: str | Path | None = None) -> Embedder:
     return Embedder("mobilenetv2", MobileNetV2Features(weights), normalise=False)
 
 
+class DinoV2CLS(nn.Module):
+    """This project's DINOv2 ViT from a Hugging Face folder: [B, 3, H, W] ImageNet-normalised
+    (H, W multiples of 14) -> the final-norm CLS token [B, D]."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        import json
+
+        from pics_model.dinov2 import DinoV2ViT, arch_from_hf_config, load_dinov2_weights
+
+        self.vit = DinoV2ViT(arch_from_hf_config(json.loads((folder / "config.json").read_text())))
+        load_dinov2_weights(self.vit, folder)
+        self.eval().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(x)[:, 0]
+
+
 def load_embedder(kind: str, path: str | os.PathLike, key: str = "") -> Embedder:
-    """Load a standard backbone (``clip``, ``dinov2``, ``dreamsim``) from a local file or folder."""
+    """A standard backbone (``clip``, ``dinov2``) from a local Hugging Face folder of weights."""
     if kind not in ("clip", "dinov2", "dreamsim"):
         raise ValueError(f"unknown backbone kind {kind!r}")
     where = f"{path} ({key or kind + '_path'})"
     p = Path(path)
     if not p.exists():
         raise BackboneError(f"{where}: no such file or folder")
+    if kind == "dreamsim":
+        raise BackboneError(f"{where}: DreamSim is distributed as code plus weights; loading it would run a "
+                            "file's code, which pics never does")
     if p.is_file():
-        try:
-            module = torch.jit.load(str(p), map_location="cpu").eval()
-        except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
-            raise BackboneError(f"{where}: not a TorchScript module: {e}") from e
-        return Embedder(kind, module)
+        raise BackboneError(f"{where}: a single file would be TorchScript or a pickle, which run code when "
+                            "loaded; give a Hugging Face folder (config.json + model.safetensors)")
     if not (p / "config.json").is_file():
         raise BackboneError(f"{where}: folder has no config.json (expected a Hugging Face model folder)")
-    if kind == "dreamsim":
-        raise BackboneError(f"{where}: DreamSim is read from a TorchScript file only")
+    if kind == "dinov2":
+        try:
+            return Embedder(kind, DinoV2CLS(p))
+        except (OSError, ValueError, KeyError) as e:
+            raise BackboneError(f"{where}: not a DINOv2 folder this ViT can load: {e}") from e
     try:
         import transformers
     except ImportError as e:
-        raise BackboneError(f"{where}: a Hugging Face folder needs `transformers`, which is not installed; "
-                            "export the image tower to TorchScript instead") from e
-    cls = transformers.CLIPVisionModelWithProjection if kind == "clip" else transformers.AutoModel
-    module = cls.from_pretrained(str(p), local_files_only=True).eval()
+        raise BackboneError(f"{where}: a CLIP folder needs `transformers`, which is not installed") from e
+    module = transformers.CLIPVisionModelWithProjection.from_pretrained(
+        str(p), local_files_only=True, use_safetensors=True).eval()
     return Embedder(kind, module)
