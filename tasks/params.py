@@ -311,6 +311,7 @@ class LayoutParams(Section):
     lr_scale: float = Field(0.01, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.9)  # Adam (paper code)
     init_fill: float = Field(0.55, gt=0.0, le=1.0)
+    equal_size: bool = True  # elements normalised to one box size first (paper code); False: source sizes kept
     rotate: bool = True
     pair_overlap: float = Field(0.0, ge=0.0, lt=1.0)  # > 0: each pair (i, i+1) shares this much of the smaller
     composite_pair_overlap: float = Field(0.15, ge=0.0, lt=1.0)  # pics composite --layout auto's pair_overlap

@@ -16,7 +16,7 @@ from scipy.ndimage import distance_transform_edt
 from scipy.signal import correlate
 
 from pics_model.layout.elements import Element
-from pics_model.layout.init import initial_scale
+from pics_model.layout.init import initial_scales
 from pics_model.layout.optimize import Placement
 
 
@@ -42,7 +42,7 @@ def _best_position(obstacles: np.ndarray, kernel: np.ndarray) -> tuple[int, int]
 
 
 def greedy_pack(elements: list[Element], target: np.ndarray, fill: float = 0.8, shrink: float = 0.85,
-                max_tries: int = 20) -> tuple[Placement, dict]:
+                max_tries: int = 20, equal_size: bool = True) -> tuple[Placement, dict]:
     """Elements into ``target`` (bool [H, W]) without overlap; same Placement as :func:`pack`.
     An element that fits nowhere even after ``max_tries`` shrinks gets scale 0 (left out)."""
     t0 = time.perf_counter()
@@ -52,9 +52,9 @@ def greedy_pack(elements: list[Element], target: np.ndarray, fill: float = 0.8, 
     tx, ty = np.full(n, w / 2.0), np.full(n, h / 2.0)
     scale = np.zeros(n)
     obstacles = ~target
-    s = initial_scale(elements, float(target.sum()), fill)
-    for i in sorted(range(n), key=lambda k: -elements[k].area):
-        si = s
+    s = initial_scales(elements, float(target.sum()), fill, equal_size)
+    for i in sorted(range(n), key=lambda k: -elements[k].area * s[k] ** 2):
+        si = s[i]
         for _ in range(max_tries):
             kernel = _kernel(elements[i], si * elements[i].extent)
             pos = _best_position(obstacles, kernel)

@@ -1,6 +1,8 @@
 """Initial placements: one scale from the area ratio, positions at distance-transform maxima.
 
-Scale: sqrt(fill * A_target / sum_i A_i), the paper code's rule with fill = 0.55. Positions: the
+Scale: the paper code first normalises every element to one size (its tight box's long side,
+``uniform_image_size``), then takes sqrt(fill * A_target / sum_i A_i) with fill = 0.55, so each
+element starts at the same box size whatever its source resolution. Positions: the
 code takes the argmax of the target's distance transform (the paper, its medial axis); here the
 elements, largest first, each take the current argmax and then block a disc of their own area, so
 the N elements start spread over the shape instead of stacked on one point.
@@ -15,9 +17,15 @@ from scipy.ndimage import distance_transform_edt
 from pics_model.layout.elements import Element
 
 
-def initial_scale(elements: list[Element], target_area: float, fill: float = 0.55) -> float:
-    """Target pixels per source pixel so that the elements cover ``fill`` of the target's area."""
-    return math.sqrt(fill * target_area / sum(e.area for e in elements))
+def initial_scales(elements: list[Element], target_area: float, fill: float = 0.55,
+                   equal_size: bool = True) -> np.ndarray:
+    """float64 [N]: target pixels per source pixel of every element, so that together they cover
+    ``fill`` of the target's area. ``equal_size``: every element's box side (``extent``) is
+    normalised to one common side first (the paper code); False: one scale for all, so relative
+    source sizes are kept (a 30 px silhouette stays 20x smaller than a 600 px one)."""
+    unit = np.array([1.0 / e.extent if equal_size else 1.0 for e in elements])
+    areas = np.array([e.area for e in elements])
+    return unit * math.sqrt(fill * target_area / float((areas * unit ** 2).sum()))
 
 
 def _downsample(target: np.ndarray, long_side: int) -> tuple[np.ndarray, float]:
@@ -52,14 +60,16 @@ def equivalent_radius(e: Element, scale: float) -> float:
     return scale * math.sqrt(e.area / math.pi)
 
 
-def initial_positions(elements: list[Element], target: np.ndarray, scale: float,
+def initial_positions(elements: list[Element], target: np.ndarray, scales: np.ndarray,
                       work_side: int = 128) -> np.ndarray:
-    """target: bool [H, W] -> float64 [N, 2] element centres (x, y) in target pixels."""
+    """target: bool [H, W], scales: [N] (:func:`initial_scales`) -> float64 [N, 2] element
+    centres (x, y) in target pixels, the largest placed element first."""
     free, f = _downsample(target, work_side)
     if not free.any():
         free, f = target.astype(bool), 1.0
-    order = sorted(range(len(elements)), key=lambda k: -elements[k].area)
-    found = place_at_maxima(free, [equivalent_radius(elements[i], scale) / f for i in order])
+    radii = [equivalent_radius(e, s) / f for e, s in zip(elements, scales)]
+    order = sorted(range(len(elements)), key=lambda k: -radii[k])
+    found = place_at_maxima(free, [radii[i] for i in order])
     out = np.zeros((len(elements), 2))
     out[order] = found[:, :2] * f
     return out

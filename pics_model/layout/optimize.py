@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from pics_model.layout import losses
 from pics_model.layout.elements import Element, mip_stack
-from pics_model.layout.init import initial_positions, initial_scale, place_at_maxima
+from pics_model.layout.init import initial_positions, initial_scales, place_at_maxima
 from pics_model.layout.metrics import separate
 from pics_model.layout.placement import Placement
 from pics_model.layout.warp import canvas_shape, render, splat
@@ -42,6 +42,8 @@ class LayoutConfig:
     lr_scale: float = 0.01  # log-scale per step
     betas: tuple[float, float] = (0.9, 0.9)  # paper code's Adam betas
     init_fill: float = 0.55  # initial scale: sqrt(fill * A_target / sum A_i) (paper code: 0.55)
+    equal_size: bool = True  # elements normalised to one box size before that scale (paper code);
+    # False: one scale for all, source sizes kept
     rotate: bool = True  # False: angles stay 0 (upright objects for compositing)
     pair_overlap: float = 0.0  # > 0: chosen pairs share this fraction of the smaller element
     uniformity_kernels: list[int] = field(default_factory=lambda: [5, 11, 17])  # at 600 px (paper)
@@ -146,9 +148,9 @@ def pack(elements: list[Element], target: np.ndarray, cfg: LayoutConfig | None =
     margin_px = int(round(cfg.margin * long_side))
     pairs = chain_pairs(len(elements)) if pairs is None else pairs
     if init is None:
-        n, s0 = len(elements), initial_scale(elements, float(target.sum()), cfg.init_fill)
+        s0 = initial_scales(elements, float(target.sum()), cfg.init_fill, cfg.equal_size)
         centres = initial_positions(elements, target, s0)
-        init = Placement(centres[:, 0], centres[:, 1], np.zeros(n), np.full(n, s0))
+        init = Placement(centres[:, 0], centres[:, 1], np.zeros(len(elements)), s0)
     p = _Params(init, long_side, cfg.rotate)
     initial = p.placement()
     groups = [{"params": [p.pos]}, {"params": [p.log_s], "lr": cfg.lr_scale}]

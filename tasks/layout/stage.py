@@ -39,7 +39,8 @@ def lay_out(elements: list[Element], target: np.ndarray, p: LayoutParams, method
     if p.threads:
         torch.set_num_threads(p.threads)
     if (method or p.method) == "greedy":
-        return greedy_pack(elements, target, fill=changes.get("init_fill", 0.8))
+        return greedy_pack(elements, target, fill=changes.get("init_fill", 0.8),
+                           equal_size=changes.get("equal_size", p.equal_size))
     return pack(elements, target, p.config(**changes))
 
 
