@@ -302,7 +302,7 @@ class LayoutParams(Section):
     iterations: list[int] = [100, 60, 40]
     w_containment: float = Field(1.0, ge=0.0)
     w_overlap: float = Field(20.0, ge=0.0)
-    overlap_ramp: float = Field(10.0, ge=1.0)
+    overlap_ramp: float = Field(1.0, ge=1.0)
     w_uniformity: float = Field(0.2, ge=0.0)
     w_pair: float = Field(1.0, ge=0.0)
     outside_weight: float = Field(100.0, ge=1.0)

@@ -49,13 +49,14 @@ def canvas_shape(frame: tuple[float, float], margin: float, long_side: int) -> t
     return max(1, round((h + 2 * margin) * f)), max(1, round((w + 2 * margin) * f))
 
 
-def splat(masks: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, theta: torch.Tensor, size: torch.Tensor,
-          frame: tuple[float, float], margin: float, canvas_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the losses need of :func:`render`'s alpha, without an N x canvas tensor: each element
-    is sampled only in a K x K window of canvas pixels around its centre (K covers the largest
-    element at any angle) and added into the canvas. Returns (sum_i alpha_i, sum_i log(1 -
-    alpha_i)), both [rows, cols] and differentiable; pixels of a window off the canvas are dropped.
-    The cost is N * K^2 samples: it grows with the resolution, not with the shapes' outlines."""
+def windows(masks: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, theta: torch.Tensor, size: torch.Tensor,
+            frame: tuple[float, float], margin: float, canvas_shape: tuple[int, int]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`render`'s alpha, but each element sampled only in a K x K window of canvas pixels
+    around its centre (K covers the largest element at any angle). Returns (alpha [N, K, K],
+    differentiable; index [N * K * K], each window pixel's flat canvas index; inside [N * K * K],
+    False where a window pixel is off the canvas). The cost is N * K^2 samples: it grows with the
+    resolution, not with the shapes' outlines."""
     rows, cols = canvas_shape
     w, h = frame
     px, py = cols / (w + 2 * margin), rows / (h + 2 * margin)  # level pixels per target pixel
@@ -73,7 +74,16 @@ def splat(masks: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, theta: torch.
     r, c = oy[:, None] + a, ox[:, None] + a  # [N, K] canvas rows / cols
     inside = ((r >= 0) & (r < rows))[:, :, None] & ((c >= 0) & (c < cols))[:, None, :]
     index = (r.clamp(0, rows - 1) * cols)[:, :, None] + c.clamp(0, cols - 1)[:, None, :]
-    index, inside = index.flatten(), inside.flatten()
+    return alpha, index.flatten(), inside.flatten()
+
+
+def splat(masks: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, theta: torch.Tensor, size: torch.Tensor,
+          frame: tuple[float, float], margin: float, canvas_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the losses need of :func:`render`'s alpha, without an N x canvas tensor: the
+    :func:`windows` added into the canvas. Returns (sum_i alpha_i, sum_i log(1 - alpha_i)), both
+    [rows, cols] and differentiable; pixels of a window off the canvas are dropped."""
+    rows, cols = canvas_shape
+    alpha, index, inside = windows(masks, tx, ty, theta, size, frame, margin, canvas_shape)
     total = alpha.new_zeros(rows * cols).index_add(0, index, alpha.flatten() * inside)
     logs = torch.log1p(-alpha.clamp(0, 1 - 1e-6)).flatten() * inside
     return total.view(rows, cols), alpha.new_zeros(rows * cols).index_add(0, index, logs).view(rows, cols)
