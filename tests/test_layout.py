@@ -148,6 +148,31 @@ def test_pack_separates_stacked_elements_and_keeps_them_inside():
     assert [lv["resolution"] for lv in info["levels"]] == [24, 48]
 
 
+def test_elements_start_at_one_box_size_whatever_their_source_size():
+    big, small = make_element(np.ones((60, 40), bool)), make_element(np.ones((6, 4), bool))
+    target = _disc(64, 30)
+    still = dict(resolutions=[32], iterations=[0], reseed_share=1.0, separate_rounds=0)
+    _, info = pack([big, small], target, LayoutConfig(**still))
+    start = info["initial"]
+    assert start.scale[0] * 60 == pytest.approx(start.scale[1] * 6)  # the paper code's normalised size
+    assert (start.scale ** 2 * [2400, 24]).sum() == pytest.approx(0.55 * target.sum())  # init_fill of the target
+    _, kept = pack([big, small], target, LayoutConfig(equal_size=False, **still))
+    assert kept["initial"].scale[0] == kept["initial"].scale[1]  # one scale: source sizes kept
+
+
+def test_pack_fills_a_disc_with_mixed_elements_without_overlap():
+    rng = np.random.default_rng(0)
+    elements = []
+    for i in range(16):
+        h, w = rng.integers(6, 14, 2)
+        elements.append(make_element(_disc(max(h, w), max(h, w) / 2) if i % 3 == 0 else np.ones((h, w), bool)))
+    target = _disc(64, 30)
+    placement, _ = pack(elements, target, LayoutConfig(resolutions=[32, 64], iterations=[60, 40]))
+    _, m = evaluate(elements, placement, target)
+    # measured: 0.753 (0.701 when the overlap weight grew x10 towards the last level)
+    assert m["coverage"] > 0.74 and m["overlap"] == 0 and m["exceed"] < 0.005, m
+
+
 def test_pair_overlap_mode_makes_consecutive_elements_overlap():
     target = np.zeros((48, 48), bool)
     target[4:44, 4:44] = True
