@@ -1,4 +1,4 @@
-"""Initial placements: one scale from the area ratio, positions at distance-transform maxima.
+"""Initial placements: scales from the area ratio, positions at distance-transform maxima.
 
 Scale: the paper code first normalises every element to one size (its tight box's long side,
 ``uniform_image_size``), then takes sqrt(fill * A_target / sum_i A_i) with fill = 0.55, so each
@@ -63,7 +63,7 @@ def equivalent_radius(e: Element, scale: float) -> float:
 def initial_positions(elements: list[Element], target: np.ndarray, scales: np.ndarray,
                       work_side: int = 128) -> np.ndarray:
     """target: bool [H, W], scales: [N] (:func:`initial_scales`) -> float64 [N, 2] element
-    centres (x, y) in target pixels, the largest placed element first."""
+    centres (x, y) in target pixels, in input order (placed largest first)."""
     free, f = _downsample(target, work_side)
     if not free.any():
         free, f = target.astype(bool), 1.0
