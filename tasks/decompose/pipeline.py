@@ -19,11 +19,11 @@ from pathlib import Path
 
 from tasks import atomic, quarantine, sharded_stage
 from tasks.decompose.inputs import STAGE, Dataset, check_image_root, load_annotations
-from tasks.decompose.shard import TIMING_KEYS, ShardContext, ShardWork, process_shard, shard_name
+from tasks.decompose.shard import TIMING_KEYS, ShardContext, ShardWork, process_shard
 from tasks.params import DecomposeParams
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import SCHEMA_VERSION
-from tasks.sharded_stage import merge_records, prepare_run_dir, resume
+from tasks.sharded_stage import merge_records, prepare_run_dir, resume, shard_name
 from tasks.shards import content_hash
 
 # Bump when the code's output for the same inputs changes, so old shards are not resumed.

@@ -29,6 +29,7 @@ from tasks.decompose.inputs import STAGE, name_outside_root, resolve_image
 from tasks.params import DecomposeParams
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import SAMPLE_SCHEMA
+from tasks import sharded_stage
 from tasks.sharded_stage import SHARDS_DIR, Timers, write_progress, write_shard
 
 TIMING_KEYS = ("decode", "masks", "crops", "encode", "write")
@@ -38,13 +39,8 @@ _STATS_COLUMNS = ["sample_id", "split", "image_id", "width", "height", "n_object
 
 
 @dataclass
-class ShardWork:
-    index: int
+class ShardWork(sharded_stage.ShardWork):
     images: list[tuple[dict, list[dict]]]  # (image record, its annotations), sorted by image id
-
-    @property
-    def name(self) -> str:
-        return shard_name(self.index)
 
 
 @dataclass(frozen=True)
@@ -55,10 +51,6 @@ class ShardContext:
     params: DecomposeParams
     categories: dict  # category id -> name
     fingerprint: str  # of inputs + params: a resumed run keeps only shards with the same one
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}"
 
 
 @dataclass

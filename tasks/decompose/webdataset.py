@@ -30,9 +30,10 @@ from tasks import atomic, quarantine
 from tasks.codec import decode_png, decode_rgb, encode_png
 from tasks.decompose import masks as M
 from tasks.decompose import pairing, sample
-from tasks.decompose.shard import SHARDS_DIR, _rng, shard_name, write_samples
+from tasks.decompose.shard import SHARDS_DIR, _rng, write_samples
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import SCHEMA_VERSION
+from tasks.sharded_stage import shard_name
 from tasks.decompose.inputs import InputError
 from tasks.decompose.pipeline import GRID_FILES
 from tasks.params import DecomposeParams

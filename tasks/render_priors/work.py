@@ -10,6 +10,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +20,7 @@ from tasks.codec import decode_png, encode_rgba
 from tasks.params import RenderPriorsParams
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import PRIOR_SCHEMA
+from tasks import sharded_stage
 from tasks.sharded_stage import SHARDS_DIR, Timers, write_progress, write_shard
 
 STAGE = "render_priors"
@@ -39,13 +41,9 @@ class ObjectLoc:
 
 
 @dataclass
-class ShardWork:
-    index: int
+class ShardWork(sharded_stage.ShardWork):
     objects: list[ObjectLoc]
-
-    @property
-    def name(self) -> str:
-        return f"priors-{self.index:05d}"
+    prefix: ClassVar[str] = "priors"
 
 
 @dataclass(frozen=True)
