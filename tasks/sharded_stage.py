@@ -18,7 +18,8 @@ A new stage plugs in with a :class:`ShardedStage`, four functions of its own::
 
 ``prepare`` returns a plan: any object with ``ctx`` (picklable; put once in Ray's object store and
 handed to every shard) and ``pending`` (the shards to run in this run: picklable works, each with
-a unique ``name``; subclasses of :class:`ShardWork`). It builds the plan from these helpers, in this order::
+a unique ``name``: subclasses of :class:`ShardWork`). It builds the plan from these helpers, in this
+order::
 
     fp = fingerprint(params, NOT_IN_FINGERPRINT, ALGORITHM_VERSION, inputs_sha256=...)
     prepare_run_dir(out, fp, STAGE_NAME, extra_owned_files)   # refuse foreign folders; a new fp starts over

@@ -22,6 +22,7 @@ import pycocotools.mask as mask_utils
 from PIL import Image, UnidentifiedImageError
 
 from pics_model.data import expand_boxes, region_map
+from tasks import sharded_stage
 from tasks.codec import decode_rgb, encode_png
 from tasks.decompose import masks as M
 from tasks.decompose import pairing, sample
@@ -29,7 +30,6 @@ from tasks.decompose.inputs import STAGE, name_outside_root, resolve_image
 from tasks.params import DecomposeParams
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import SAMPLE_SCHEMA
-from tasks import sharded_stage
 from tasks.sharded_stage import SHARDS_DIR, Timers, write_progress, write_shard
 
 TIMING_KEYS = ("decode", "masks", "crops", "encode", "write")

@@ -16,11 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks import sharded_stage
 from tasks.codec import decode_png, encode_rgba
 from tasks.params import RenderPriorsParams
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import PRIOR_SCHEMA
-from tasks import sharded_stage
 from tasks.sharded_stage import SHARDS_DIR, Timers, write_progress, write_shard
 
 STAGE = "render_priors"
