@@ -87,7 +87,7 @@ def main() -> dict:
         ann, img = write_synthetic_lvis(work / "data", n_images=args.images, width=args.width, height=args.height,
                                         seed=0, objects=tuple(args.objects))
     print(f"generated {args.images} {args.width}x{args.height} images in {gen.wall:.1f} s")
-    params = DecomposeParams(pairing=args.pairing, shard_size=args.shard_size, grid_samples=0).model_dump()
+    params = DecomposeParams(pairing=args.pairing, shard_size=args.shard_size, grid_samples=0)
 
     out, cpu = {}, {}
     with Phase() as serial:
@@ -97,7 +97,7 @@ def main() -> dict:
 
     init_ray(num_cpus=max(args.workers, 1), object_store_mb=300)
     warm = write_synthetic_lvis(work / "warm", n_images=4, width=args.width, height=args.height, seed=1)
-    plan = pipeline.prepare(dict(params, shard_size=1), *warm, work / "warm_out")
+    plan = pipeline.prepare(params.model_copy(update={"shard_size": 1}), *warm, work / "warm_out")
     run_shards(pipeline.DECOMPOSE, plan, args.workers)  # workers started and their imports done
 
     hashes = {"serial": manifest["content_hash"]}

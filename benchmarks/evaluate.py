@@ -57,7 +57,7 @@ def make_inputs(root: Path, n_images: int) -> tuple[Path, Path]:
     p = MakeSampleParams(out=str(root / "sample"), num_images=n_images, seed=7)
     res = render_images(p, list(range(n_images)), root / "sample" / "images")
     (root / "sample" / "annotations.json").write_bytes(dumps(assemble(p, res)))
-    run_serial(DecomposeParams(test_fraction=0.5).model_dump(), root / "sample" / "annotations.json",
+    run_serial(DecomposeParams(test_fraction=0.5), root / "sample" / "annotations.json",
                root / "sample" / "images", root / "decomposed")
     torch.manual_seed(0)
     PICSModel(get_preset("tiny")).save_pretrained(root / "ckpt")

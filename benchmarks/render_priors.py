@@ -193,18 +193,16 @@ def stage(args, work: Path) -> dict:
     n = len(objs)
     shard = max(1, n // (2 * args.workers))  # a few shards per worker
 
-    def params(out):
+    def params(out, shard_size=shard):
         return RenderPriorsParams(samples=str(samples), out=str(out), num_views=args.views,
-                                  resolution=args.resolution, shard_size=shard).model_dump()
+                                  resolution=args.resolution, shard_size=shard_size)
 
     t = time.perf_counter()
     manifest, results = pipeline.run_serial(params(work / "serial"), samples, work / "serial")
     serial_s = time.perf_counter() - t
 
     init_ray(num_cpus=args.workers, object_store_mb=300)
-    warm = params(work / "warm")
-    warm["shard_size"] = 1
-    plan = pipeline.prepare(warm, samples, work / "warm")
+    plan = pipeline.prepare(params(work / "warm", shard_size=1), samples, work / "warm")
     plan.works[args.workers * 2:] = []
     run_shards(pipeline.RENDER_PRIORS, plan, args.workers)  # workers up, GL contexts made
 

@@ -45,7 +45,7 @@ def decompose_flow(overrides: list[str] | None = None, params: Params | None = N
     p = params.decompose
     out = resolve_path(p.out)
     plan, manifest, results = run_stage(
-        pipeline.DECOMPOSE, (p.model_dump(), str(resolve_path(p.annotations)), str(resolve_path(p.images)), str(out)),
+        pipeline.DECOMPOSE, (p, str(resolve_path(p.annotations)), str(resolve_path(p.images)), str(out)),
         p.num_workers, params.ray, _describe)
     grid = None
     if p.grid_samples:
@@ -78,15 +78,14 @@ def import_webdataset_flow(tars: list[str], out: str, overrides: list[str] | Non
     from tasks.decompose import webdataset
 
     p = stage_params(params, overrides).decompose
-    as_dict = p.model_dump()  # tasks/decompose still takes the section as a dict
     out_path = Path(out)
     webdataset.check_tars(tars)
     webdataset.clear_output(out_path)
     tar_task = task(name="import-tar", task_run_name="import-{index}", **_TASK)(webdataset.import_tar)
     labelled = webdataset.tar_labels([str(t) for t in tars])
-    futures = [tar_task.submit(t, str(out_path), i, as_dict, label) for i, (t, label) in enumerate(labelled)]
+    futures = [tar_task.submit(t, str(out_path), i, p, label) for i, (t, label) in enumerate(labelled)]
     results = [f.result() for f in futures]
-    manifest = webdataset.finalize(out_path, results, as_dict, [t for t, _ in labelled])
+    manifest = webdataset.finalize(out_path, results, p, [t for t, _ in labelled])
     if p.grid_samples and manifest["samples"]:
         from tasks.decompose.visualize import write_sample_grid
 

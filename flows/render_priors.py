@@ -47,7 +47,7 @@ def render_priors_flow(overrides: list[str] | None = None, params: Params | None
     p = params.render_priors
     t0 = time.perf_counter()
     samples, out = resolve_path(p.samples), resolve_path(p.out)
-    plan, manifest, results = run_stage(pipeline.RENDER_PRIORS, (p.model_dump(), str(samples), str(out)),
+    plan, manifest, results = run_stage(pipeline.RENDER_PRIORS, (p, str(samples), str(out)),
                                         p.num_workers, params.ray, _describe)
     grid = None
     if p.grid_objects:

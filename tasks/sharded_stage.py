@@ -18,7 +18,8 @@ A new stage plugs in with a :class:`ShardedStage`, four functions of its own::
 
 ``prepare`` returns a plan: any object with ``ctx`` (picklable; put once in Ray's object store and
 handed to every shard) and ``pending`` (the shards to run in this run: picklable works, each with
-a unique ``name``). It builds the plan from these helpers, in this order::
+a unique ``name``: subclasses of :class:`ShardWork`). It builds the plan from these helpers, in this
+order::
 
     fp = fingerprint(params, NOT_IN_FINGERPRINT, ALGORITHM_VERSION, inputs_sha256=...)
     prepare_run_dir(out, fp, STAGE_NAME, extra_owned_files)   # refuse foreign folders; a new fp starts over
@@ -59,7 +60,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from pics_model.file_hashes import sha256_file
 from tasks import atomic
@@ -86,6 +87,24 @@ class ShardedStage:
     @property
     def task_prefix(self) -> str:
         return self.name.replace("_", "-")
+
+
+def shard_name(index: int, prefix: str = "shard") -> str:
+    """A shard's name: the stem of its parquet file in ``shards/`` and of its progress record."""
+    return f"{prefix}-{index:05d}"
+
+
+@dataclass
+class ShardWork:
+    """One shard of a plan: a stage's work dataclass subclasses this, adds the shard's items and,
+    for names other than ``shard-NNNNN``, sets ``prefix``."""
+
+    index: int
+    prefix: ClassVar[str] = "shard"
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.index, self.prefix)
 
 
 def fingerprint(params: dict, not_in_fingerprint: set[str], algorithm: int, **inputs) -> str:

@@ -28,7 +28,7 @@ from tasks.quarantine import QuarantineLimitError, check_limit
 
 
 def params(**kw) -> dict:
-    return DecomposeParams(**{"grid_samples": 0, **kw}).model_dump()
+    return DecomposeParams(**{"grid_samples": 0, **kw})
 
 
 @pytest.fixture(scope="module")

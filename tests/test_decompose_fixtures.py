@@ -15,7 +15,7 @@ from tasks.quarantine import QuarantineLimitError, check_limit
 
 
 def params(**kw) -> dict:
-    return DecomposeParams(**{"grid_samples": 0, **kw}).model_dump()
+    return DecomposeParams(**{"grid_samples": 0, **kw})
 
 
 def _lvis(shared_data):
@@ -44,7 +44,7 @@ def test_lvis_v05_missing_images_quarantined_present_one_decomposes(shared_data,
     # The fixture holds 1 of its 100 images: a real run on it passes only the limit of 1.0, which
     # fails a run only when every image or annotation is quarantined.
     with pytest.raises(QuarantineLimitError, match=r"images: 99 of 100 quarantined \(99\.0%: missing_image 99\)"):
-        check_limit("decompose", tmp_path, quarantine_tallies(m), params()["max_quarantine_fraction"], "x")
+        check_limit("decompose", tmp_path, quarantine_tallies(m), params().max_quarantine_fraction, "x")
     check_limit("decompose", tmp_path, quarantine_tallies(m), 1.0, "x")
 
 

@@ -61,7 +61,7 @@ def test_flow_on_ray_matches_serial_and_resumes(prefect_harness, local_ray, synt
 
     # Ray workers, in whatever order they finished, wrote exactly what one process writes.
     p = DecomposeParams(annotations=str(ann), images=str(img), out=str(tmp_path / "serial"), shard_size=8,
-                        grid_samples=4).model_dump()
+                        grid_samples=4)
     run_serial(p, ann, img, tmp_path / "serial")
     assert _files(out) == _files(tmp_path / "serial")
 
@@ -147,7 +147,7 @@ _KILLABLE = """
 import sys
 from tasks.decompose.pipeline import run_serial
 from tasks.params import DecomposeParams, load_params
-p = DecomposeParams(shard_size=1, grid_samples=0).model_dump()
+p = DecomposeParams(shard_size=1, grid_samples=0)
 run_serial(p, sys.argv[1], sys.argv[2], sys.argv[3])
 """
 
@@ -156,7 +156,7 @@ def test_killed_run_exposes_no_partial_shard_and_resumes(synth, tmp_path):
     ann, img = synth
     out = tmp_path / "out"
     ref = tmp_path / "ref"
-    run_serial(DecomposeParams(shard_size=1, grid_samples=0).model_dump(), ann, img, ref)
+    run_serial(DecomposeParams(shard_size=1, grid_samples=0), ann, img, ref)
     n_total = len(shards.list_shards(ref))
     proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(ann), str(img), str(out)], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -178,7 +178,7 @@ def test_killed_run_exposes_no_partial_shard_and_resumes(synth, tmp_path):
     recorded = [p for p in visible if (out / "_progress" / f"{p.stem}.json").is_file()]
     assert recorded
     before = {p.name: os.stat(p).st_mtime_ns for p in recorded}
-    m, results = run_serial(DecomposeParams(shard_size=1, grid_samples=0).model_dump(), ann, img, out)
+    m, results = run_serial(DecomposeParams(shard_size=1, grid_samples=0), ann, img, out)
     assert len(results) < 30  # the finished shards were not redone
     assert {p.name: os.stat(p).st_mtime_ns for p in visible if p.name in before} == before
     assert _files(out) == _files(ref) and m["content_hash"] == shards.content_hash(ref)

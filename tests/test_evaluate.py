@@ -145,7 +145,7 @@ def coco_rows(shared_data, tmp_path_factory):
 
     d = shared_data / "coco_hf_39769"
     out = tmp_path_factory.mktemp("coco") / "decomposed"
-    run_serial(DecomposeParams(test_fraction=1.0, area_ratio=0.01).model_dump(), d / "instances_39769.json", d, out)
+    run_serial(DecomposeParams(test_fraction=1.0, area_ratio=0.01), d / "instances_39769.json", d, out)
     rows = list(iter_rows(out, split="test"))
     assert rows, "the real COCO image gave no test sample"
     return rows

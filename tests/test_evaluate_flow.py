@@ -32,7 +32,7 @@ def embedded(tmp_path_factory):
     p = MakeSampleParams(out=str(root / "sample"), num_images=8, seed=5)
     res = render_images(p, list(range(8)), root / "sample" / "images")
     (root / "sample" / "annotations.json").write_bytes(dumps(assemble(p, res)))
-    dp = DecomposeParams(test_fraction=0.5).model_dump()
+    dp = DecomposeParams(test_fraction=0.5)
     run_serial(dp, root / "sample" / "annotations.json", root / "sample" / "images", root / "decomposed")
     torch.manual_seed(0)
     PICSModel(get_preset("tiny")).save_pretrained(root / "train" / "final")

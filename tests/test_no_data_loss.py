@@ -48,7 +48,7 @@ def decomposed(tmp_path_factory) -> Path:
     """A real (small) decompose output folder, made without Prefect."""
     d = tmp_path_factory.mktemp("decomposed")
     ann, img = write_synthetic_lvis(d / "src", n_images=6, width=160, height=120, seed=5)
-    run_serial(DecomposeParams(shard_size=4, grid_samples=0).model_dump(), ann, img, d / "out")
+    run_serial(DecomposeParams(shard_size=4, grid_samples=0), ann, img, d / "out")
     return d / "out"
 
 
@@ -114,12 +114,12 @@ def test_marked_folder_with_foreign_files_is_refused(tmp_path, decomposed):
     """The marker alone is not enough: a file the stage did not write would go with the folder."""
     ann, img = write_synthetic_lvis(tmp_path / "src", n_images=4, width=160, height=120, seed=2)
     out = tmp_path / "out"
-    p = DecomposeParams(shard_size=4, grid_samples=0).model_dump()
+    p = DecomposeParams(shard_size=4, grid_samples=0)
     run_serial(p, ann, img, out)
     (out / "notes.txt").write_text("mine")
     before = snapshot(out)
     with pytest.raises(shards.OutputNotOwnedError, match="did not write \\(notes.txt\\)"):
-        run_serial({**p, "seed": 1}, ann, img, out)  # a changed fingerprint would clean the folder
+        run_serial(p.model_copy(update={"seed": 1}), ann, img, out)  # a changed fingerprint would clean the folder
     assert snapshot(out) == before
 
 

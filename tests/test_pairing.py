@@ -17,7 +17,7 @@ from tasks.shards import iter_rows
 
 
 def params(**kw) -> dict:
-    return DecomposeParams(**{"grid_samples": 0, **kw}).model_dump()
+    return DecomposeParams(**{"grid_samples": 0, **kw})
 
 
 def test_box_iou_matches_hand_values():

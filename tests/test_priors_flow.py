@@ -49,8 +49,8 @@ def test_flow_on_ray_matches_serial_and_resumes(prefect_harness, local_ray, samp
     assert manifest["duplicates"] == 2 and manifest["renderer"]["gl_renderer"]
 
     # Two Ray workers (EGL, one llvmpipe thread each) wrote what one process writes.
-    p = RenderPriorsParams(samples=str(samples), out=str(tmp_path / "serial"), shard_size=2).model_dump()
-    pipeline.run_serial(p, samples, p["out"])
+    p = RenderPriorsParams(samples=str(samples), out=str(tmp_path / "serial"), shard_size=2)
+    pipeline.run_serial(p, samples, p.out)
     ray_rows, serial_rows = _rows(out), _rows(tmp_path / "serial")
     assert ray_rows.keys() == serial_rows.keys() and len(ray_rows) == 4
     for k in ray_rows:

@@ -47,14 +47,14 @@ def samples(tmp_path, coco):
 
 
 def params(tmp_path, **kw):
-    return RenderPriorsParams(out=str(tmp_path / "priors"), shard_size=2, **kw).model_dump()
+    return RenderPriorsParams(out=str(tmp_path / "priors"), shard_size=2, **kw)
 
 
 def test_stage_dedupes_quarantines_and_counts(samples, tmp_path, coco):
     from tasks.render_priors.store import decode_prior, iter_priors, load_priors, views_on_white
 
     p = params(tmp_path)
-    manifest, results = pipeline.run_serial(p, samples, p["out"])
+    manifest, results = pipeline.run_serial(p, samples, p.out)
     out = tmp_path / "priors"
     # 10 object references; distinct: cat1, cat2, remote, empty, tiny, corrupt-remote
     assert manifest["samples"] == 5 and manifest["object_refs"] == 10
@@ -64,7 +64,7 @@ def test_stage_dedupes_quarantines_and_counts(samples, tmp_path, coco):
     assert manifest["rendered"] + sum(manifest["quarantined"].values()) == manifest["distinct_objects"]
     with pytest.raises(QuarantineLimitError, match=r"objects: 3 of 6 quarantined \(50\.0%: bad_patch 1, "
                                                    r"degenerate_mesh 1, empty_mask 1\)"):
-        check_limit("render_priors", out, pipeline.quarantine_tallies(manifest), p["max_quarantine_fraction"], "x")
+        check_limit("render_priors", out, pipeline.quarantine_tallies(manifest), p.max_quarantine_fraction, "x")
     check_limit("render_priors", out, pipeline.quarantine_tallies(manifest), 0.5, "x")  # half: not more than half
     assert manifest["timing"]["render_ms_per_view"] > 0 and manifest["timing"]["wall_s"] > 0
     assert manifest["renderer"]["gl_renderer"]
@@ -95,23 +95,23 @@ def test_stage_dedupes_quarantines_and_counts(samples, tmp_path, coco):
 def test_resume_renders_only_what_is_missing(samples, tmp_path):
     p = params(tmp_path)
     out = tmp_path / "priors"
-    first, results = pipeline.run_serial(p, samples, p["out"])
+    first, results = pipeline.run_serial(p, samples, p.out)
     assert len(results) == 3  # 6 distinct objects / shard_size 2
-    again, results2 = pipeline.run_serial(p, samples, p["out"])
+    again, results2 = pipeline.run_serial(p, samples, p.out)
     assert results2 == [] and again["kept_from_earlier_runs"] == 6 and again["rendered"] == 3
 
     # A worker killed after writing its parquet but before its record, and a half-written temp file.
     victim = results[1]["shard"]
     (out / "_progress" / f"{victim}.json").unlink()
     (out / "shards" / ".tmp-priors-00009.parquet.abcd").write_bytes(b"partial")
-    resumed, results3 = pipeline.run_serial(p, samples, p["out"])
+    resumed, results3 = pipeline.run_serial(p, samples, p.out)
     assert [r["objects"] for r in results3] == [results[1]["objects"]]
     assert resumed["rendered"] == 3 and resumed["kept_from_earlier_runs"] == 6 - results[1]["objects"]
     assert not list((out / "shards").glob(".tmp-*"))
     assert resumed["quarantined"] == first["quarantined"]
 
     # A rendering parameter changes what is rendered: nothing is kept.
-    changed, results4 = pipeline.run_serial(params(tmp_path, num_views=3), samples, p["out"])
+    changed, results4 = pipeline.run_serial(params(tmp_path, num_views=3), samples, p.out)
     assert changed["kept_from_earlier_runs"] == 0 and len(results4) == 3
     rows = pq.read_table(next((out / "shards").glob("*.parquet"))).to_pylist()
     assert all(r["num_views"] == 3 for r in rows)
@@ -154,7 +154,7 @@ def test_renderer_error_is_quarantined_and_run_goes_on(samples, tmp_path, monkey
 
     monkeypatch.setattr(MultiViewRenderer, "render", flaky)
     p = params(tmp_path)
-    manifest, _ = pipeline.run_serial(p, samples, p["out"])
+    manifest, _ = pipeline.run_serial(p, samples, p.out)
     assert manifest["quarantined"].get("renderer_error") == 1 and manifest["rendered"] == 2
     q = pq.read_table(tmp_path / "priors" / "quarantine.parquet").to_pylist()
     assert any(r["reason"] == "renderer_error" and "simulated" in r["detail"] for r in q)
@@ -164,7 +164,7 @@ def test_plugin_reconstructor_runs_in_the_stage(samples, tmp_path):
     w = tmp_path / "w.pt"
     w.write_bytes(b"weights")
     p = params(tmp_path, reconstructor=f"{__name__}:weighted", reconstructor_weights=str(w))
-    manifest, _ = pipeline.run_serial(p, samples, p["out"])
+    manifest, _ = pipeline.run_serial(p, samples, p.out)
     assert manifest["rendered"] == 3
     rows = pq.read_table(next((tmp_path / "priors" / "shards").glob("*.parquet"))).to_pylist()
     assert rows[0]["reconstructor"] == f"{__name__}:weighted"
@@ -180,8 +180,8 @@ def test_grid_picture(samples, tmp_path):
     from tasks.render_priors.grid import write_prior_grid
 
     p = params(tmp_path)
-    pipeline.run_serial(p, samples, p["out"])
-    path = write_prior_grid(p["out"], samples, n=3, tile=64)
+    pipeline.run_serial(p, samples, p.out)
+    path = write_prior_grid(p.out, samples, n=3, tile=64)
     with Image.open(path) as im:
         assert im.size == (7 * 64, 3 * (2 * 64 + 14))
         arr = np.asarray(im.convert("RGB"))

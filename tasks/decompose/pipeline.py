@@ -19,10 +19,11 @@ from pathlib import Path
 
 from tasks import atomic, quarantine, sharded_stage
 from tasks.decompose.inputs import STAGE, Dataset, check_image_root, load_annotations
-from tasks.decompose.shard import TIMING_KEYS, ShardContext, ShardWork, process_shard, shard_name
+from tasks.decompose.shard import TIMING_KEYS, ShardContext, ShardWork, process_shard
+from tasks.params import DecomposeParams
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import SCHEMA_VERSION
-from tasks.sharded_stage import merge_records, prepare_run_dir, resume
+from tasks.sharded_stage import merge_records, prepare_run_dir, resume, shard_name
 from tasks.shards import content_hash
 
 # Bump when the code's output for the same inputs changes, so old shards are not resumed.
@@ -42,8 +43,8 @@ class Plan:
     done: dict[str, dict]  # shard name -> progress record of shards kept from an earlier run
 
 
-def fingerprint(dataset: Dataset, image_root: Path, params: dict) -> str:
-    return sharded_stage.fingerprint(params, _NOT_IN_FINGERPRINT, ALGORITHM_VERSION,
+def fingerprint(dataset: Dataset, image_root: Path, params: DecomposeParams) -> str:
+    return sharded_stage.fingerprint(params.model_dump(), _NOT_IN_FINGERPRINT, ALGORITHM_VERSION,
                                      annotations_sha256=dataset.sha256, images=str(image_root.resolve()))
 
 
@@ -54,14 +55,14 @@ def plan_works(dataset: Dataset, shard_size: int) -> list[ShardWork]:
             for k in range(0, len(ids), shard_size)]
 
 
-def prepare(params: dict, annotations: str | Path, images: str | Path, out: str | Path) -> Plan:
+def prepare(params: DecomposeParams, annotations: str | Path, images: str | Path, out: str | Path) -> Plan:
     """Load and check inputs (fails at once on a malformed file or missing root), plan, resume."""
     out = Path(out)
     image_root = check_image_root(images)
     dataset = load_annotations(annotations)
     fp = fingerprint(dataset, image_root, params)
     ctx = ShardContext(str(image_root), str(out), str(dataset.path), params, dataset.categories, fp)
-    works = plan_works(dataset, params["shard_size"])
+    works = plan_works(dataset, params.shard_size)
 
     prepare_run_dir(out, fp, STAGE, GRID_FILES)
     kept = resume(out, fp)  # same fingerprint, so same shard_size: the kept names are planned ones
@@ -97,7 +98,7 @@ def finalize(plan: Plan, results: list[dict], wall_s: float | None = None) -> di
         "stage": "decompose",
         "inputs": {"annotations": plan.ctx.annotations, "format": plan.dataset.format,
                    "annotations_sha256": plan.dataset.sha256, "images": plan.ctx.image_root},
-        "params": plan.ctx.params,
+        "params": plan.ctx.params.model_dump(),
         "images_seen": sum(r["images_seen"] for r in ordered),
         "annotations_seen": sum(map(len, plan.dataset.anns_by_image.values())) + len(plan.dataset.quarantine),
         "images_with_pair": sum(r["images_with_pair"] for r in ordered),
@@ -131,7 +132,7 @@ def sum_timings(results: list[dict]) -> dict[str, float]:
 DECOMPOSE = sharded_stage.ShardedStage(STAGE, prepare, process_shard, finalize)
 
 
-def run_serial(params: dict, annotations, images, out) -> tuple[dict, list[dict]]:
+def run_serial(params: DecomposeParams, annotations, images, out) -> tuple[dict, list[dict]]:
     """The whole stage in this process, no Prefect and no Ray: the benchmark's one-worker baseline."""
     _, manifest, results = sharded_stage.run_serial(DECOMPOSE, params, annotations, images, out)
     return manifest, results

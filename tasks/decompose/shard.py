@@ -22,10 +22,12 @@ import pycocotools.mask as mask_utils
 from PIL import Image, UnidentifiedImageError
 
 from pics_model.data import expand_boxes, region_map
+from tasks import sharded_stage
 from tasks.codec import decode_rgb, encode_png
 from tasks.decompose import masks as M
 from tasks.decompose import pairing, sample
 from tasks.decompose.inputs import STAGE, name_outside_root, resolve_image
+from tasks.params import DecomposeParams
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import SAMPLE_SCHEMA
 from tasks.sharded_stage import SHARDS_DIR, Timers, write_progress, write_shard
@@ -37,13 +39,8 @@ _STATS_COLUMNS = ["sample_id", "split", "image_id", "width", "height", "n_object
 
 
 @dataclass
-class ShardWork:
-    index: int
+class ShardWork(sharded_stage.ShardWork):
     images: list[tuple[dict, list[dict]]]  # (image record, its annotations), sorted by image id
-
-    @property
-    def name(self) -> str:
-        return shard_name(self.index)
 
 
 @dataclass(frozen=True)
@@ -51,13 +48,9 @@ class ShardContext:
     image_root: str
     out: str
     annotations: str  # the annotation file, for quarantine records
-    params: dict  # DecomposeParams.model_dump()
+    params: DecomposeParams
     categories: dict  # category id -> name
     fingerprint: str  # of inputs + params: a resumed run keeps only shards with the same one
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}"
 
 
 @dataclass
@@ -137,7 +130,7 @@ def process_image(record: dict, anns: list[dict], ctx: ShardContext, timers: Tim
                 out.quarantine.append(QuarantineRecord(STAGE, e.reason, e.detail, ctx.annotations, iid, a["id"]))
                 continue
             objs.append(_Obj(a, rle, _rule_area(a, area), area, dec))
-        min_area = p["area_ratio"] * W * H
+        min_area = p.area_ratio * W * H
         q = [o for o in objs if not _is_crowd(o.ann) and o.area > min_area]
         if len(q) < 2:
             out.status, out.reason = "skipped", "fewer_than_two_objects"
@@ -152,16 +145,16 @@ def process_image(record: dict, anns: list[dict], ctx: ShardContext, timers: Tim
             o.tight = M.mask_box(o.rle)
         mining = np.array([M.mining_box(o.ann, o.rle) for o in q], dtype=np.float64)
         contact_cache: dict[tuple[int, int], int] = {}
-        if p["pairing"] == "reference":
-            pairs = pairing.reference_pairs(mining, p["containment_tol_px"])
+        if p.pairing == "reference":
+            pairs = pairing.reference_pairs(mining, p.containment_tol_px)
         else:
             tight = np.array([o.tight for o in q], dtype=np.float64)
             areas = np.array([o.pixels for o in q], dtype=np.float64)
-            pairs = pairing.interaction_pairs(tight, areas, get_mask, p["contact_px"], p["duplicate_mask_iou"])
+            pairs = pairing.interaction_pairs(tight, areas, get_mask, p.contact_px, p.duplicate_mask_iou)
             contact_cache = {(i, j): int(s) for i, j, s in pairs}
-        groups = pairing.choose_groups(len(q), pairs, p["group_size"], p["pairs_per_image"])
+        groups = pairing.choose_groups(len(q), pairs, p.group_size, p.pairs_per_image)
         if not groups:
-            out.status, out.reason = "skipped", "no_valid_pair" if p["group_size"] == 2 else "no_valid_group"
+            out.status, out.reason = "skipped", "no_valid_pair" if p.group_size == 2 else "no_valid_group"
             return out
 
     with timers("decode"):
@@ -174,8 +167,8 @@ def process_image(record: dict, anns: list[dict], ctx: ShardContext, timers: Tim
             return q_image("image_size_mismatch", f"decoded {rgb.shape[1]}x{rgb.shape[0]}, record says {W}x{H}",
                            str(path))
 
-    rng = _rng(p["seed"], iid)
-    split = "test" if rng.random() < p["test_fraction"] else "train"
+    rng = _rng(p.seed, iid)
+    split = "test" if rng.random() < p.test_fraction else "train"
     for g in groups:
         out.rows.append(_build_row(g, q, mining, get_mask, contact_cache, rgb, data, rel, record, split, rng,
                                    ctx, timers, out.quarantine))
@@ -188,11 +181,11 @@ def _build_row(g, q, mining, get_mask, contact_cache, rgb, data, rel, record, sp
     iid, W, H = record["id"], record["width"], record["height"]
     objs = [q[k] for k in g]
     with timers("crops"):
-        pads = [float(rng.uniform(*p["patch_pad"])) for _ in g]
-        factors = [float(rng.uniform(*p["box_expand"])) for _ in g]
+        pads = [float(rng.uniform(*p.patch_pad)) for _ in g]
+        factors = [float(rng.uniform(*p.box_expand)) for _ in g]
         expanded = expand_boxes(np.array([o.tight for o in objs], np.float64), np.array(factors), W, H).tolist()
-        patches = [sample.make_patch(rgb, get_mask(k), q[k].tight, pad, p["patch_size"]) for k, pad in zip(g, pads)]
-        rmap = region_map(expanded, H, W, p["preview_resolution"])
+        patches = [sample.make_patch(rgb, get_mask(k), q[k].tight, pad, p.patch_size) for k, pad in zip(g, pads)]
+        rmap = region_map(expanded, H, W, p.preview_resolution)
     with timers("masks"):
         box_iou, mask_iou, contact = [], [], []
         for a in range(len(g)):
@@ -202,7 +195,7 @@ def _build_row(g, q, mining, get_mask, contact_cache, rgb, data, rel, record, sp
                 mask_iou.append(float(mask_utils.iou([q[i].rle], [q[j].rle], [0])[0][0]))
                 c = contact_cache.get((i, j))
                 if c is None:
-                    c = pairing.contact_length(get_mask(i), q[i].tight, get_mask(j), q[j].tight, p["contact_px"])
+                    c = pairing.contact_length(get_mask(i), q[i].tight, get_mask(j), q[j].tight, p.contact_px)
                 contact.append(int(c))
         depth = [o.ann.get("depth_rank") for o in objs]
         depth_ranks = depth if all(isinstance(d, int) and not isinstance(d, bool) for d in depth) else None
@@ -219,7 +212,7 @@ def _build_row(g, q, mining, get_mask, contact_cache, rgb, data, rel, record, sp
                 amodal = None
                 break
     with timers("encode"):
-        level = p["png_compression"]
+        level = p.png_compression
         patch_png = [encode_png(pt, level) for pt, _ in patches]
         mask_png = [encode_png(pm, level) for _, pm in patches]
         rmap_png = encode_png(rmap, level)

@@ -30,11 +30,13 @@ from tasks import atomic, quarantine
 from tasks.codec import decode_png, decode_rgb, encode_png
 from tasks.decompose import masks as M
 from tasks.decompose import pairing, sample
-from tasks.decompose.shard import SHARDS_DIR, _rng, shard_name, write_samples
+from tasks.decompose.shard import SHARDS_DIR, _rng, write_samples
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import SCHEMA_VERSION
+from tasks.sharded_stage import shard_name
 from tasks.decompose.inputs import InputError
 from tasks.decompose.pipeline import GRID_FILES
+from tasks.params import DecomposeParams
 from tasks.shards import claim_output, content_hash
 
 STAGE = "import_webdataset"
@@ -122,7 +124,7 @@ def read_tar(path: str | Path) -> tuple[dict[str, dict[str, bytes]], str | None,
     return dict(groups), current, cut
 
 
-def _convert(label: str, key: str, members: dict[str, bytes], p: dict) -> dict:
+def _convert(label: str, key: str, members: dict[str, bytes], p: DecomposeParams) -> dict:
     """One reference sample -> one SAMPLE_SCHEMA row; raises ValueError(reason, detail)."""
     missing = [m for m in REQUIRED if m not in members]
     if missing:
@@ -151,14 +153,14 @@ def _convert(label: str, key: str, members: dict[str, bytes], p: dict) -> dict:
         masks.append(m)
         objs.append(o)
     image_id = _image_id(label, key)
-    rng = _rng(p["seed"], image_id)
-    split = "test" if rng.random() < p["test_fraction"] else "train"
+    rng = _rng(p.seed, image_id)
+    split = "test" if rng.random() < p.test_fraction else "train"
     rles = [M.encode(m) for m in masks]
     tight = [M.mask_box(r) for r in rles]
     expanded, patches, pmasks = [], [], []
     for k in range(n):
-        pad = float(rng.uniform(*p["patch_pad"]))
-        factor = float(rng.uniform(*p["box_expand"]))
+        pad = float(rng.uniform(*p.patch_pad))
+        factor = float(rng.uniform(*p.box_expand))
         expanded.append(expand_boxes(np.array(tight[k], np.float64), factor, W, H)[0].tolist())
         x0, y0, x1, y1 = (int(v) for v in tight[k])
         crop_mask = masks[k][y0:y1, x0:x1]
@@ -167,29 +169,29 @@ def _convert(label: str, key: str, members: dict[str, bytes], p: dict) -> dict:
             import cv2
 
             crop_mask = cv2.resize(crop_mask, (o.shape[1], o.shape[0]), interpolation=cv2.INTER_NEAREST)
-        pt, pm = sample.make_patch(o, crop_mask, [0, 0, o.shape[1], o.shape[0]], pad, p["patch_size"])
-        patches.append(encode_png(pt, p["png_compression"]))
-        pmasks.append(encode_png(pm, p["png_compression"]))
-    rmap = region_map(expanded, H, W, p["preview_resolution"])
+        pt, pm = sample.make_patch(o, crop_mask, [0, 0, o.shape[1], o.shape[0]], pad, p.patch_size)
+        patches.append(encode_png(pt, p.png_compression))
+        pmasks.append(encode_png(pm, p.png_compression))
+    rmap = region_map(expanded, H, W, p.preview_resolution)
     tb = np.array(tight, np.float64)
     box_iou, mask_iou, contact = [], [], []
     for a in range(n):
         for b in range(a + 1, n):
             box_iou.append(float(pairing.box_iou(tb[a:a + 1], tb[b:b + 1])[0, 0]))
             mask_iou.append(float(mask_utils.iou([rles[a]], [rles[b]], [0])[0][0]))
-            contact.append(pairing.contact_length(masks[a], tight[a], masks[b], tight[b], p["contact_px"]))
+            contact.append(pairing.contact_length(masks[a], tight[a], masks[b], tight[b], p.contact_px))
     return {
         "sample_id": sample_id(label, key), "split": split, "source_image": f"{label}:{printable(key)}.bg.jpg",
         "image_id": image_id, "width": W, "height": H, "image_bytes": data, "n_objects": n,
         "annotation_ids": list(range(n)), "category_ids": [-1] * n, "category_names": [""] * n,
         "masks_rle": [M.rle_string(r) for r in rles], "boxes_tight": tight, "boxes_expanded": expanded,
-        "patches": patches, "patch_masks": pmasks, "region_map": encode_png(rmap, p["png_compression"]),
+        "patches": patches, "patch_masks": pmasks, "region_map": encode_png(rmap, p.png_compression),
         "pair_box_iou": box_iou, "pair_mask_iou": mask_iou, "pair_contact_px": contact,
         "depth_ranks": None, "amodal_rle": None,
     }
 
 
-def import_tar(tar: str, out: str, index: int, params: dict, label: str | None = None) -> dict:
+def import_tar(tar: str, out: str, index: int, params: DecomposeParams, label: str | None = None) -> dict:
     """One reference tar -> ``shards/shard-<index>.parquet``; returns counts and quarantine records.
 
     ``label`` (default: the file name) seeds the sample ids; :func:`tar_labels` gives each tar its own."""
@@ -245,7 +247,7 @@ def clear_output(out: Path) -> None:
         (out / f).unlink(missing_ok=True)
 
 
-def finalize(out: Path, results: list[dict], params: dict, tars: list[str]) -> dict:
+def finalize(out: Path, results: list[dict], params: DecomposeParams, tars: list[str]) -> dict:
     qrecs = [QuarantineRecord(**q) for r in results for q in r["quarantine"]]
     quarantine.write(out / "quarantine.parquet", qrecs)
     quarantined: Counter = Counter()
@@ -253,7 +255,7 @@ def finalize(out: Path, results: list[dict], params: dict, tars: list[str]) -> d
         quarantined.update(r["quarantined"])
     manifest = {
         "schema_version": SCHEMA_VERSION, "stage": "import_webdataset", "inputs": {"tars": tars},
-        "params": params, "images_seen": sum(r["samples_seen"] for r in results),
+        "params": params.model_dump(), "images_seen": sum(r["samples_seen"] for r in results),
         "images_with_pair": sum(r["samples"] for r in results), "samples": sum(r["samples"] for r in results),
         "skipped": {}, "quarantined": dict(sorted(quarantined.items())), "quarantined_annotations": {},
         "quarantine_rows": len(qrecs), "tars_unreadable": [r["tar"] for r in results if r["tar_unreadable"]],

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from pics_model.file_hashes import sha256_file
 from tasks import atomic, quarantine, sharded_stage
+from tasks.params import ParamsError, RenderPriorsParams
 from tasks.quarantine import QuarantineRecord
 from tasks.render_priors.work import STAGE, TIMING_KEYS, ObjectLoc, RenderContext, ShardWork, process_shard
 from tasks.schema import SCHEMA_VERSION, object_key
@@ -61,11 +62,12 @@ class Plan:
         return self.works
 
 
-def fingerprint(params: dict) -> str:
-    w = params.get("reconstructor_weights")
+def fingerprint(params: RenderPriorsParams) -> str:
+    keyed = params.model_dump()
+    w = params.reconstructor_weights
     if w and Path(w).expanduser().is_file():
-        params = {**params, "weights_sha256": sha256_file(Path(w).expanduser())}
-    return sharded_stage.fingerprint(params, _NOT_IN_FINGERPRINT, ALGORITHM_VERSION)
+        keyed["weights_sha256"] = sha256_file(Path(w).expanduser())
+    return sharded_stage.fingerprint(keyed, _NOT_IN_FINGERPRINT, ALGORITHM_VERSION)
 
 
 def scan_samples(samples: Path) -> Scan:
@@ -94,10 +96,9 @@ def scan_samples(samples: Path) -> Scan:
     return scan
 
 
-def prepare(params: dict, samples: str | Path, out: str | Path) -> Plan:
+def prepare(params: RenderPriorsParams, samples: str | Path, out: str | Path) -> Plan:
     """Check inputs, resume what an earlier run with the same parameters finished, plan the rest."""
     from pics_model.geometry import ReconstructorNotFoundError, WeightsNotFoundError, get_reconstructor
-    from tasks.params import ParamsError
     from tasks.render_priors.work import reconstructor_options
 
     t0 = time.perf_counter()
@@ -107,7 +108,7 @@ def prepare(params: dict, samples: str | Path, out: str | Path) -> Plan:
                           "run decompose first")
     # A missing plug-in or weight file fails here, before any worker starts.
     try:
-        get_reconstructor(params["reconstructor"], params["reconstructor_weights"], **reconstructor_options(params))
+        get_reconstructor(params.reconstructor, params.reconstructor_weights, **reconstructor_options(params))
     except (ReconstructorNotFoundError, WeightsNotFoundError) as e:
         key = "reconstructor" if isinstance(e, ReconstructorNotFoundError) else "reconstructor_weights"
         raise ParamsError(f"render_priors.{key}: {e}") from e
@@ -120,7 +121,7 @@ def prepare(params: dict, samples: str | Path, out: str | Path) -> Plan:
     scan = scan_samples(samples)
     pending = [o for o in scan.objects if o.key not in done_keys]
     start = 1 + max((int(n.split("-")[1]) for n in done), default=-1)
-    size = params["shard_size"]
+    size = params.shard_size
     works = [ShardWork(start + i, pending[k:k + size]) for i, k in enumerate(range(0, len(pending), size))]
     ctx = RenderContext(str(samples), str(out), params, fp)
     return Plan(ctx, scan, works, done, done_keys, scan_s=time.perf_counter() - t0)
@@ -149,7 +150,7 @@ def finalize(plan: Plan, results: list[dict], wall_s: float | None = None) -> di
         "schema_version": SCHEMA_VERSION,
         "stage": STAGE,
         "inputs": {"samples": plan.ctx.samples, "samples_content_hash": content_hash(plan.ctx.samples)},
-        "params": plan.ctx.params,
+        "params": plan.ctx.params.model_dump(),
         "fingerprint": plan.ctx.fingerprint,
         "samples": plan.scan.samples,
         "object_refs": plan.scan.object_refs,
@@ -171,7 +172,7 @@ def finalize(plan: Plan, results: list[dict], wall_s: float | None = None) -> di
             "render_ms_per_view": round(1e3 * timings["render"] / run_views, 3) if run_views else None,
             "objects_per_s_wall": round(sum(r["objects"] for r in results) / wall_s, 3) if wall_s and results else None,
         },
-        "renderer": {"platform": plan.ctx.params["platform"],
+        "renderer": {"platform": plan.ctx.params.platform,
                      "gl_renderer": next((r.get("gl_renderer") for r in results if r.get("gl_renderer")), None)},
     }
     n_failed = sum(manifest["quarantined"].values())
@@ -192,14 +193,14 @@ def gl_env(ctx: RenderContext) -> dict:
     OpenGL, so the tasks carry it (and llvmpipe's thread count) in their ``runtime_env``: Ray then
     runs them in workers started with those variables, never in one that bound another platform."""
     p = ctx.params
-    return {"runtime_env": {"env_vars": {"PYOPENGL_PLATFORM": p["platform"], "LP_NUM_THREADS": str(p["gl_threads"])}}}
+    return {"runtime_env": {"env_vars": {"PYOPENGL_PLATFORM": p.platform, "LP_NUM_THREADS": str(p.gl_threads)}}}
 
 
 # render_priors on the sharded-stage skeleton: prepare(params, samples, out)
 RENDER_PRIORS = sharded_stage.ShardedStage(STAGE, prepare, process_shard, finalize, ray_options=gl_env)
 
 
-def run_serial(params: dict, samples, out) -> tuple[dict, list[dict]]:
+def run_serial(params: RenderPriorsParams, samples, out) -> tuple[dict, list[dict]]:
     """The whole stage in this process, no Prefect and no Ray (tests, the benchmark's baseline)."""
     _, manifest, results = sharded_stage.run_serial(RENDER_PRIORS, params, samples, out)
     return manifest, results

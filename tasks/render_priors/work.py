@@ -10,12 +10,15 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks import sharded_stage
 from tasks.codec import decode_png, encode_rgba
+from tasks.params import RenderPriorsParams
 from tasks.quarantine import QuarantineRecord
 from tasks.schema import PRIOR_SCHEMA
 from tasks.sharded_stage import SHARDS_DIR, Timers, write_progress, write_shard
@@ -38,42 +41,38 @@ class ObjectLoc:
 
 
 @dataclass
-class ShardWork:
-    index: int
+class ShardWork(sharded_stage.ShardWork):
     objects: list[ObjectLoc]
-
-    @property
-    def name(self) -> str:
-        return f"priors-{self.index:05d}"
+    prefix: ClassVar[str] = "priors"
 
 
 @dataclass(frozen=True)
 class RenderContext:
     samples: str  # folder holding the sample shards
     out: str
-    params: dict  # RenderPriorsParams.model_dump()
+    params: RenderPriorsParams
     fingerprint: str
 
 
-def renderer_config(p: dict) -> dict:
-    return dict(resolution=p["resolution"], num_views=p["num_views"], elevation_deg=p["elevation_deg"],
-                yfov_deg=p["yfov_deg"], platform=p["platform"])
+def renderer_config(p: RenderPriorsParams) -> dict:
+    return dict(resolution=p.resolution, num_views=p.num_views, elevation_deg=p.elevation_deg,
+                yfov_deg=p.yfov_deg, platform=p.platform)
 
 
-def reconstructor_options(p: dict) -> dict:
+def reconstructor_options(p: RenderPriorsParams) -> dict:
     # Inflation knobs only apply to the built-in; a plug-in gets its weights and nothing else.
-    return dict(grid_size=p["grid_size"], thickness=p["thickness"]) if p["reconstructor"] == "builtin" else {}
+    return dict(grid_size=p.grid_size, thickness=p.thickness) if p.reconstructor == "builtin" else {}
 
 
 _RECONSTRUCTORS: dict = {}
 
 
-def get_worker_reconstructor(p: dict):
+def get_worker_reconstructor(p: RenderPriorsParams):
     from pics_model.geometry import get_reconstructor
 
-    key = (p["reconstructor"], p["reconstructor_weights"], tuple(sorted(reconstructor_options(p).items())))
+    key = (p.reconstructor, p.reconstructor_weights, tuple(sorted(reconstructor_options(p).items())))
     if key not in _RECONSTRUCTORS:  # a learned model loads its weights once per process
-        _RECONSTRUCTORS[key] = get_reconstructor(p["reconstructor"], p["reconstructor_weights"],
+        _RECONSTRUCTORS[key] = get_reconstructor(p.reconstructor, p.reconstructor_weights,
                                                  **reconstructor_options(p))
     return _RECONSTRUCTORS[key]
 
@@ -104,7 +103,7 @@ def _quarantine(o: ObjectLoc, reason: str, detail: str) -> QuarantineRecord:
                             image_id=o.image_id, annotation_id=o.annotation_id, item_key=o.key)
 
 
-def render_object(patch_png: bytes, mask_png: bytes, p: dict, timers: Timers):
+def render_object(patch_png: bytes, mask_png: bytes, p: RenderPriorsParams, timers: Timers):
     """-> (views RGBA [K, R, R, 4], depths [K, R, R]) or raises GeometryError / ValueError."""
     from pics_model.geometry import EmptyMaskError, get_renderer
 
@@ -147,12 +146,12 @@ def process_shard(work: ShardWork, ctx: RenderContext) -> dict:
             continue
         with timers("encode"):
             rows.append({
-                "object_key": o.key, "num_views": int(views.color.shape[0]), "resolution": p["resolution"],
+                "object_key": o.key, "num_views": int(views.color.shape[0]), "resolution": p.resolution,
                 "elevation_deg": float(views.elevation_deg),
                 "azimuths_deg": [float(a) for a in views.azimuths_deg],
                 "views": [encode_rgba(c) for c in views.color],
                 "depths": [encode_depth(d) for d in views.depth],
-                "reconstructor": p["reconstructor"],
+                "reconstructor": p.reconstructor,
             })
     record = {"shard": work.name, "fingerprint": ctx.fingerprint, "objects": len(work.objects),
               "rendered": len(rows), "views": sum(r["num_views"] for r in rows),
