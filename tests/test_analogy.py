@@ -291,18 +291,26 @@ def test_transfer_inputs_are_checked_first_with_file_and_field(scenes, tmp_path)
 def test_flow_leaves_scenes_field_and_metrics(prefect_harness, tmp_path):
     from flows.analogy import analogy_flow
 
-    sets = [f"analogy.out={tmp_path / 'analogy'}", "analogy.num_scenes=5", "analogy.heldout_scenes=2",
-            "analogy.steps=3", "analogy.eval_pairs=2", "analogy.min_objects=3", "analogy.max_objects=4",
-            "analogy.points_per_object=16", "analogy.threads=1"]
+    # held out: generator scenes 1-3; in 3 a can rests on a cube, 1 has a cube too: one transfer
+    sets = [f"analogy.out={tmp_path / 'analogy'}", "analogy.num_scenes=4", "analogy.heldout_scenes=3",
+            "analogy.steps=3", "analogy.eval_pairs=2", "analogy.hard_pairs=1", "analogy.min_objects=3",
+            "analogy.max_objects=4", "analogy.points_per_object=16", "analogy.threads=1", "analogy.topk=1",
+            "make_sample.width=96", "make_sample.height=72"]
     metrics = analogy_flow(overrides=sets)
     out = tmp_path / "analogy"
-    assert len(list((out / "scenes").glob("scene-*.npz"))) == 5
+    assert len(list((out / "scenes").glob("scene-*.npz"))) == 4
     ContextDescriptorField.load(out / "final")
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["methods"].keys() == {"ours", "ours_coarse_only", "icp", "centroid"} == metrics["methods"].keys()
     for m in saved["methods"].values():
         assert {"pcp@0.25", "pcp@0.5", "bipcp@0.25", "chamfer@0.25"} <= m.keys()
     assert saved["train"]["steps"] == 3 and (out / "loss.csv").read_text().count("\n") == 4
+    assert {"ours", "ours_coarse_only", "untrained", "untrained_coarse_only"} <= saved["hard"]["methods"].keys()
+    assert saved["transfer"]["samples"] == 1
+    row = json.loads((out / "transfer" / "transfer.json").read_text())["samples"][0]
+    assert (row["source"], row["target"], row["pair"]) == ("scene-00003.npz", "scene-00001.npz", [0, 1])
+    assert len(json.loads((out / "transfer" / "annotations.json").read_text())["images"]) == 1
+    assert (out / "transfer.png").stat().st_size > 0 and "](transfer.png)" in (out / "report.md").read_text()
     # a rerun replaces its own outputs; a folder of someone else's is refused
     analogy_flow(overrides=sets)
     (tmp_path / "other").mkdir()
