@@ -117,7 +117,7 @@ def evaluate_field(p: AnalogyParams, field: ContextDescriptorField, train: list[
         untrained = ContextDescriptorField(field.config).eval()
         u_full, u_coarse = ev.ours(untrained, map_config(p))
         hard = ev.evaluate({**methods, "untrained": u_full, "untrained_coarse_only": u_coarse},
-                           eval_pairs(p, train, heldout, hard=True), size, log)
+                           eval_pairs(p, train, heldout, hard=True), size, log, cycle=False)  # forward maps: time
         metrics["hard"] = {"methods": hard["methods"], "pairs": hard["pairs"], "shift": p.hard_shift,
                            "yaw_deg": p.hard_yaw_deg, "pcp@0.25_over_untrained": round(
                                hard["methods"]["ours"]["pcp@0.25"] - hard["methods"]["untrained"]["pcp@0.25"], 4)}
@@ -183,15 +183,19 @@ def report(metrics: dict) -> str:
     """report.md: the score tables and the transfer picture."""
     def table(methods: dict) -> list[str]:
         rows = ["| method | PCP@0.25 | PCP@0.5 | bi-PCP@0.25 | chamfer@0.25 |", "|---|---|---|---|---|"]
-        return rows + [f"| {n} | {m['pcp@0.25']:.3f} | {m['pcp@0.5']:.3f} | {m['bipcp@0.25']:.3f} | "
-                       f"{m['chamfer@0.25']:.3f} |" for n, m in methods.items()]
+        def cell(m: dict, key: str) -> str:
+            return f"{m[key]:.3f}" if key in m else "-"
+
+        return rows + [f"| {n} | " + " | ".join(cell(m, k) for k in ("pcp@0.25", "pcp@0.5", "bipcp@0.25", "chamfer@0.25"))
+                       + " |" for n, m in methods.items()]
 
     lines = [f"# analogy: {metrics['pairs']} held-out pairs (rigid: turned, resampled, distractors)", ""]
     lines += table(metrics["methods"])
     if "hard" in metrics:
         h = metrics["hard"]
         lines += ["", f"## {h['pairs']} hard pairs: other instances, each object shifted (std {h['shift']}) and "
-                      f"turned (std {h['yaw_deg']} deg); an untrained field of the same shape for comparison", ""]
+                      f"turned (std {h['yaw_deg']} deg); an untrained field of the same shape for comparison; "
+                      "forward maps only (no bi-PCP)", ""]
         lines += table(h["methods"])
     t = metrics.get("transfer", {})
     if t.get("samples"):
