@@ -70,7 +70,7 @@ def analogy_flow(overrides: list[str] | None = None, params: Params | None = Non
     field = train_task(p, out, scenes)
     metrics = evaluate_task(p, out, scenes, field)
     metrics["train"] = field.value[1]
-    metrics["transfer"] = transfer_task(p, params.make_sample, out, scenes, field) if p.transfer_samples else {}
+    metrics["transfer"] = transfer_task(p, params.make_sample, out, scenes, field)
     atomic.write_json(out / stage.METRICS, metrics)
     report = stage.report(metrics)
     atomic.write_bytes(out / stage.REPORT, report.encode())

@@ -379,7 +379,7 @@ class AnalogyParams(Section):
     hard_yaw_deg: float = Field(20.0, ge=0.0)  # per-object turn about its own axis (std)
     # arrangement transfer: held-out interacting pairs carried into other held-out scenes, rendered
     # in make_sample's format (its section's size and formats) under transfer/, with transfer.png
-    transfer_samples: int = Field(3, ge=0)
+    transfer_samples: int = Field(3, ge=1)  # the stage's outputs include them
 
     @model_validator(mode="after")
     def _ranges(self):

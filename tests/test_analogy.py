@@ -295,7 +295,7 @@ def test_flow_leaves_scenes_field_and_metrics(prefect_harness, tmp_path):
     sets = [f"analogy.out={tmp_path / 'analogy'}", "analogy.num_scenes=4", "analogy.heldout_scenes=3",
             "analogy.steps=3", "analogy.eval_pairs=2", "analogy.hard_pairs=1", "analogy.min_objects=3",
             "analogy.max_objects=4", "analogy.points_per_object=16", "analogy.threads=1", "analogy.topk=1",
-            "make_sample.width=96", "make_sample.height=72"]
+            "analogy.transfer_samples=1", "make_sample.width=96", "make_sample.height=72"]
     metrics = analogy_flow(overrides=sets)
     out = tmp_path / "analogy"
     assert len(list((out / "scenes").glob("scene-*.npz"))) == 4

@@ -125,24 +125,25 @@ def evaluate_field(p: AnalogyParams, field: ContextDescriptorField, train: list[
 
 
 def pick_transfers(p: AnalogyParams, heldout: list[Scene], spec_of) -> list[tuple[int, int, tuple[int, int]]]:
-    """Up to ``transfer_samples`` (source, target, (support, item)) among the held-out scenes: each
-    source with an object resting on another, its target the next held-out scene that holds an
-    object of the support's class (somewhere for the map to put the pair). ``spec_of(i)``: the
-    layout of held-out scene i."""
+    """``transfer_samples`` (source, target, (support, item)) among the held-out scenes. First the
+    sources with an object resting on another whose target, the next held-out scene holding an
+    object of the support's class, gives the map somewhere to put the pair; then, to fill up (the
+    stage always renders some), the other sources' `interacting_pair` into the next scene.
+    ``spec_of(i)``: the layout of held-out scene i."""
     classes = [{s.object_label(k) for k in s.object_ids()} for s in heldout]
-    out = []
+    good, fill = [], []
     for i, scene in enumerate(heldout):
-        if len(out) == p.transfer_samples:
+        if len(good) == p.transfer_samples:
             break
         spec = spec_of(i)
         support, item = tr.interacting_pair(scene, spec)
-        if tr.resting_support(scene, spec, item) < 0:
-            continue
-        later = [(i + d) % len(heldout) for d in range(1, len(heldout))]
+        later = [(i + d) % len(heldout) for d in range(1, len(heldout))] or [i]
         j = next((j for j in later if scene.object_label(support) in classes[j]), None)
-        if j is not None:
-            out.append((i, j, (support, item)))
-    return out
+        if tr.resting_support(scene, spec, item) >= 0 and j is not None:
+            good.append((i, j, (support, item)))
+        else:
+            fill.append((i, later[0], (support, item)))
+    return (good + fill)[:p.transfer_samples]
 
 
 def held_out_spec(p: AnalogyParams, i: int):
@@ -167,9 +168,6 @@ def transfer_samples(p: AnalogyParams, sample: MakeSampleParams, field: ContextD
         transfers.append(tr.transfer(field, map_config(p), (scene_name(first + i), heldout[i], spec_of(i)),
                                      (scene_name(first + j), heldout[j], spec_of(j)), pair,
                                      p.seed + len(transfers), sample.width / sample.height))
-    if not transfers:
-        log("no held-out scene has an object resting on another with a same-class support elsewhere: no transfers")
-        return {"samples": 0}
     _, views = tr.write_samples(sample, transfers, out / TRANSFER, p.seed)
     atomic.write_bytes(out / TRANSFER_PNG, tr.draw(sample, transfers, views, p.seed))
     rows = [t.summary() for t in transfers]
@@ -199,7 +197,8 @@ def report(metrics: dict) -> str:
         lines += table(h["methods"])
     t = metrics.get("transfer", {})
     if t.get("samples"):
-        lines += ["", f"## arrangement transfer: {t['samples']} samples in transfer/ (make_sample format); "
-                      f"the item rests on the support's place in {t['relation_kept']} of them", "",
+        kept = "no source pair rested one on the other" if t["relation_kept"] is None else \
+            f"the item rests on the support's place in {t['relation_kept']:.2f} of those resting on one"
+        lines += ["", f"## arrangement transfer: {t['samples']} samples in transfer/ (make_sample format); {kept}", "",
                   f"![transfers]({TRANSFER_PNG})"]
     return "\n".join(lines) + "\n"
