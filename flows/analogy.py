@@ -2,8 +2,10 @@
 
 ``pics analogy [--set analogy.key=value ...] [--params FILE]``.
 Prefect tasks: scenes (layouts exported as point sets), train (the contextual descriptor field),
-evaluate (scene maps against baselines on augmented held-out pairs). Under ``analogy.out``:
-``scenes/``, ``final/``, ``loss.csv``, ``metrics.json``, each replaced in one atomic rename.
+evaluate (scene maps against baselines on augmented held-out pairs, and an untrained field on the
+hard ones), transfer (interacting pairs carried into other scenes, rendered with make_sample's
+renderer). Under ``analogy.out``: ``scenes/``, ``final/``, ``loss.csv``, ``metrics.json``,
+``transfer/``, ``transfer.png``, ``report.md``, each replaced in one atomic rename.
 """
 from __future__ import annotations
 
@@ -44,17 +46,21 @@ def train_task(p, out, scenes: Box) -> Box:
 
 
 @task(name="analogy-evaluate", **_TASK)
-def evaluate_task(p, out, scenes: Box, field: Box, train_info: dict) -> dict:
+def evaluate_task(p, out, scenes: Box, field: Box) -> dict:
     train, heldout = stage.split(p, scenes.value)
-    metrics = stage.evaluate_field(p, field.value[0], train, heldout, get_run_logger().info)
-    metrics["train"] = train_info
-    atomic.write_json(out / stage.METRICS, metrics)
-    return metrics
+    return stage.evaluate_field(p, field.value[0], train, heldout, get_run_logger().info)
+
+
+@task(name="analogy-transfer", **_TASK)
+def transfer_task(p, sample, out, scenes: Box, field: Box) -> dict:
+    _, heldout = stage.split(p, scenes.value)
+    return stage.transfer_samples(p, sample, field.value[0], heldout, out, get_run_logger().info)
 
 
 @flow(name="analogy")
 def analogy_flow(overrides: list[str] | None = None, params: Params | None = None) -> dict:
-    p = stage_params(params, overrides).analogy
+    params = stage_params(params, overrides)
+    p = params.analogy
     out = resolve_path(p.out)
     check_output_owner(out, STAGE, stage.OWNED)
     t0 = time.perf_counter()
@@ -62,11 +68,12 @@ def analogy_flow(overrides: list[str] | None = None, params: Params | None = Non
     mark_output(out, STAGE)
     scenes = scenes_task(p, out)
     field = train_task(p, out, scenes)
-    metrics = evaluate_task(p, out, scenes, field, field.value[1])
-    rows = ["| method | PCP@0.25 | PCP@0.5 | bi-PCP@0.25 | chamfer@0.25 |", "|---|---|---|---|---|"]
-    rows += [f"| {n} | {m['pcp@0.25']:.3f} | {m['pcp@0.5']:.3f} | {m['bipcp@0.25']:.3f} | {m['chamfer@0.25']:.3f} |"
-             for n, m in metrics["methods"].items()]
-    create_markdown_artifact(key="analogy", markdown="\n".join([f"# analogy: {metrics['pairs']} held-out pairs", ""]
-                                                                + rows), description="3D scene analogies")
+    metrics = evaluate_task(p, out, scenes, field)
+    metrics["train"] = field.value[1]
+    metrics["transfer"] = transfer_task(p, params.make_sample, out, scenes, field)
+    atomic.write_json(out / stage.METRICS, metrics)
+    report = stage.report(metrics)
+    atomic.write_bytes(out / stage.REPORT, report.encode())
+    create_markdown_artifact(key="analogy", markdown=report.replace("](", f"]({out}/"), description="3D scene analogies")
     get_run_logger().info("analogy done in %.0f s: %s", time.perf_counter() - t0, metrics["methods"]["ours"])
     return metrics

@@ -222,27 +222,43 @@ def analogy(
     checkpoint: Optional[Path] = typer.Option(None, help="A trained field folder (e.g. data/analogy/final)."),
     out: Optional[Path] = typer.Option(None, help="Map to write (.npz: mapped [P,3], ...); a .png beside it."),
     query: Optional[Path] = typer.Option(None, help="Points to map (.npz with points [Q,3]); default: the source's."),
+    render: Optional[Path] = typer.Option(None, help="Arrangement transfer: carry the source's interacting pair "
+                                          "into the target, render it into this folder (make_sample's format) "
+                                          "and a .png beside it. Scenes need the 'generator' field "
+                                          "(data/analogy/scenes have it)."),
+    pair: Optional[str] = typer.Option(None, help="With --render: SUPPORT,ITEM object ids of the source "
+                                       "(default: an object resting on another)."),
     set_: Optional[list[str]] = SetOpt,
     params: Optional[Path] = ParamsOpt,
 ):
-    """3D scene analogies. With --source/--target/--checkpoint/--out: map one scene into another.
-    Without them: the stage (generate scenes, train the field, score maps against baselines)."""
+    """3D scene analogies. With --source/--target/--checkpoint and --out and/or --render: map one
+    scene into another, or transfer an arrangement. Without them: the stage (generate scenes, train
+    the field, score maps against baselines, render transfers)."""
     p = _params(params, set_)
     from pics_model.context_field import FieldFileError
     from tasks.analogy.scenes import SceneError
 
-    given = {"--source": source, "--target": target, "--checkpoint": checkpoint, "--out": out}
+    given = {"--source": source, "--target": target, "--checkpoint": checkpoint, "--out or --render": out or render}
     with _user_errors(SceneError, FieldFileError):
-        if not _on_files("analogy: mapping one scene", given, also=query):
+        if not _on_files("analogy: mapping one scene", given, also=query or pair):
             from flows.analogy import analogy_flow
 
             analogy_flow(params=p)
             return
         from tasks.analogy.apply import map_files
         from tasks.analogy.stage import map_config
+        from tasks.analogy.transfer import parse_pair, transfer_files
 
         cfg = map_config(p.analogy)
-        for path in map_files(source, target, checkpoint, out, query, cfg):
+        ids = parse_pair(pair) if pair is not None else None  # checked before anything is computed
+        if ids is not None and render is None:
+            _fail("analogy: --pair is for an arrangement transfer: give --render too")
+        # the transfer first: it checks every input (the generator fields too) before it computes
+        paths = transfer_files(source, target, checkpoint, render, ids, cfg, p.make_sample, p.analogy.seed) \
+            if render else ()
+        if out:
+            paths += map_files(source, target, checkpoint, out, query, cfg)
+        for path in paths:
             typer.echo(str(path))
 
 

@@ -370,9 +370,17 @@ class AnalogyParams(Section):
     refine_iters: int = Field(4, ge=0)
     rbf_smoothing: float = Field(0.5, ge=0.0)
     # evaluation pairs
-    eval_pairs: int = Field(16, ge=1)
+    eval_pairs: int = Field(8, ge=1)
     yaw_jitter_deg: float = Field(10.0, ge=0.0, le=45.0)
     eval_swap_instances: bool = False  # true: kept objects become other instances of their class (harder)
+    # harder held-out pairs (instances swapped, layout perturbed per object), scored for the trained
+    # field and an untrained one of the same shape: what training adds
+    hard_pairs: int = Field(6, ge=0)
+    hard_shift: float = Field(0.05, ge=0.0)  # per-object floor shift, scene units (std)
+    hard_yaw_deg: float = Field(20.0, ge=0.0)  # per-object turn about its own axis (std)
+    # arrangement transfer: held-out interacting pairs carried into other held-out scenes, rendered
+    # in make_sample's format (its section's size and formats) under transfer/, with transfer.png
+    transfer_samples: int = Field(3, ge=1)  # the stage's outputs include them
 
     @model_validator(mode="after")
     def _ranges(self):

@@ -28,6 +28,8 @@ SHRUNK_OVERRIDES: dict = {
     "analogy.heldout_scenes": 2,
     "analogy.steps": 2,
     "analogy.eval_pairs": 1,
+    "analogy.hard_pairs": 1,
+    "analogy.transfer_samples": 1,
     "layout.max_elements": 8,
     "layout.target_size": 64,
     "layout.iterations": [20, 10, 10],

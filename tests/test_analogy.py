@@ -11,8 +11,9 @@ import torch
 from pics_model.context_field import ContextDescriptorField, FieldConfig, FieldFileError
 from pics_model.scene_map import MapConfig, compute_map, scene_tensors, yaw
 from tasks.analogy import evaluate as ev
-from tasks.analogy.scenes import (Scene, SceneError, eval_pair, generate_scene, load_scene, object_library,
-                                  save_scene, split_objects, triplet, yaw_matrix)
+from tasks.analogy import transfer as tr
+from tasks.analogy.scenes import (Scene, SceneError, eval_pair, generate_scene, generate_spec, load_scene,
+                                  object_library, save_scene, split_objects, triplet, yaw_matrix)
 from tasks.make_sample.shapes import CATEGORIES
 
 FAST = MapConfig(max_query_objects=1, topk=1, coarse_queries=48)  # fewer candidates, same code
@@ -138,6 +139,24 @@ def test_triplet_and_eval_pair_ground_truth(scenes):
     assert np.median(d) > 0.004  # the truth is where each point's place went, not a point of the new shape
 
 
+def test_perturbed_eval_pairs_move_each_object_on_its_own(scenes):
+    lib = object_library(scenes)
+    rigid = eval_pair(scenes[1], lib, np.random.default_rng(2), yaw_jitter_deg=0.0)
+    moved = eval_pair(scenes[1], lib, np.random.default_rng(2), yaw_jitter_deg=0.0, perturb_shift=0.05,
+                      perturb_yaw_deg=20.0)
+
+    def rigid_residual(pair):  # what one rigid motion of all query points leaves unexplained
+        q = pair.source.points[pair.query].astype(np.float64)
+        r, t = ev.kabsch(q, pair.truth)
+        return float(np.abs(q @ r.T + t - pair.truth).max())
+
+    assert rigid_residual(rigid) < 1e-4 and rigid_residual(moved) > 0.02
+    # the truth is still on each target object: its points are the moved source points, resampled
+    kept = (moved.target.instance >= 0) & (moved.target.instance <= moved.truth_instance.max())
+    d = np.linalg.norm(moved.target.points[kept][:, None] - moved.truth[None], axis=-1).min(1)
+    assert d.max() < 0.02  # resampling noise only
+
+
 def test_saved_field_is_checked_before_loading(tmp_path):
     field = ContextDescriptorField(SMALL)
     d = field.save(tmp_path / "f")
@@ -177,22 +196,121 @@ def test_pics_analogy_maps_one_scene_into_another(scenes, tmp_path):
     assert r.exit_code == 2 and "--target, --checkpoint" in r.output
 
 
+STACKED = (3, (3, 4))  # generator index and object range of a scene whose object 1 rests on object 0
+TINY = ["--set", "make_sample.width=96", "--set", "make_sample.height=72"]
+
+
+@pytest.fixture(scope="module")
+def stacked():
+    spec, rng = generate_spec(STACKED[0], 0, STACKED[1])
+    from tasks.make_sample.layout import scene_points
+
+    return spec, Scene(**scene_points(spec, rng, 32))
+
+
+def _without(spec, scene: Scene, k: int):
+    """The layout and points with object ``k`` taken away (later objects renumbered)."""
+    import dataclasses
+
+    keep = scene.instance != k
+    inst = scene.instance[keep]
+    return (dataclasses.replace(spec, objects=[o for i, o in enumerate(spec.objects) if i != k]),
+            Scene(scene.points[keep], np.where(inst > k, inst - 1, inst).astype(np.int32), scene.label[keep]))
+
+
+def test_pair_is_put_back_where_it_was_resting_on_its_support(stacked):
+    spec, scene = stacked
+    assert tr.interacting_pair(scene, spec) == (0, 1)
+    target_spec, target = _without(spec, scene, 1)
+    torch.manual_seed(0)
+    field = ContextDescriptorField(SMALL).eval()
+    new, record = tr.place_pair(field, FAST, scene, spec, target, target_spec, (0, 1), np.random.default_rng(0))
+    assert [e.get("identified_with", e.get("inserted_as")) for e in record["objects"]] == [0, 3]
+    assert "identified_with" in record["objects"][0] and "inserted_as" in record["objects"][1]
+    assert len(new.objects) == 4 and new.objects[3].mode == "transferred"
+    # the map is the identity here: the item lands where it was, on its support, not on the floor
+    assert np.abs(new.objects[3].pose[:3, 3] - spec.objects[1].pose[:3, 3]).max() < 0.02
+    assert tr.support_in(new, 3) == 0
+
+
+def test_pics_analogy_renders_a_transfer_in_make_sample_format(stacked, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks.make_sample.annotate import decode
+
+    save_scene(tmp_path / "a.npz", generate_scene(STACKED[0], 0, STACKED[1], 24), (0, STACKED[0], *STACKED[1]))
+    save_scene(tmp_path / "b.npz", generate_scene(1, 0, STACKED[1], 24), (0, 1, *STACKED[1]))  # has class 9 too
+    torch.manual_seed(0)
+    ContextDescriptorField(SMALL).save(tmp_path / "field")
+    args = ["analogy", "--source", str(tmp_path / "a.npz"), "--target", str(tmp_path / "b.npz"),
+            "--checkpoint", str(tmp_path / "field"), "--render", str(tmp_path / "t"), "--set", "analogy.topk=1",
+            "--set", "analogy.refine_iters=1", *TINY]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    lvis = json.loads((tmp_path / "t" / "annotations.json").read_text())
+    (image,) = lvis["images"]
+    assert (tmp_path / "t" / "images" / image["file_name"]).stat().st_size > 0
+    assert (tmp_path / "t" / "scenes").is_dir() and (tmp_path / "t.png").stat().st_size > 0
+    row = json.loads((tmp_path / "t" / "transfer.json").read_text())["samples"][0]
+    assert row["pair"] == [0, 1] and row["file_name"] == image["file_name"]
+    inserted = {e["inserted_as"] for e in row["objects"] if "inserted_as" in e}
+    anns = {a["object_index"]: a for a in lvis["annotations"]}
+    assert inserted & set(anns)  # the carried item is seen, masked and ranked in depth
+    for a in anns.values():
+        assert decode(a["segmentation"], 72, 96).sum() == a["area"] and a["depth_rank"] >= 0
+        assert a["placement"] == ("transferred" if a["object_index"] in inserted else a["placement"])
+
+
+def test_transfer_inputs_are_checked_first_with_file_and_field(scenes, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    save_scene(tmp_path / "plain.npz", scenes[0])  # no generator field
+    save_scene(tmp_path / "wrong.npz", scenes[0], (0, 7, 4, 5))  # another scene's generator
+    ContextDescriptorField(SMALL).save(tmp_path / "field")
+    base = ["analogy", "--checkpoint", str(tmp_path / "field"), "--render", str(tmp_path / "t")]
+
+    def run(source, target, *extra):
+        return CliRunner().invoke(app, base + ["--source", str(tmp_path / source), "--target", str(tmp_path / target),
+                                               *extra])
+
+    r = run("plain.npz", "plain.npz")
+    assert r.exit_code == 2 and "plain.npz: field 'generator' missing" in r.output
+    r = run("wrong.npz", "wrong.npz")
+    assert r.exit_code == 2 and "wrong.npz: field 'generator' rebuilds objects of classes" in r.output
+    r = run("wrong.npz", "wrong.npz", "--pair", "0,9")
+    assert r.exit_code == 2 and "wrong.npz: pair [0, 9] must be two different object ids" in r.output
+    r = run("wrong.npz", "wrong.npz", "--pair", "zero")
+    assert r.exit_code == 2 and "--pair 'zero': expected two object ids" in r.output
+    assert not (tmp_path / "t").exists()
+
+
 @pytest.mark.slow
 def test_flow_leaves_scenes_field_and_metrics(prefect_harness, tmp_path):
     from flows.analogy import analogy_flow
 
-    sets = [f"analogy.out={tmp_path / 'analogy'}", "analogy.num_scenes=5", "analogy.heldout_scenes=2",
-            "analogy.steps=3", "analogy.eval_pairs=2", "analogy.min_objects=3", "analogy.max_objects=4",
-            "analogy.points_per_object=16", "analogy.threads=1"]
+    # held out: generator scenes 1-3; in 3 a can rests on a cube, 1 has a cube too: one transfer
+    sets = [f"analogy.out={tmp_path / 'analogy'}", "analogy.num_scenes=4", "analogy.heldout_scenes=3",
+            "analogy.steps=3", "analogy.eval_pairs=2", "analogy.hard_pairs=1", "analogy.min_objects=3",
+            "analogy.max_objects=4", "analogy.points_per_object=16", "analogy.threads=1", "analogy.topk=1",
+            "analogy.transfer_samples=1", "make_sample.width=96", "make_sample.height=72"]
     metrics = analogy_flow(overrides=sets)
     out = tmp_path / "analogy"
-    assert len(list((out / "scenes").glob("scene-*.npz"))) == 5
+    assert len(list((out / "scenes").glob("scene-*.npz"))) == 4
     ContextDescriptorField.load(out / "final")
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["methods"].keys() == {"ours", "ours_coarse_only", "icp", "centroid"} == metrics["methods"].keys()
     for m in saved["methods"].values():
         assert {"pcp@0.25", "pcp@0.5", "bipcp@0.25", "chamfer@0.25"} <= m.keys()
     assert saved["train"]["steps"] == 3 and (out / "loss.csv").read_text().count("\n") == 4
+    assert {"ours", "ours_coarse_only", "untrained", "untrained_coarse_only"} <= saved["hard"]["methods"].keys()
+    assert saved["transfer"]["samples"] == 1
+    row = json.loads((out / "transfer" / "transfer.json").read_text())["samples"][0]
+    assert (row["source"], row["target"], row["pair"]) == ("scene-00003.npz", "scene-00001.npz", [0, 1])
+    assert len(json.loads((out / "transfer" / "annotations.json").read_text())["images"]) == 1
+    assert (out / "transfer.png").stat().st_size > 0 and "](transfer.png)" in (out / "report.md").read_text()
     # a rerun replaces its own outputs; a folder of someone else's is refused
     analogy_flow(overrides=sets)
     (tmp_path / "other").mkdir()

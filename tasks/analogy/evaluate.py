@@ -116,26 +116,28 @@ def ours(field: ContextDescriptorField, cfg: MapConfig) -> tuple[Method, Method]
     return (lambda s, t, q: run(s, t, q)[0]), (lambda s, t, q: run(s, t, q)[1])
 
 
-def score(method: Method, pair: EvalPair, size: float) -> dict:
+def score(method: Method, pair: EvalPair, size: float, cycle: bool = True) -> dict:
+    """PCP and chamfer accuracy of the map; with ``cycle``, bi-PCP too (a second map, back)."""
     query = pair.source.points[pair.query].astype(np.float64)
     t0 = time.perf_counter()
     mapped = np.asarray(method(pair.source, pair.target, query), np.float64)
     seconds = time.perf_counter() - t0
-    back = np.asarray(method(pair.target, pair.source, mapped), np.float64)
+    back = np.asarray(method(pair.target, pair.source, mapped), np.float64) if cycle else None
     out = {"seconds": seconds}
     for f in THRESHOLDS:
         out[f"pcp@{f}"] = pcp(mapped, pair.truth, f * size)
-        out[f"bipcp@{f}"] = pcp(back, query, f * size)
+        if cycle:
+            out[f"bipcp@{f}"] = pcp(back, query, f * size)
         out[f"chamfer@{f}"] = chamfer_accuracy(mapped, pair.target, pair.truth_instance, f * size)
     return out
 
 
-def evaluate(methods: dict[str, Method], pairs: list[EvalPair], size: float, log=None) -> dict:
-    """{method: {metric: mean over pairs}} plus per-pair rows."""
+def evaluate(methods: dict[str, Method], pairs: list[EvalPair], size: float, log=None, cycle: bool = True) -> dict:
+    """{method: {metric: mean over pairs}} plus per-pair rows; ``cycle``: bi-PCP too (twice the maps)."""
     rows = {name: [] for name in methods}
     for i, pair in enumerate(pairs):
         for name, method in methods.items():
-            rows[name].append(score(method, pair, size))
+            rows[name].append(score(method, pair, size, cycle))
         if log:
             log(f"pair {i + 1}/{len(pairs)}: " + ", ".join(f"{n} {rows[n][-1]['pcp@0.25']:.2f}" for n in methods))
     summary = {name: {k: round(float(np.mean([r[k] for r in rs])), 4) for k in rs[0]} for name, rs in rows.items()}

@@ -22,6 +22,7 @@ from tasks import atomic
 from tasks.make_sample.layout import floor_grid
 
 FIELDS = {"points": (np.floating, 2), "instance": (np.integer, 1), "label": (np.integer, 1)}
+GENERATOR = "generator"  # optional: (seed, index, min_objects, max_objects) the scene was generated from
 
 
 class SceneError(ValueError):
@@ -74,9 +75,12 @@ def load_scene(path: str | Path) -> Scene:
     return Scene(data["points"].astype(np.float32), data["instance"].astype(np.int32), data["label"].astype(np.int32))
 
 
-def save_scene(path: str | Path, scene: Scene) -> Path:
+def save_scene(path: str | Path, scene: Scene, generator: tuple[int, int, int, int] | None = None) -> Path:
+    """``generator``: (seed, index, min_objects, max_objects) of `generate_spec`, stored so that the
+    scene's meshes can be rebuilt (arrangement transfer renders them)."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, **scene.arrays())
+    extra = {} if generator is None else {GENERATOR: np.asarray(generator, np.int64)}
+    np.savez_compressed(buf, **scene.arrays(), **extra)
     return atomic.write_bytes(path, buf.getvalue())
 
 
@@ -84,14 +88,23 @@ def scene_name(index: int) -> str:
     return f"scene-{index:05d}.npz"
 
 
-def generate_scene(index: int, seed: int, num_objects: tuple[int, int], per_object: int) -> Scene:
-    """Scene ``index`` of the embedded generator's layouts (no images are rendered: the renderer
-    only supplies the height maps that objects are dropped and slid on)."""
-    from tasks.make_sample.layout import compose_scene, scene_points
+def generate_spec(index: int, seed: int, num_objects: tuple[int, int]):
+    """The embedded generator's layout ``index`` (tasks/make_sample/layout.SceneSpec: meshes and
+    poses) and the random stream it leaves, which `generate_scene` samples the points from."""
+    from tasks.make_sample.layout import compose_scene
     from tasks.make_sample.renderer import get_renderer
 
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     spec = compose_scene(rng, get_renderer(64, 64), int(rng.integers(num_objects[0], num_objects[1] + 1)), 4 / 3)
+    return spec, rng
+
+
+def generate_scene(index: int, seed: int, num_objects: tuple[int, int], per_object: int) -> Scene:
+    """Scene ``index`` of the embedded generator's layouts (no images are rendered: the renderer
+    only supplies the height maps that objects are dropped and slid on)."""
+    from tasks.make_sample.layout import scene_points
+
+    spec, rng = generate_spec(index, seed, num_objects)
     return Scene(**scene_points(spec, rng, per_object))
 
 
@@ -252,14 +265,20 @@ class EvalPair:
 def eval_pair(scene: Scene, library: dict[int, list[np.ndarray]], rng: np.random.Generator,
               keep: tuple[int, int] = (2, 4), distractors: tuple[int, int] = (2, 5),
               yaw_jitter_deg: float = 10.0, keep_fraction: float = 0.8, noise: float = 0.003,
-              swap: bool = False) -> EvalPair:
+              swap: bool = False, perturb_shift: float = 0.0, perturb_yaw_deg: float = 0.0) -> EvalPair:
     """Target = an anchor object and its nearest neighbours (2-4 objects), turned about their
     centre by k * 90 deg + U(-jitter, jitter), moved, resampled (a random ``keep_fraction`` of each
     object's points, plus noise), with distractor objects around them. Source = ``scene``.
-    ``swap`` (beyond the paper's pairs): the kept objects become other instances of their class,
-    rescaled, same place; the truth stays where each point's place went."""
+    Beyond the paper's pairs, so that the target is another scene with the same arrangement rather
+    than the same geometry: ``swap``, the kept objects become other instances of their class,
+    rescaled, same place; ``perturb_shift`` / ``perturb_yaw_deg``, each kept object is moved on the
+    floor by N(0, shift) and turned about its own axis by N(0, yaw) (a non-rigid change of layout).
+    The truth is where each point's place went."""
     objects = split_objects(scene)
     shapes = swap_instances(objects, library, rng) if swap else objects
+    still = (np.eye(3), np.zeros(3))  # no draws when unperturbed: the rigid pairs stay as they were
+    wobble = [(yaw_matrix(np.deg2rad(rng.normal(0, perturb_yaw_deg))), np.array([*rng.normal(0, perturb_shift, 2), 0.0]))
+              if perturb_shift or perturb_yaw_deg else still for _ in objects]
     anchor = objects[rng.integers(len(objects))].position
     order = np.argsort([np.linalg.norm(o.position[:2] - anchor[:2]) for o in objects])
     kept = order[:min(int(rng.integers(keep[0], keep[1] + 1)), len(objects))]
@@ -274,11 +293,17 @@ def eval_pair(scene: Scene, library: dict[int, list[np.ndarray]], rng: np.random
     target_objects, truth, truth_instance, query = [], [], [], []
     for j, k in enumerate(kept):
         idx = np.flatnonzero(scene.instance == scene.object_ids()[k])
-        world = move(scene.points[idx].astype(np.float64))
-        shape = move(shapes[k].world())
+        turn_k, shift_k = wobble[k]
+        home = objects[k].position
+
+        def place(x: np.ndarray) -> np.ndarray:  # the object's own perturbation, then the whole scene's
+            return move((x - home) @ turn_k.T + home + shift_k)
+
+        world = place(scene.points[idx].astype(np.float64))
+        shape = place(shapes[k].world())
         sub = rng.random(len(shape)) < keep_fraction
         sampled = shape[sub] + rng.normal(0, noise, (int(sub.sum()), 3))
-        pos = move(objects[k].position)
+        pos = place(home)
         target_objects.append(Obj(objects[k].label, sampled - pos, pos))
         query.append(idx)
         truth.append(world)

@@ -41,17 +41,22 @@ def _encode_image(rgb: np.ndarray, p: MakeSampleParams) -> bytes:
 
 
 def render_views(p: MakeSampleParams, index: int):
-    """Compose and render image ``index``: (scene spec, views, seconds spent composing).
-
-    A hidden object (fewer than ``min_visible_pixels`` visible) gets up to three higher cameras;
-    the view showing most objects wins."""
+    """Compose and render image ``index``: (scene spec, views, seconds spent composing)."""
     renderer = get_renderer(p.width, p.height)
     t0 = time.perf_counter()
     rng = np.random.default_rng(np.random.SeedSequence([p.seed, index]))
     n = int(rng.integers(p.min_objects, p.max_objects + 1))
-    aspect = p.width / p.height
-    spec = compose_scene(rng, renderer, n, aspect)
+    spec = compose_scene(rng, renderer, n, p.width / p.height)
     t_layout = time.perf_counter() - t0
+    return spec, view_scene(p, spec, rng), t_layout
+
+
+def view_scene(p: MakeSampleParams, spec, rng: np.random.Generator):
+    """Render a composed scene. A hidden object (fewer than ``min_visible_pixels`` visible) gets
+    up to three higher cameras; the view showing most objects wins (and is left in ``spec``)."""
+    renderer = get_renderer(p.width, p.height)
+    n = len(spec.objects)
+    aspect = p.width / p.height
     best = None
     for attempt in range(CAMERA_ATTEMPTS):
         if attempt:
@@ -64,8 +69,7 @@ def render_views(p: MakeSampleParams, index: int):
         if shown == n:
             break
     _, spec.camera_pose, spec.yfov, spec.info["view_dir"], scene, nodes, labels = best
-    views = renderer.render(scene, nodes, p.width, p.height, shadows=p.shadows, labels=labels)
-    return spec, views, t_layout
+    return renderer.render(scene, nodes, p.width, p.height, shadows=p.shadows, labels=labels)
 
 
 def render_image(p: MakeSampleParams, index: int, images_dir: Path) -> dict:
@@ -75,7 +79,12 @@ def render_image(p: MakeSampleParams, index: int, images_dir: Path) -> dict:
     t0 = time.perf_counter()
     spec, views, t_layout = render_views(p, index)
     t_render = time.perf_counter() - t0 - t_layout
+    return write_sample(p, index, spec, views, images_dir, {"layout": t_layout, "render": t_render})
 
+
+def write_sample(p: MakeSampleParams, index: int, spec, views, images_dir: Path, timing: dict) -> dict:
+    """Annotate a rendered scene as image ``index`` and write its image and point set; returns
+    what `render_image` does (``timing`` gains the annotate and write times)."""
     t1 = time.perf_counter()
     kept, omitted = [], []
     for k, obj in enumerate(spec.objects):
@@ -120,7 +129,7 @@ def render_image(p: MakeSampleParams, index: int, images_dir: Path) -> dict:
     write_scene_points(images_dir.parent / SCENES / f"{Path(name).stem}.npz", spec, p.seed, index)
     image = {"id": index + 1, "width": p.width, "height": p.height, "file_name": name,
              "coco_url": f"{IMAGES}/{name}", "license": 1, "not_exhaustive_category_ids": []}
-    timing = {"layout": t_layout, "render": t_render, "annotate": t_annotate, "encode_write": time.perf_counter() - t2}
+    timing = {**timing, "annotate": t_annotate, "encode_write": time.perf_counter() - t2}
     return {"image": image, "annotations": anns, "omitted": omitted, "formats": dict(formats), "timing": timing}
 
 
