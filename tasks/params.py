@@ -191,6 +191,7 @@ class TrainParams(Section):
     # sample (x0): with the collage hint, epsilon and v left speckle in the boxes (docs/fidelity_log.md)
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "sample"
     mask_weight: float = Field(1.0, ge=0.0)  # extra loss weight inside the object boxes
+    gate_loss_weight: float = Field(0.0, ge=0.0)  # occlusion-order loss on the alpha gate (pics_model/gate_loss.py)
     ema_decay: float | None = Field(0.999, gt=0.0, lt=1.0)  # None: no EMA
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on GPU only
     grad_checkpointing: bool = False
