@@ -132,6 +132,9 @@ class PICSModel(nn.Module):
     def set_prediction_type(self, prediction_type: str) -> None:
         """What the network predicts ('epsilon' | 'v_prediction'): the config (saved with the
         weights, read by the samplers) and the training noise scheduler follow."""
+        if self.config.collage_residual and prediction_type != "sample":
+            raise ValueError(f"prediction_type {prediction_type!r}: a model with collage_residual predicts x0 "
+                             "('sample') only")
         self.config.scheduler.prediction_type = prediction_type  # validated by the config
         self.noise_scheduler = make_ddpm_scheduler(self.config.scheduler.model_dump())
 
@@ -199,9 +202,17 @@ class PICSModel(nn.Module):
         down, mid = self.controlnet(noisy_latents, timesteps, encoder_hidden_states=ehs,
                                     controlnet_cond=hint.to(noisy_latents.dtype), conditioning_scale=scale,
                                     cross_attention_kwargs=kw, return_dict=False)
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=ehs,
-                         down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                         cross_attention_kwargs=kw, return_dict=False)[0]
+        out = self.unet(noisy_latents, timesteps, encoder_hidden_states=ehs,
+                        down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                        cross_attention_kwargs=kw, return_dict=False)[0]
+        if self.config.collage_residual:
+            out = out + self.hint_latents(hint).to(out.dtype)
+        return out
+
+    def hint_latents(self, hint: torch.Tensor) -> torch.Tensor:
+        """hint [B,C,R,R] -> its RGB channels as scaled latents [B,lc,h,h] (the encoder's mean)."""
+        rgb = hint[:, :3].to(self.vae.dtype)
+        return self.vae.encode(rgb).latent_dist.mean * self.config.vae.scaling_factor
 
     # ------------------------------------------------------------------------------------------
     def sample_timesteps(self, batch: int, generator=None, device=None) -> torch.Tensor:
@@ -241,6 +252,8 @@ class PICSModel(nn.Module):
         if pt not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"training_loss: prediction_type must be 'epsilon', 'v_prediction' or 'sample', "
                              f"got {pt!r}")
+        if self.config.collage_residual and pt != "sample":
+            raise ValueError(f"training_loss: prediction_type {pt!r}, but collage_residual predicts x0 ('sample')")
         target_img = batch["target"].to(dev)
         b = target_img.shape[0]
         latents = self.encode_images(target_img, generator).to(self.dtype)

@@ -133,11 +133,16 @@ class ModelParams(Section):
     cond_drop_prob: float = Field(0.1, ge=0.0, le=1.0)  # objects -> zero image in training, for guidance
     # None: the preset's (tiny: on; sd15/sd21: off). The objects drawn into the hint (pics_model/data.py)
     collage_hint: bool | None = None
+    # tiny only: the x0 estimate is the hint's RGB plus the network's output (PICSConfig.collage_residual);
+    # predicts x0, so train.prediction_type must be 'sample'
+    collage_residual: bool = False
 
     @model_validator(mode="after")
     def _latent(self):
         if self.latent == "pixel_shuffle" and self.preset != "tiny":
             raise ValueError(f"latent=pixel_shuffle is the tiny preset's; {self.preset} keeps its AutoencoderKL")
+        if self.collage_residual and (self.preset != "tiny" or self.latent == "kl" or self.collage_hint is False):
+            raise ValueError("collage_residual needs the tiny preset's pixel_shuffle latent and the collage hint")
         return self
 
     def pics_config(self):
@@ -154,6 +159,9 @@ class ModelParams(Section):
             over["unet"] = {"out_channels": 4}  # in_channels: hint_layout
         base = PRESETS[self.preset]()
         hint_layout(over, base, base.collage_hint if self.collage_hint is None else self.collage_hint)
+        if self.collage_residual:
+            over["collage_residual"] = True
+            over["scheduler"] = {"prediction_type": "sample"}
         over["shape_encoder"] = {"enabled": self.use_shape_prior}
         over["objective"] = {"cond_drop_prob": self.cond_drop_prob}
         encoder: dict[str, Any] = {}
