@@ -42,6 +42,7 @@ def model_only(plan, batch_size: int, steps: int, warmup: int, threads: int) -> 
     from pics_model.modeling_pics import PICSModel
 
     from tasks.train.batches import BatchBuilder, rows_of_split
+    from tasks.train.builders import LossModule
     from tasks.render_priors.store import PriorStore
 
     torch.set_num_threads(threads)
@@ -53,12 +54,14 @@ def model_only(plan, batch_size: int, steps: int, warmup: int, threads: int) -> 
                            collage=model.config.collage_hint)
     rows = list(rows_of_split(plan.shards_dir, "train", batch_size))
     batch, _ = builder(rows, [np.random.default_rng(i) for i in range(len(rows))])
+    t = plan.params.train  # the pipeline's loss: prediction type, mask weight and gate term as trained
+    loss_fn = LossModule(model, t.prediction_type, t.mask_weight, t.gate_loss_weight)
     gen = torch.Generator().manual_seed(0)
     model.train()
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        loss, _ = model.training_loss(batch, gen)
+        loss, _ = loss_fn(batch, gen)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

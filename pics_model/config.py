@@ -218,6 +218,12 @@ class PICSConfig(_Cfg):
     # which has to learn appearance from ~200 pairs: the network is left with harmonisation and
     # the occlusion order. Off for the sd15/sd21 presets (the paper's 4-channel hint).
     collage_hint: bool = False
+    # The x0 estimate is the hint's RGB (encoded: the background outside the boxes, the collage on
+    # the objects) plus the network's output, so the network learns the corrections (the occlusion
+    # order in overlaps, shading, the background left inside the boxes) instead of re-deriving every
+    # pixel it was given. Needs the collage hint, x0 prediction and the exact pixel-shuffle latent
+    # (encoding the hint every step is a reshape). Tiny preset only, a deviation from PICS.
+    collage_residual: bool = False
     vae: VAEConfig = VAEConfig()
     unet: UNetConfig = UNetConfig()
     controlnet: ControlNetConfig = ControlNetConfig()
@@ -245,6 +251,11 @@ class PICSConfig(_Cfg):
         if self.controlnet.conditioning_channels != hint_channels(self.collage_hint):
             raise ValueError(f"controlnet.conditioning_channels must be {hint_channels(self.collage_hint)} with "
                              f"collage_hint={self.collage_hint}, got {self.controlnet.conditioning_channels}")
+        if self.collage_residual and not (self.collage_hint and self.vae.kind == "pixel_shuffle"
+                                          and self.scheduler.prediction_type == "sample"):
+            raise ValueError("collage_residual needs collage_hint, the pixel_shuffle latent and "
+                             f"scheduler.prediction_type 'sample'; got {self.collage_hint}, {self.vae.kind!r}, "
+                             f"{self.scheduler.prediction_type!r}")
         lc = self.vae.latent_channels
         need = lc + (self.controlnet.conditioning_channels * f * f if self.hint_concat else 0)
         if self.unet.in_channels != need or self.unet.out_channels != lc:

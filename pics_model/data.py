@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 __all__ = [
@@ -269,7 +270,8 @@ def build_item(sample: dict, resolution: int, rng: np.random.Generator | None,
     set to 0, then the mask channel: 1 in the union of boxes, 0 background, -1 square padding);
     "objects" [N,3,P',P'] in [0,1]; "routing_masks" [N,R,R] 0/1; "valid" [R,R] (1 inside the
     original image); "boxes" [N,4] expanded boxes in R px; "crop" [4] = the image's xyxy in R px;
-    "priors" [N,K,3,P',P'] in [0,1] when the sample has priors.
+    "priors" [N,K,3,P',P'] in [0,1] when the sample has priors; "visible" [N,R,R] in [0,1] (each
+    object's instance mask, area-resized on the square frame) when the sample has "masks" [N,H,W].
     """
     img = sample.get("image")
     _check(isinstance(img, np.ndarray) and img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8,
@@ -343,7 +345,21 @@ def build_item(sample: dict, resolution: int, rng: np.random.Generator | None,
     }
     if pri:
         out["priors"] = torch.stack(pri)
+    if sample.get("masks") is not None:
+        out["visible"] = _visible_masks(sample["masks"], n, h, w, s, top, left, r, source)
     return out
+
+
+def _visible_masks(masks, n: int, h: int, w: int, s: int, top: int, left: int, r: int,
+                   source: str | None) -> torch.Tensor:
+    """Instance masks uint8 [N,H,W] -> [N,R,R] float32: the covered fraction of each pixel of the
+    R x R square frame (the occlusion-order loss's target, pics_model/gate_loss.py)."""
+    masks = np.asarray(masks)
+    _check(masks.shape == (n, h, w), source, "masks", f"expected [N={n},H={h},W={w}] instance masks, "
+                                                       f"got {masks.shape}")
+    frame = torch.zeros(n, s, s)
+    frame[:, top:top + h, left:left + w] = torch.from_numpy(masks > 0).float()
+    return F.adaptive_avg_pool2d(frame[None], r)[0]
 
 
 def _with_collage(hint: list[torch.Tensor], sample: dict, pmasks, patches: np.ndarray, left: int, top: int,
@@ -367,7 +383,8 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
     Batch: target [B,3,R,R], hint [B,4 or 5,R,R], valid [B,R,R], crop [B,4], objects [B,N,3,P,P],
     routing_masks [B,N,R,R], boxes [B,N,4], object_valid [B,N] bool; when any item has priors:
-    priors [B,N,K,3,P,P] (zeros where absent) and prior_valid [B,N] bool.
+    priors [B,N,K,3,P,P] (zeros where absent) and prior_valid [B,N] bool; when every item has
+    visible masks: visible [B,N,R,R].
     """
     if not items:
         raise ValueError("collate: empty batch")
@@ -388,6 +405,11 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         boxes[i, :k] = it["boxes"]
         valid[i, :k] = True
     out.update(objects=objects, routing_masks=routing, boxes=boxes, object_valid=valid)
+    if all("visible" in it for it in items):
+        visible = routing.new_zeros(routing.shape)
+        for i, it in enumerate(items):
+            visible[i, :it["visible"].shape[0]] = it["visible"]
+        out["visible"] = visible
     with_priors = [it for it in items if "priors" in it]
     if with_priors:
         shape = with_priors[0]["priors"].shape[1:]

@@ -191,7 +191,9 @@ class RoutingContext:
     tokens, alpha on overlap tokens, 0 elsewhere).
     score_sink: a list that receives ``(hw, scores [B,N,T], covers [B,N,T] bool)`` per block: the
     gate scores s_p (before the temperature) on overlap tokens, where `covers` is True (object p
-    covers an overlap token); scores are 0 wherever `covers` is False.
+    covers an overlap token); scores are 0 wherever `covers` is False. They keep their autograd
+    graph (the occlusion-order loss trains through them): read them under ``torch.no_grad()``
+    when only looking.
     gate_autocast: run the reference mode's gate under bf16 autocast (None: on CUDA only, as the
     reference).
     """
@@ -344,7 +346,8 @@ class InteractionTransformerBlock(nn.Module):
             routing.alpha_sink.append((plan.hw, weights.detach().float()))
         if routing.score_sink is not None:
             covers = plan.m & plan.ov[:, None]
-            routing.score_sink.append((plan.hw, scores.detach().float().masked_fill(~covers, 0.0), covers))
+            # scores keep their graph: the occlusion-order loss (pics_model/gate_loss.py) trains through them
+            routing.score_sink.append((plan.hw, scores.float().masked_fill(~covers, 0.0), covers))
         return out
 
     def _gate(self, h_rows: torch.Tensor, codes: torch.Tensor, cover: torch.Tensor, tau: float,
@@ -416,7 +419,7 @@ class InteractionTransformerBlock(nn.Module):
                 o_b, o_t = plan.g_b[plan.o_g], plan.o_tok % t
                 with torch.no_grad():
                     weights[o_b, :, o_t] = alpha[plan.o_g, :, plan.o_pos].float()
-                    scores[o_b, :, o_t] = s[plan.o_g, :, plan.o_pos].float()
+                scores[o_b, :, o_t] = s[plan.o_g, :, plan.o_pos].float()  # with its graph (score_sink)
         if plan.e_tok.numel():
             rows = _pack(self.norm2(h_flat[plan.e_tok]), plan.e_g, plan.e_pos, b * n, plan.e_rows)
             y = self.attn2(rows, encoder_hidden_states=codes.reshape(b * n, l_, cc))

@@ -26,6 +26,7 @@ from torch import nn
 from .config import PICSConfig, UNetConfig, VAEConfig
 from .file_hashes import CONFIG_NAME, HASHES_NAME, WEIGHTS_NAME, mismatch, save_model_folder
 from .interaction_block import ROUTING_KEY, InteractionTransformerBlock, RoutingContext, convert_to_itb, itb_blocks
+from .gate_loss import occlusion_order_loss
 from .object_encoder import ObjectEncoder
 from .pixel_autoencoder import PixelShuffleAutoencoder
 from .shape_encoder import ShapeEncoder
@@ -131,6 +132,9 @@ class PICSModel(nn.Module):
     def set_prediction_type(self, prediction_type: str) -> None:
         """What the network predicts ('epsilon' | 'v_prediction'): the config (saved with the
         weights, read by the samplers) and the training noise scheduler follow."""
+        if self.config.collage_residual and prediction_type != "sample":
+            raise ValueError(f"prediction_type {prediction_type!r}: a model with collage_residual predicts x0 "
+                             "('sample') only")
         self.config.scheduler.prediction_type = prediction_type  # validated by the config
         self.noise_scheduler = make_ddpm_scheduler(self.config.scheduler.model_dump())
 
@@ -198,9 +202,17 @@ class PICSModel(nn.Module):
         down, mid = self.controlnet(noisy_latents, timesteps, encoder_hidden_states=ehs,
                                     controlnet_cond=hint.to(noisy_latents.dtype), conditioning_scale=scale,
                                     cross_attention_kwargs=kw, return_dict=False)
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=ehs,
-                         down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                         cross_attention_kwargs=kw, return_dict=False)[0]
+        out = self.unet(noisy_latents, timesteps, encoder_hidden_states=ehs,
+                        down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                        cross_attention_kwargs=kw, return_dict=False)[0]
+        if self.config.collage_residual:
+            out = out + self.hint_latents(hint).to(out.dtype)
+        return out
+
+    def hint_latents(self, hint: torch.Tensor) -> torch.Tensor:
+        """hint [B,C,R,R] -> its RGB channels as scaled latents [B,lc,h,h] (the encoder's mean)."""
+        rgb = hint[:, :3].to(self.vae.dtype)
+        return self.vae.encode(rgb).latent_dist.mean * self.config.vae.scaling_factor
 
     # ------------------------------------------------------------------------------------------
     def sample_timesteps(self, batch: int, generator=None, device=None) -> torch.Tensor:
@@ -227,17 +239,21 @@ class PICSModel(nn.Module):
 
     def training_loss(self, batch: dict, generator: torch.Generator | None = None,
                       prediction_type: str | None = None, mask_weight: float = 0.0,
-                      cond_drop_prob: float | None = None) -> tuple[torch.Tensor, dict]:
+                      cond_drop_prob: float | None = None, gate_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
         """One denoising loss on a `collate` batch (target, hint, objects, routing_masks,
         object_valid, optional priors/prior_valid). prediction_type: 'epsilon' | 'v_prediction' | 'sample'
         (default: the scheduler config's). mask_weight w: per-latent-pixel weight 1 + w inside the
         union of boxes (0: the reference's plain MSE). cond_drop_prob: objects -> zero image, the
-        unconditional input used by guidance (default: config.objective)."""
+        unconditional input used by guidance (default: config.objective). gate_weight: weight of the
+        occlusion-order loss on the alpha gate (pics_model/gate_loss.py; needs the batch's "visible"
+        masks; 0: the reference's objective)."""
         dev = self.device
         pt = prediction_type or self.config.scheduler.prediction_type
         if pt not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"training_loss: prediction_type must be 'epsilon', 'v_prediction' or 'sample', "
                              f"got {pt!r}")
+        if self.config.collage_residual and pt != "sample":
+            raise ValueError(f"training_loss: prediction_type {pt!r}, but collage_residual predicts x0 ('sample')")
         target_img = batch["target"].to(dev)
         b = target_img.shape[0]
         latents = self.encode_images(target_img, generator).to(self.dtype)
@@ -259,7 +275,9 @@ class PICSModel(nn.Module):
         masks = batch["routing_masks"].to(dev)
         valid = batch.get("object_valid")
         valid = valid.to(dev) if valid is not None else None
-        pred = self(noisy, t, batch["hint"].to(dev), codes, masks, valid)
+        gate_scores = [] if gate_weight > 0 and "visible" in batch and self.config.itb.enabled else None
+        ctx = self.routing(codes, masks, valid, score_sink=gate_scores)
+        pred = self.denoise(noisy, t, batch["hint"].to(dev), ctx)
         tgt = {"epsilon": noise, "sample": latents}.get(pt)
         if tgt is None:
             tgt = self.noise_scheduler.get_velocity(latents, noise, t)
@@ -268,6 +286,13 @@ class PICSModel(nn.Module):
         union = F.interpolate(m.float().amax(1, keepdim=True), size=se.shape[-2:], mode="area")[:, 0]
         w = 1.0 + mask_weight * union
         loss = (se * w).sum() / w.sum()
+        gate_loss = None
+        if gate_scores is not None:
+            gate_loss = occlusion_order_loss(gate_scores, batch["visible"], self.config.itb.tau, rows=keep)
+            if torch.is_grad_enabled() and gate_scores and not any(s.requires_grad for _, s, _ in gate_scores):
+                raise RuntimeError("training_loss: gate_weight > 0 but the gate scores carry no gradient "
+                                   "(reentrant gradient checkpointing drops them); set the gate weight to 0")
+            loss = loss + gate_weight * gate_loss
         with torch.no_grad():
             cover = (F.interpolate(m.float(), size=se.shape[-2:], mode="area") >= 0.5).sum(1)
             inside = union > 0.5
@@ -280,6 +305,8 @@ class PICSModel(nn.Module):
                 "overlap_frac": float((cover >= 2).float().mean()),
                 "cond_dropped": int((~keep).sum()),
             }
+            if gate_loss is not None:
+                stats["gate_loss"] = float(gate_loss)
         return loss, stats
 
     # ------------------------------------------------------------------------------------------

@@ -133,12 +133,24 @@ class ModelParams(Section):
     cond_drop_prob: float = Field(0.1, ge=0.0, le=1.0)  # objects -> zero image in training, for guidance
     # None: the preset's (tiny: on; sd15/sd21: off). The objects drawn into the hint (pics_model/data.py)
     collage_hint: bool | None = None
+    # The x0 estimate is the hint's RGB plus the network's output (PICSConfig.collage_residual; x0
+    # prediction only). None: on where it applies (tiny, pixel_shuffle latent, collage hint), else off
+    collage_residual: bool | None = None
 
     @model_validator(mode="after")
     def _latent(self):
         if self.latent == "pixel_shuffle" and self.preset != "tiny":
             raise ValueError(f"latent=pixel_shuffle is the tiny preset's; {self.preset} keeps its AutoencoderKL")
+        if self.collage_residual and not self._residual_applies():
+            raise ValueError("collage_residual needs the tiny preset's pixel_shuffle latent and the collage hint")
         return self
+
+    def _residual_applies(self) -> bool:
+        return self.preset == "tiny" and self.latent != "kl" and self.collage_hint is not False
+
+    def residual(self) -> bool:
+        """Whether the network's x0 estimate starts from the hint (``collage_residual`` resolved)."""
+        return self._residual_applies() if self.collage_residual is None else self.collage_residual
 
     def pics_config(self):
         """This section as the network's ``PICSConfig``: the one place that maps params.yaml's
@@ -154,6 +166,9 @@ class ModelParams(Section):
             over["unet"] = {"out_channels": 4}  # in_channels: hint_layout
         base = PRESETS[self.preset]()
         hint_layout(over, base, base.collage_hint if self.collage_hint is None else self.collage_hint)
+        if self.residual():
+            over["collage_residual"] = True
+            over["scheduler"] = {"prediction_type": "sample"}
         over["shape_encoder"] = {"enabled": self.use_shape_prior}
         over["objective"] = {"cond_drop_prob": self.cond_drop_prob}
         encoder: dict[str, Any] = {}
@@ -191,6 +206,7 @@ class TrainParams(Section):
     # sample (x0): with the collage hint, epsilon and v left speckle in the boxes (docs/fidelity_log.md)
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "sample"
     mask_weight: float = Field(1.0, ge=0.0)  # extra loss weight inside the object boxes
+    gate_loss_weight: float = Field(0.5, ge=0.0)  # occlusion-order loss on the alpha gate (pics_model/gate_loss.py)
     ema_decay: float | None = Field(0.999, gt=0.0, lt=1.0)  # None: no EMA
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on GPU only
     grad_checkpointing: bool = False
@@ -402,6 +418,13 @@ class Params(Section):
     location: LocationParams = LocationParams()
     analogy: AnalogyParams = AnalogyParams()
     layout: LayoutParams = LayoutParams()
+
+    @model_validator(mode="after")
+    def _residual_predicts_x0(self):
+        if self.model.residual() and self.train.prediction_type != "sample":
+            raise ValueError(f"train.prediction_type {self.train.prediction_type!r}: the model's collage_residual "
+                             "predicts x0 ('sample'); set model.collage_residual=false for epsilon or v")
+        return self
 
 
 class ParamsError(ValueError):

@@ -239,3 +239,28 @@ def test_loads_a_local_diffusers_stable_diffusion_folder(tmp_path):
         UNetConfig.from_diffusers(odd)
     with pytest.raises(FileNotFoundError, match="not a diffusers Stable Diffusion folder"):
         PICSModel(get_preset("tiny", stable_diffusion_path=str(tmp_path), **kl))
+
+
+def test_collage_residual_starts_the_x0_estimate_from_the_hint():
+    from tasks.params import ModelParams
+
+    torch.manual_seed(0)
+    model = PICSModel(ModelParams(collage_residual=True).pics_config())
+    assert model.config.collage_residual and model.config.scheduler.prediction_type == "sample"
+    rng = np.random.default_rng(0)
+    boxes = np.array([[0, 0, 56, 46], [24, 4, 80, 48]], np.float32)
+    batch = collate([build_item(synthetic_sample(rng, n=2, views=0, boxes=boxes), 64, None, collage=True)])
+    torch.nn.init.zeros_(model.unet.conv_out.weight)
+    torch.nn.init.zeros_(model.unet.conv_out.bias)
+    codes = model.encode_objects(batch["objects"])
+    noisy = torch.randn(1, 48, 16, 16)
+    with torch.no_grad():
+        x0 = model(noisy, torch.tensor([500]), batch["hint"], codes, batch["routing_masks"])
+        # a network that outputs zero returns the hint itself: the background and the collage
+        assert torch.allclose(model.decode_latents(x0, clamp=False), batch["hint"][:, :3], atol=1e-5)
+    with pytest.raises(ValueError, match="collage_residual"):
+        model.set_prediction_type("v_prediction")
+    with pytest.raises(ValueError, match="collage_residual"):
+        get_preset("tiny", collage_residual=True)  # the tiny preset's epsilon scheduler
+    with pytest.raises(ValueError, match="collage_residual"):
+        ModelParams(collage_residual=True, preset="sd21")

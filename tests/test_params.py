@@ -82,3 +82,14 @@ def test_malformed_yaml_names_the_file(tmp_path):
     f.write_text("decompose: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(f)
+
+
+def test_collage_residual_resolves_by_preset_and_needs_x0_prediction():
+    assert load_params(None).model.residual()  # the tiny default
+    assert not load_params(None, ["model.latent=kl"]).model.residual()
+    assert not load_params(None, ["model.preset=sd21"]).model.residual()
+    with pytest.raises(ParamsError, match="prediction_type 'v_prediction'.*collage_residual"):
+        load_params(None, ["train.prediction_type=v_prediction"])
+    assert load_params(None, ["train.prediction_type=v_prediction", "model.collage_residual=false"])
+    with pytest.raises(ParamsError, match="collage_residual needs"):
+        load_params(None, ["model.preset=sd21", "model.collage_residual=true"])

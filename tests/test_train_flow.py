@@ -159,7 +159,7 @@ def test_v_prediction_reaches_the_saved_model_config(fixture_root):
     from tasks.train.run import prepare_init
 
     plan = plan_run(load_params(None, overrides(fixture_root, "vpred", prediction_type="v_prediction",
-                                                autoencoder_steps=0)))
+                                                autoencoder_steps=0) + ["model.collage_residual=false"]))
     prepare_init(plan, log=lambda *_: None)
     model = PICSModel.from_pretrained(plan.init_dir)
     assert model.config.scheduler.prediction_type == "v_prediction"

@@ -51,17 +51,18 @@ def seed_everything(seed: int) -> None:
 class LossModule(nn.Module):
     """DDP and FSDP only synchronise through ``forward``: route ``training_loss`` through it."""
 
-    def __init__(self, model: nn.Module, prediction_type: str, mask_weight: float):
+    def __init__(self, model: nn.Module, prediction_type: str, mask_weight: float, gate_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.prediction_type = prediction_type
         self.mask_weight = mask_weight
+        self.gate_weight = gate_weight
 
     def forward(self, batch: dict, generator: torch.Generator | None = None, gate_timesteps=None, **kwargs):
         if gate_timesteps is not None:  # the held-out gate probe, through forward for the same reason
             return gate_probe(self.model, batch, gate_timesteps, generator)
-        return self.model.training_loss(batch, generator=generator, prediction_type=self.prediction_type,
-                                        mask_weight=self.mask_weight, **kwargs)
+        kwargs = {"mask_weight": self.mask_weight, "gate_weight": self.gate_weight, **kwargs}
+        return self.model.training_loss(batch, generator=generator, prediction_type=self.prediction_type, **kwargs)
 
 
 def build_model(plan: RunPlan):

@@ -82,7 +82,8 @@ def _items_of_rank(state: TrainState, n: int):
 @torch.no_grad()
 def heldout_loss(state: TrainState, items: list[dict], seed: int) -> float:
     """Mean loss over ``items`` with fixed noise and timesteps per item (independent of the
-    number of workers), without conditioning dropout: it measures the conditional denoiser."""
+    number of workers), without conditioning dropout and without the gate's occlusion-order term:
+    it measures the conditional denoiser, comparable across ``train.gate_loss_weight``."""
     import torch.distributed as dist
 
     w, net = state.worker, _eval_net(state)
@@ -92,7 +93,7 @@ def heldout_loss(state: TrainState, items: list[dict], seed: int) -> float:
     for i, j in _items_of_rank(state, len(items)):
         gen = torch.Generator(w.device).manual_seed(step_seed(seed, -1, i, stream=1))
         with w.autocast():
-            loss, _ = net(to_device(items[j], w.device), gen, cond_drop_prob=0.0)
+            loss, _ = net(to_device(items[j], w.device), gen, cond_drop_prob=0.0, gate_weight=0.0)
         if i < len(items):  # padding rounds keep FSDP's collectives in step; they do not count
             total += torch.tensor([float(loss), 1.0], dtype=torch.float64)
     if w.world > 1:

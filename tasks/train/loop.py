@@ -34,7 +34,7 @@ def build_state(plan: RunPlan) -> st.TrainState:
     resume, resumed_from = st.find_resume_of_worker(plan.run_dir)
     if resume is not None:  # before the wrapper broadcasts rank 0's weights
         st.load_weights(model, names, resume)
-    loss_module = builders.LossModule(model, t.prediction_type, t.mask_weight)
+    loss_module = builders.LossModule(model, t.prediction_type, t.mask_weight, t.gate_loss_weight)
     net = builders.wrap_model(loss_module, plan.strategy)
     if plan.strategy == "fsdp" and worker.world > 1:
         # FSDP replaces the parameters by views of its flat shards: optimise those
@@ -47,14 +47,15 @@ def build_state(plan: RunPlan) -> st.TrainState:
     return ts
 
 
-def train_step(ts: st.TrainState, batch: dict, seed: int, grad_clip: float) -> tuple[float, float]:
-    """One optimizer step on this rank's ``batch``; returns (loss averaged over ranks, grad norm)."""
+def train_step(ts: st.TrainState, batch: dict, seed: int, grad_clip: float) -> tuple[float, float, dict]:
+    """One optimizer step on this rank's ``batch``; returns (loss averaged over ranks, grad norm,
+    this rank's loss terms from ``training_loss``)."""
     import torch.distributed as dist
 
     w = ts.worker
     gen = torch.Generator(w.device).manual_seed(step_seed(seed, ts.step, w.rank))
     with w.autocast():
-        loss, _ = ts.net(to_device(batch, w.device), gen)
+        loss, terms = ts.net(to_device(batch, w.device), gen)
     loss.backward()
     if hasattr(ts.net, "clip_grad_norm_"):  # FSDP: the norm over every rank's shard
         grad_norm = ts.net.clip_grad_norm_(grad_clip)
@@ -70,7 +71,7 @@ def train_step(ts: st.TrainState, batch: dict, seed: int, grad_clip: float) -> t
     if w.world > 1:
         dist.all_reduce(mean_loss)
         mean_loss /= w.world
-    return float(mean_loss), float(grad_norm)
+    return float(mean_loss), float(grad_norm), terms
 
 
 def train(ts: st.TrainState, plan: RunPlan, builder: BatchBuilder, heldout: HeldOut, samples=None,
@@ -98,13 +99,13 @@ def train(ts: st.TrainState, plan: RunPlan, builder: BatchBuilder, heldout: Held
         assert step == ts.step, (step, ts.step)
         t_data = time.perf_counter() - t0
         ts.history["quarantine"] += quarantined
-        loss, grad_norm = train_step(ts, batch, t.seed, t.grad_clip)
+        loss, grad_norm, terms = train_step(ts, batch, t.seed, t.grad_clip)
         window = {"t": window["t"] + time.perf_counter() - t0, "data": window["data"] + t_data, "n": window["n"] + 1}
         ts.history["loss"].append([ts.step, loss])
         if bar is not None:
             bar.update(1)
         if ts.step % t.log_every == 0 or ts.step == t.steps:
-            log(ts, plan, loss, grad_norm, window, flops)
+            log(ts, plan, loss, grad_norm, window, flops, terms.get("gate_loss"))
             window = {"t": 0.0, "data": 0.0, "n": 0}
         maybe_fail(failure, ts.step, rank, plan.run_dir)
         if t.eval_every and ts.step % t.eval_every == 0 and ts.step < t.steps:
@@ -149,14 +150,18 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def log(ts: st.TrainState, plan: RunPlan, loss: float, grad_norm: float, window: dict, flops: Flops | None) -> None:
-    """One row of the training log (throughput over the window since the last row) into the history."""
+def log(ts: st.TrainState, plan: RunPlan, loss: float, grad_norm: float, window: dict, flops: Flops | None,
+        gate_loss: float | None = None) -> None:
+    """One row of the training log (throughput over the window since the last row) into the history;
+    gate_loss: rank 0's occlusion-order term of this step (train.gate_loss_weight > 0)."""
     sps = plan.params.train.batch_size * window["n"] / max(window["t"], 1e-9)
     row = {"step": ts.step, "loss": loss, "lr": ts.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
            "samples_per_s": sps, "data_wait_frac": window["data"] / max(window["t"], 1e-9),
            "mem_mb": memory_mb(ts.worker.device), "time": time.time()}
     for name, cache in ts.caches.items():
         row[f"cache_{name}_hit_rate"] = cache.stats()["hit_rate"]
+    if gate_loss is not None:
+        row["gate_loss"] = gate_loss
     if flops is not None:
         row["mfu"] = flops.per_sample * sps / (flops.peak_per_worker * ts.worker.world)
     ts.history["train"].append(row)
