@@ -2,7 +2,10 @@
 
 "Generative Location Modeling for Spatially Aware Object Insertion" (Yun & Wiggers, 2024) at
 its smallest: an autoregressive transformer decoder emits a box as four tokens (x1, y1, x2, y2),
-each coordinate of the box normalised by the image size and quantised into ``bins`` bins.
+each coordinate of the box normalised by the image size and quantised into ``bins`` bins. With
+``box_tokens="support"`` the four tokens are (y2, cx, h, w) instead: the bottom edge first (where
+the box meets its support surface, which fixes its depth), then the centre column, then the
+height and width that depth allows (so a size never has to be learnt as a difference of corners).
 
 Sequence (decoder-only, causal)::
 
@@ -54,7 +57,7 @@ class LocationConfig:
     layers: int = 2
     heads: int = 4
     mlp_ratio: int = 4
-    box_tokens: str = "support"  # the coordinate order: "support" (y2, cx, h, w) or "xyxy"; see box_values
+    box_tokens: str = "xyxy"  # the coordinate order: "xyxy" or "support" (y2, cx, h, w); see box_values
     encoder: dict = field(default_factory=lambda: {"kind": "small", "small_channels": [32, 64, 128]})
 
     def __post_init__(self):
