@@ -2,7 +2,10 @@
 
 "Generative Location Modeling for Spatially Aware Object Insertion" (Yun & Wiggers, 2024) at
 its smallest: an autoregressive transformer decoder emits a box as four tokens (x1, y1, x2, y2),
-each coordinate of the box normalised by the image size and quantised into ``bins`` bins.
+each coordinate of the box normalised by the image size and quantised into ``bins`` bins. With
+``box_tokens="support"`` the four tokens are (y2, cx, h, w) instead: the bottom edge first (where
+the box meets its support surface, which fixes its depth), then the centre column, then the
+height and width that depth allows (so a size never has to be learnt as a difference of corners).
 
 Sequence (decoder-only, causal)::
 
@@ -39,7 +42,8 @@ from .file_hashes import CONFIG_NAME, WEIGHTS_NAME, save_model_folder
 from .modeling_pics import verify_saved
 from .object_encoder import ObjectEncoder
 
-COORDS = 4  # x1, y1, x2, y2
+COORDS = 4  # four values a box: see box_values
+BOX_TOKENS = ("support", "xyxy")
 REGIONS = {"anywhere": (0.0, 0.0, 1.0, 1.0), "left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0),
            "top": (0.0, 0.0, 1.0, 0.5), "bottom": (0.0, 0.5, 1.0, 1.0)}
 
@@ -53,7 +57,12 @@ class LocationConfig:
     layers: int = 2
     heads: int = 4
     mlp_ratio: int = 4
+    box_tokens: str = "xyxy"  # the coordinate order: "xyxy" or "support" (y2, cx, h, w); see box_values
     encoder: dict = field(default_factory=lambda: {"kind": "small", "small_channels": [32, 64, 128]})
+
+    def __post_init__(self):
+        if self.box_tokens not in BOX_TOKENS:
+            raise ValueError(f"box_tokens {self.box_tokens!r}: choose one of {', '.join(BOX_TOKENS)}")
 
     def encoder_config(self) -> ObjectEncoderConfig:
         return ObjectEncoderConfig(**{**self.encoder, "image_size": self.image_size})
@@ -66,14 +75,33 @@ class LocationConfig:
 # box <-> tokens
 
 
-def quantize(boxes: torch.Tensor, bins: int) -> torch.Tensor:
-    """Normalised boxes [..., 4] in [0, 1] -> tokens [..., 4] long in [0, bins)."""
-    return (boxes.clamp(0, 1) * bins).floor().long().clamp(0, bins - 1)
+def box_values(boxes: torch.Tensor, layout: str) -> torch.Tensor:
+    """Normalised xyxy boxes [..., 4] -> the four decoded values [..., 4] in the model's order:
+    ``xyxy`` (x1, y1, x2, y2) or ``support`` (y2, cx, h, w): bottom edge first (where the box meets
+    its support, hence its depth), then the centre column, then the size that depth allows."""
+    if layout == "xyxy":
+        return boxes
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack([y2, (x1 + x2) / 2, y2 - y1, x2 - x1], -1)
 
 
-def dequantize(tokens: torch.Tensor, bins: int) -> torch.Tensor:
-    """Tokens [..., 4] -> normalised boxes [..., 4] at the bin centres (error <= 0.5 / bins)."""
-    return (tokens.float() + 0.5) / bins
+def values_box(values: torch.Tensor, layout: str) -> torch.Tensor:
+    """Inverse of :func:`box_values`: [..., 4] -> normalised xyxy boxes, clamped to the frame."""
+    if layout == "xyxy":
+        return values
+    y2, cx, h, w = values.unbind(-1)
+    return torch.stack([cx - w / 2, y2 - h, cx + w / 2, y2], -1).clamp(0, 1)
+
+
+def quantize(boxes: torch.Tensor, bins: int, layout: str = "xyxy") -> torch.Tensor:
+    """Normalised xyxy boxes [..., 4] in [0, 1] -> tokens [..., 4] long in [0, bins)."""
+    return (box_values(boxes.clamp(0, 1), layout).clamp(0, 1) * bins).floor().long().clamp(0, bins - 1)
+
+
+def dequantize(tokens: torch.Tensor, bins: int, layout: str = "xyxy") -> torch.Tensor:
+    """Tokens [..., 4] -> normalised xyxy boxes [..., 4] from the bin centres (``xyxy``: error <=
+    0.5 / bins per edge; ``support``: the bottom edge 0.5 / bins, the others 1 / bins)."""
+    return values_box((tokens.float() + 0.5) / bins, layout)
 
 
 def causal_mask(n: int, device=None) -> torch.Tensor:
@@ -179,9 +207,39 @@ class LocationModel(nn.Module):
         return lp.gather(-1, tokens[..., None]).squeeze(-1).sum(-1)
 
     # -----------------------------------------------------------------------------------------
+    def tokens_of(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Normalised xyxy boxes [..., 4] -> this model's tokens [..., 4]."""
+        return quantize(boxes, self.cfg.bins, self.cfg.box_tokens)
+
+    def boxes_of(self, tokens: torch.Tensor) -> torch.Tensor:
+        """This model's tokens [..., 4] -> normalised xyxy boxes [..., 4]."""
+        return dequantize(tokens, self.cfg.bins, self.cfg.box_tokens)
+
     def _allowed(self, step: int, drawn: torch.Tensor, region: tuple[float, float, float, float]) -> torch.Tensor:
-        """[B, bins] bool: the bins coordinate ``step`` may take inside ``region`` (normalised
-        x0, y0, x1, y1) given the coordinates ``drawn`` [B, step] so far (x2 > x1, y2 > y1)."""
+        """[B, bins] bool: the bins token ``step`` may take inside ``region`` (normalised x0, y0, x1,
+        y1) given the tokens ``drawn`` [B, step] so far, so that the box has x2 > x1, y2 > y1."""
+        if self.cfg.box_tokens == "xyxy":
+            return self._allowed_xyxy(step, drawn, region)
+        n, eps = self.cfg.bins, 1e-6
+        v = (torch.arange(n, device=drawn.device)[None].float() + 0.5) / n  # each bin's value
+        got = (drawn.float() + 0.5) / n  # (y2, cx, h) drawn so far
+        # a region edge on the frame's edge gets half a bin of slack: decoding clamps to the frame,
+        # and a box touching the frame (a clipped object) has its cx and w rounded apart
+        x0, y0, x1, y1 = (e - 0.5 / n if e == 0.0 else e + 0.5 / n if e == 1.0 else e for e in region)
+        if step == 0:  # bottom edge: inside the region, room above it for the smallest height
+            allowed = (v >= region[1] + 0.5 / n - eps) & (v <= y1 + eps)
+        elif step == 1:  # centre column: room on both sides for the smallest width
+            allowed = (v >= region[0] + 0.25 / n - eps) & (v <= region[2] - 0.25 / n + eps)
+        elif step == 2:  # height: the top edge stays inside the region
+            allowed = v <= got[:, :1] - y0 + eps
+        else:  # width: both side edges stay inside the region
+            allowed = v / 2 <= torch.minimum(got[:, 1:2] - x0, x1 - got[:, 1:2]) + eps
+        allowed = allowed.expand(len(drawn), -1)
+        if not allowed.any(-1).all():
+            raise ValueError(f"region {region} is narrower than one of {n} bins: no box fits")
+        return allowed
+
+    def _allowed_xyxy(self, step: int, drawn: torch.Tensor, region: tuple[float, float, float, float]) -> torch.Tensor:
         n = self.cfg.bins
         lo_v, hi_v = (region[0], region[2]) if step % 2 == 0 else (region[1], region[3])
         lo = min(int(math.floor(lo_v * n)), n - 2)
@@ -242,7 +300,8 @@ class LocationModel(nn.Module):
                 raise FileNotFoundError(f"{d}: not a saved location model (missing {name})")
         verify_saved(d)
         try:
-            cfg = LocationConfig(**json.loads((d / CONFIG_NAME).read_text()))
+            saved = json.loads((d / CONFIG_NAME).read_text())
+            cfg = LocationConfig(**{"box_tokens": "xyxy", **saved})  # saved before box_tokens: x1, y1, x2, y2
         except (TypeError, ValueError) as e:
             raise ValueError(f"{d / CONFIG_NAME}: not a location model config ({e})") from None
         model = cls(cfg, load_weights=False)

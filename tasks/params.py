@@ -283,6 +283,7 @@ class LocationParams(Section):
     max_quarantine_fraction: float = Field(0.5, ge=0.0, le=1.0)
     # model (pics_model/location_model.py)
     bins: int = Field(64, ge=4)
+    box_tokens: Literal["xyxy", "support"] = "xyxy"  # x1, y1, x2, y2; or support: (y2, cx, h, w), bottom edge first
     image_size: int = Field(64, ge=32)
     encoder: Literal["small", "mobilenetv2"] = "small"  # the object encoder family's backbone
     small_channels: list[int] = [16, 32, 64]  # the small CNN's widths: 3 stride-2 levels, 8 x 8 tokens at 64 px

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from pics_model.location_model import (LocationConfig, LocationModel, causal_mask, dequantize, dpo_loss, mle_loss,
-                                       quantize)
+from pics_model.location_model import (LocationConfig, LocationModel, box_values, causal_mask, dequantize, dpo_loss,
+                                       mle_loss, quantize)
 
 CLASSES = ["ball", "can", "cone"]
 
@@ -49,14 +49,28 @@ def test_cached_sampling_equals_uncached_and_teacher_forcing(model):
     torch.testing.assert_close(lp1, model.box_logprob(prefix.expand(12, -1, -1), t1), rtol=1e-5, atol=1e-5)
 
 
-def test_samples_are_valid_boxes_inside_the_region(model):
-    prefix = _prefix(model)
-    t, _ = model.sample(prefix, 200, generator=torch.Generator().manual_seed(0), region="left")
-    boxes = dequantize(t, 16)
-    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
-    assert (boxes[:, [0, 2]] <= 0.5).all()
-    t, _ = model.sample(prefix, 200, generator=torch.Generator().manual_seed(0))
-    assert (dequantize(t, 16)[:, 2] > 0.5).any()  # unrestricted: the right half is reachable
+@pytest.mark.parametrize("layout", ["support", "xyxy"])
+def test_samples_are_valid_boxes_inside_the_region(model, layout):
+    m = LocationModel(LocationConfig(**{**vars(model.cfg), "box_tokens": layout})).eval()
+    prefix = _prefix(m)
+    for region, inside in (("left", lambda b: (b[:, [0, 2]] <= 0.5).all()),
+                           ("bottom", lambda b: (b[:, [1, 3]] >= 0.5).all())):
+        boxes = m.boxes_of(m.sample(prefix, 200, generator=torch.Generator().manual_seed(0), region=region)[0])
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+        assert inside(boxes), region
+    t, _ = m.sample(prefix, 200, generator=torch.Generator().manual_seed(0))
+    assert (m.boxes_of(t)[:, 2] > 0.5).any()  # unrestricted: the right half is reachable
+
+
+def test_support_tokens_put_the_bottom_edge_first_then_centre_and_size():
+    boxes = torch.tensor([[0.1, 0.2, 0.5, 0.9], [0.0, 0.0, 1.0, 1.0]])
+    torch.testing.assert_close(box_values(boxes, "support"), torch.tensor([[0.9, 0.3, 0.7, 0.4], [1.0, 0.5, 1.0, 1.0]]))
+    rand = torch.rand(500, 4)
+    rand = torch.cat([torch.minimum(rand[:, :2], rand[:, 2:]), torch.maximum(rand[:, :2], rand[:, 2:])], 1)
+    back = dequantize(quantize(rand, 64, "support"), 64, "support")
+    assert (back[:, 3] - rand[:, 3]).abs().max() <= 0.5 / 64 + 1e-6  # the bottom edge: half a bin
+    assert (back - rand).abs().max() <= 1 / 64 + 1e-6  # the others: one bin at most
+    assert (back[:, 2:] >= back[:, :2]).all() and (back >= 0).all() and (back <= 1).all()
 
 
 def test_dpo_loss_sign_and_gradient_direction():
@@ -99,3 +113,16 @@ def test_save_and_load_round_trip_and_refuse_a_flipped_byte(model, tmp_path):
     w.write_bytes(bytes(data))
     with pytest.raises(WeightsError, match="model.safetensors"):
         LocationModel.from_pretrained(tmp_path / "m")
+
+
+def test_a_model_saved_before_box_tokens_loads_as_xyxy(model, tmp_path):
+    import json
+
+    from pics_model.file_hashes import save_model_folder
+
+    m = LocationModel(LocationConfig(**{**vars(model.cfg), "box_tokens": "xyxy"}))
+    old_cfg = {k: v for k, v in json.loads(m.cfg.to_json()).items() if k != "box_tokens"}
+    save_model_folder(tmp_path / "old", m, json.dumps(old_cfg), {"pics_location": "1"})
+    assert LocationModel.from_pretrained(tmp_path / "old").cfg.box_tokens == "xyxy"
+    with pytest.raises(ValueError, match="box_tokens"):
+        LocationConfig(class_names=CLASSES, box_tokens="yxyx")

@@ -81,7 +81,7 @@ def write_shard(shards_dir: Path, index: int, rows: list[dict]) -> str:
 
 
 # Bump when the generator's output for the same parameters changes, so old shards are not resumed.
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2  # 2: ground positives for flat-based objects (rest compared with CONTACT_GAP)
 # What decides the shards' bytes: the scenes (num_scenes, shard_size decide which scenes a shard
 # holds) and how they are rendered. num_workers only changes how many run at once.
 DATA_FIELDS = ("num_scenes", "shard_size", "seed", "width", "height", "min_objects", "max_objects",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pics_model.location_model import LocationModel, dequantize
+from pics_model.location_model import LocationModel
 from tasks.decompose.pairing import box_iou
 from tasks.location.train import image_tensor, normalise
 
@@ -51,7 +51,7 @@ def model_boxes(model: LocationModel, q: dict, n: int, temperature: float, top_p
     with torch.no_grad():
         prefix = model.condition(img, model.class_ids([q["category"]]))
         tokens, _ = model.sample(prefix, n, temperature, top_p, generator=torch.Generator().manual_seed(seed))
-    return dequantize(tokens, model.cfg.bins).numpy()
+    return model.boxes_of(tokens).numpy()
 
 
 def hits(drawn: np.ndarray, positives: np.ndarray, negatives: np.ndarray, ks: list[int], thr: float) -> np.ndarray:

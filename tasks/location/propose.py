@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pics_model.location_model import REGIONS, LocationModel, dequantize
+from pics_model.location_model import REGIONS, LocationModel
 from tasks import atomic
 from tasks.location.train import image_tensor
 
@@ -31,7 +31,7 @@ def propose_boxes(model: LocationModel, background: np.ndarray, class_name: str,
                                  None if patch is None else image_tensor(patch, size)[None])
         tokens, logp = model.sample(prefix, k, temperature, top_p, region=region,
                                     generator=torch.Generator().manual_seed(seed))
-    boxes = dequantize(tokens, model.cfg.bins).numpy() * np.array([w, h, w, h], np.float32)
+    boxes = model.boxes_of(tokens).numpy() * np.array([w, h, w, h], np.float32)
     order = np.argsort(-logp.numpy(), kind="stable")
     return boxes[order], logp.numpy()[order]
 

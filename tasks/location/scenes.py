@@ -136,7 +136,8 @@ class SceneGeometry:
         """Object ``j`` dropped at cell ``c`` lands on the ground, touches nothing, and stands in front
         of the wall on the ground square."""
         top, bottom = self.maps[j]
-        if ground.rest(c, bottom) > 0 or ground.collides(c, top, bottom, CONTACT_GAP):
+        # a flat base's height map sits a rounding error (~1e-8) off z = 0: compare with the contact gap
+        if ground.rest(c, bottom) > CONTACT_GAP or ground.collides(c, top, bottom, CONTACT_GAP):
             return False
         margin = self.spec.objects[j].radius * PITCH
         return self.ground_point_ok(cell_to_world(c), margin)

@@ -37,8 +37,8 @@ class LocationInputError(ValueError):
 def model_config(p, class_names: list[str]) -> LocationConfig:
     encoder = ({"kind": "small", "small_channels": list(p.small_channels)} if p.encoder == "small"
                else {"kind": "mobilenetv2", "appearance_grid": 6})
-    return LocationConfig(class_names=class_names, bins=p.bins, image_size=p.image_size, d_model=p.d_model,
-                          layers=p.layers, heads=p.heads, encoder=encoder)
+    return LocationConfig(class_names=class_names, bins=p.bins, box_tokens=p.box_tokens, image_size=p.image_size,
+                          d_model=p.d_model, layers=p.layers, heads=p.heads, encoder=encoder)
 
 
 def claim(out: Path) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pics_model.location_model import LocationConfig, LocationModel, dpo_loss, mle_loss, quantize
+from pics_model.location_model import LocationConfig, LocationModel, dpo_loss, mle_loss
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def train_mle(cfg: LocationConfig, data: Batchable, steps: int, batch_size: int,
         idx = torch.randint(len(data.pos_box), (batch_size,), generator=g)
         q = data.pos_query[idx]
         images, boxes = flip(data.images[q], data.pos_box[idx], torch.rand(batch_size, generator=g) < 0.5)
-        loss = mle_loss(model, model.condition(images, data.classes[q]), quantize(boxes, cfg.bins))
+        loss = mle_loss(model, model.condition(images, data.classes[q]), model.tokens_of(boxes))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -96,15 +96,15 @@ def train_mle(cfg: LocationConfig, data: Batchable, steps: int, batch_size: int,
     return model.eval()
 
 
-def pair_logprobs(model: LocationModel, data: Batchable, idx: torch.Tensor, flip_mask: torch.Tensor,
-                  bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logprobs(model: LocationModel, data: Batchable, idx: torch.Tensor,
+                  flip_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log p of the positive and negative box of pairs ``idx`` [B] -> ([B], [B])."""
     pi, ni = data.pairs[idx, 0], data.pairs[idx, 1]
     q = data.pos_query[pi]
     images, pos = flip(data.images[q], data.pos_box[pi], flip_mask)
     _, neg = flip(data.images[q], data.neg_box[ni], flip_mask)
     prefix = model.condition(images, data.classes[q])
-    both = model.box_logprob(torch.cat([prefix, prefix]), quantize(torch.cat([pos, neg]), bins))
+    both = model.box_logprob(torch.cat([prefix, prefix]), model.tokens_of(torch.cat([pos, neg])))
     return both[:len(idx)], both[len(idx):]
 
 
@@ -118,14 +118,13 @@ def train_dpo(stage1: LocationModel, data: Batchable, steps: int, batch_size: in
     reference = stage1.eval().requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed + 1)
-    bins = stage1.cfg.bins
     t0 = time.perf_counter()
     for step in range(steps):
         idx = torch.randint(len(data.pairs), (batch_size,), generator=g)
         fl = torch.rand(batch_size, generator=g) < 0.5
         with torch.no_grad():
-            ref_w, ref_l = pair_logprobs(reference, data, idx, fl, bins)
-        pol_w, pol_l = pair_logprobs(policy, data, idx, fl, bins)
+            ref_w, ref_l = pair_logprobs(reference, data, idx, fl)
+        pol_w, pol_l = pair_logprobs(policy, data, idx, fl)
         loss = dpo_loss(pol_w, pol_l, ref_w, ref_l, beta)
         opt.zero_grad(set_to_none=True)
         loss.backward()
