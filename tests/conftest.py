@@ -38,7 +38,8 @@ def prefect_harness(tmp_path_factory):
 def prefect_api_url(prefect_harness) -> str:
     """The session server's API URL, for the processes a test starts (`PREFECT_API_URL` in their
     environment): they report to it instead of starting a temporary server each (20-30 s apiece).
-    The temporary-server path itself stays covered by test_killed_driver and test_packaging."""
+    A stage's own temporary server stays covered by test_killed_driver, the shared one of
+    `pics repro` by test_shared_server."""
     from prefect.settings import PREFECT_API_URL
 
     return PREFECT_API_URL.value()
