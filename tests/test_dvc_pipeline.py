@@ -163,9 +163,11 @@ def _check_repro_outputs(repo: Path, shrunk: dict) -> tuple[dict, dict]:
 
 
 def _scalars(metrics):
-    """A metrics file as DVC reads it: lists (intervals such as ci95) are not metrics to DVC."""
+    """A metrics file as DVC reads it: lists (intervals such as ci95) and empty sections (the paired
+    intervals of a single sample) are not metrics to DVC."""
     if isinstance(metrics, dict):
-        return {k: _scalars(v) for k, v in metrics.items() if not isinstance(v, list)}
+        kept = {k: _scalars(v) for k, v in metrics.items() if not isinstance(v, list)}
+        return {k: v for k, v in kept.items() if v != {}}
     return metrics
 
 
