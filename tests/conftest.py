@@ -35,6 +35,17 @@ def prefect_harness(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def prefect_api_url(prefect_harness) -> str:
+    """The session server's API URL, for the processes a test starts (`PREFECT_API_URL` in their
+    environment): they report to it instead of starting a temporary server each (20-30 s apiece).
+    A stage's own temporary server stays covered by test_killed_driver, the shared one of
+    `pics repro` by test_shared_server."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
 def local_ray():
     """A local 2-CPU Ray shared by the tests that fan out work (2-4 s to start)."""
     from tasks.runtime import init_ray

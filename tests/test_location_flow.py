@@ -74,8 +74,9 @@ def test_propose_writes_pixel_boxes_scores_and_a_drawing(tiny_checkpoint, tmp_pa
 
 
 @pytest.mark.slow
-def test_location_flow_trains_evaluates_and_proposes(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+def test_location_flow_trains_evaluates_and_proposes(tmp_path, prefect_api_url):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PREFECT_API_URL": prefect_api_url}  # the session's server: no temporary one (20-30 s)
     out = tmp_path / "location"
     sets = ["location.num_scenes=10", "location.shard_size=5", "location.mle_steps=40", "location.dpo_steps=10",
             "location.ks=[10,20]", "location.bootstrap=20", "location.test_fraction=0.3"]

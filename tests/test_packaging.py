@@ -38,14 +38,15 @@ def _files(root: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_installed_pics_reads_params_from_the_working_folder(repo_copy, tmp_path):
+def test_installed_pics_reads_params_from_the_working_folder(repo_copy, tmp_path, prefect_api_url):
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(repo_copy)],
                    check=True, timeout=300)
     installed = _files(site)
     # A clean environment: this process's PREFECT_HOME etc. point into the checkout.
+    # The session's Prefect server: no temporary one (20-30 s; test_killed_driver covers that path).
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": os.environ.get("HOME", str(tmp_path)),
-           "PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}
+           "PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1", "PREFECT_API_URL": prefect_api_url}
     where = subprocess.run([sys.executable, "-c", "import flows; print(flows.__file__)"], env=env, cwd=tmp_path,
                            capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(site)), where  # not the checkout's editable install
