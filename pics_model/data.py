@@ -238,6 +238,22 @@ def collage_layer(patches: np.ndarray, patch_masks: np.ndarray, boxes: np.ndarra
     return rgb.astype(np.float32), count.astype(np.float32)
 
 
+def push_pull_fill(rgb: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """rgb [B,C,H,W], known [B,1,H,W] in [0,1] -> rgb with the unknown pixels
+    filled by a smooth extension of the known ones (push-pull: average the known pixels down a
+    pyramid, then blend each level's own colour over the coarser fill, up to full resolution)."""
+    levels = []
+    x, w = rgb * known, known
+    while x.shape[-1] > 1:
+        levels.append((x, w))
+        x, w = F.avg_pool2d(x, 2), F.avg_pool2d(w, 2)
+    fill = x / w.clamp_min(1e-6)
+    for x, w in reversed(levels):
+        up = F.interpolate(fill, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        fill = x + (1 - w) * up  # x is premultiplied by w: known pixels keep their colour
+    return fill
+
+
 def hint_channels(collage: bool) -> int:
     """Channels of `build_item`'s hint: masked RGB + mask (4), + the collage's coverage (5)."""
     return 5 if collage else 4

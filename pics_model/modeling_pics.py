@@ -27,6 +27,7 @@ from .config import PICSConfig, UNetConfig, VAEConfig
 from .file_hashes import CONFIG_NAME, HASHES_NAME, WEIGHTS_NAME, mismatch, save_model_folder
 from .interaction_block import ROUTING_KEY, InteractionTransformerBlock, RoutingContext, convert_to_itb, itb_blocks
 from .gate_loss import occlusion_order_loss
+from .data import push_pull_fill
 from .object_encoder import ObjectEncoder
 from .pixel_autoencoder import PixelShuffleAutoencoder
 from .shape_encoder import ShapeEncoder
@@ -210,9 +211,14 @@ class PICSModel(nn.Module):
         return out
 
     def hint_latents(self, hint: torch.Tensor) -> torch.Tensor:
-        """hint [B,C,R,R] -> its RGB channels as scaled latents [B,lc,h,h] (the encoder's mean)."""
-        rgb = hint[:, :3].to(self.vae.dtype)
-        return self.vae.encode(rgb).latent_dist.mean * self.config.vae.scaling_factor
+        """collage hint [B,5,R,R] -> the residual's starting point as scaled latents [B,lc,h,h] (the
+        encoder's mean): the hint's RGB with the box pixels no silhouette covers (mask channel 1,
+        coverage 0) filled from their surroundings, so the network starts from the background there
+        rather than from grey."""
+        rgb = hint[:, :3].float()
+        known = ((hint[:, 3:4] < 0.5) | (hint[:, 4:5] > 0)).float()
+        start = push_pull_fill(rgb, known).to(self.vae.dtype)
+        return self.vae.encode(start).latent_dist.mean * self.config.vae.scaling_factor
 
     # ------------------------------------------------------------------------------------------
     def sample_timesteps(self, batch: int, generator=None, device=None) -> torch.Tensor:

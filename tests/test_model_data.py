@@ -176,3 +176,19 @@ def test_silhouette_on_box_keeps_scale_at_the_canvas_edge():
     window, rgb, inside = silhouette_on_box(patch, mask, (-10, 0, 10, 20), 30, 30)
     assert window == (0, 0, 10, 20) and rgb.shape == (20, 10, 3) and inside.all()  # the right half of the box
     assert silhouette_on_box(patch, np.zeros_like(mask), (0, 0, 5, 5), 30, 30) is None
+
+
+def test_push_pull_fill_keeps_known_pixels_and_fills_holes_smoothly():
+    from pics_model.data import push_pull_fill
+
+    rgb = torch.zeros(1, 1, 16, 16)
+    rgb[..., :8] = 1.0  # left half white, right half black
+    known = torch.ones(1, 1, 16, 16)
+    known[..., 4:12, 6:10] = 0  # a hole across the edge
+    filled = push_pull_fill(rgb * known, known)
+    assert torch.equal(filled[known.bool()], rgb[known.bool()])
+    hole = filled[~known.bool()]
+    assert 0.0 <= hole.min() and hole.max() <= 1.0
+    # the hole's left side takes after the white pixels around it, its right side after the black
+    assert filled[0, 0, 8, 6] > filled[0, 0, 8, 9]
+    assert torch.equal(push_pull_fill(rgb, torch.ones_like(known)), rgb)

@@ -254,10 +254,18 @@ def test_collage_residual_starts_the_x0_estimate_from_the_hint():
     torch.nn.init.zeros_(model.unet.conv_out.bias)
     codes = model.encode_objects(batch["objects"])
     noisy = torch.randn(1, 48, 16, 16)
+    hint = batch["hint"]
     with torch.no_grad():
-        x0 = model(noisy, torch.tensor([500]), batch["hint"], codes, batch["routing_masks"])
-        # a network that outputs zero returns the hint itself: the background and the collage
-        assert torch.allclose(model.decode_latents(x0, clamp=False), batch["hint"][:, :3], atol=1e-5)
+        x0 = model(noisy, torch.tensor([500]), hint, codes, batch["routing_masks"])
+        start = model.decode_latents(x0, clamp=False)
+    # a network that outputs zero returns the hint where it is known: the background and the collage
+    known = (hint[:, 3:4] < 0.5) | (hint[:, 4:5] > 0)
+    assert torch.allclose(start[known.expand_as(start)], hint[:, :3][known.expand_as(start)], atol=1e-5)
+    # and fills the boxes' uncovered pixels from their surroundings instead of leaving them grey (0)
+    hole = ~known.expand_as(start)
+    assert hole.any() and start[hole].abs().mean() > 0.1
+    lo, hi = hint[:, :3][~hole].min(), hint[:, :3][~hole].max()
+    assert lo - 1e-5 <= start[hole].min() and start[hole].max() <= hi + 1e-5
     with pytest.raises(ValueError, match="collage_residual"):
         model.set_prediction_type("v_prediction")
     with pytest.raises(ValueError, match="collage_residual"):
