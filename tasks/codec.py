@@ -60,6 +60,14 @@ def decode_view(png: bytes, size: int | None = None) -> np.ndarray:
     return np.asarray(im)
 
 
+def png_bytes(arr: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 grey or RGB array through PIL (previews, reports, small rows);
+    shard payloads use ``encode_png``."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def encode_png(arr: np.ndarray, level: int) -> bytes:
     """PNG bytes of a grey [H, W] or RGB [H, W, 3] array (OpenCV wants BGR).
 

@@ -27,10 +27,15 @@ def finish_accuracy_axes(ax, xlabel: str, ylabel: str, chance_label: str) -> Non
     ax.legend(fontsize=8)
 
 
-def save_png(fig, path: str | Path) -> Path:
-    """Lay out, write ``fig`` to ``path`` atomically and close it."""
+def figure_png(fig) -> bytes:
+    """Lay out ``fig``, close it, and return its PNG bytes (no version stamp)."""
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     pyplot().close(fig)
-    return atomic.write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Lay out, write ``fig`` to ``path`` atomically and close it."""
+    return atomic.write_bytes(path, figure_png(fig))

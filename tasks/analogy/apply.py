@@ -18,6 +18,7 @@ from pics_model.context_field import ContextDescriptorField
 from pics_model.scene_map import MapConfig, compute_map, scene_tensors
 from tasks import atomic
 from tasks.analogy.scenes import Scene, SceneError, load_scene
+from tasks.plots import figure_png, pyplot
 
 
 def load_query(path: str | Path) -> np.ndarray:
@@ -51,10 +52,7 @@ def correspondence_colours(points: np.ndarray) -> np.ndarray:
 def draw(source: Scene, target: Scene, query: np.ndarray, mapped: np.ndarray, title: str = "") -> bytes:
     """PNG: the source (left) and target (right) from above; scene points grey (floor paler),
     query points and their images in matching colours."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     colours = correspondence_colours(query)
     fig, axes = plt.subplots(1, 2, figsize=(10, 5), dpi=100)
@@ -69,11 +67,7 @@ def draw(source: Scene, target: Scene, query: np.ndarray, mapped: np.ndarray, ti
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title or "scene analogy: query points (left) and where the map carries them (right)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def map_files(source_path: str | Path, target_path: str | Path, checkpoint: str | Path, out: str | Path,

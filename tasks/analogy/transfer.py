@@ -16,7 +16,6 @@ Meshes are rebuilt from the generator: a scene file written by the analogy stage
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from pics_model.context_field import ContextDescriptorField
 from pics_model.scene_map import MapConfig, compute_map, procrustes_yaw, scene_tensors
 from tasks import atomic
 from tasks.analogy.scenes import GENERATOR, Scene, SceneError, generate_spec, load_scene
+from tasks.plots import figure_png, pyplot
 
 TRANSFER_JSON = "transfer.json"  # beside annotations.json: where each sample's objects came from
 LIFTED = 1e-3  # scene units above the floor: an object resting on another, not on the ground
@@ -258,10 +258,7 @@ def _outlined(ax, rgb: np.ndarray, labels: np.ndarray, colours: dict[int, str], 
 def draw(p, transfers: list[Transfer], results: list, seed: int) -> bytes:
     """PNG, a row per transfer: the source (support outlined red, item blue), the target as it was
     (the object identified with the support, red), the result (support red, carried item blue)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from tasks.make_sample import dataset
 
@@ -280,11 +277,7 @@ def draw(p, transfers: list[Transfer], results: list, seed: int) -> bytes:
                   f"target {t.target_name}" + ("" if identified is None else f": its {names[0]}"))
         _outlined(row[2], res.rgb, res.labels, {support: SUPPORT_COLOUR, item: ITEM_COLOUR},
                   f"result: {names[1]} carried over" + ("" if identified is not None else f" with the {names[0]}"))
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def transfer_files(source_path: str | Path, target_path: str | Path, checkpoint: str | Path, out: str | Path,

@@ -8,7 +8,6 @@ and the scoring, and each result row carries its composite as PNG bytes.
 from __future__ import annotations
 
 import hashlib
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from tasks.codec import png_bytes
 from tasks.evaluate import baselines, metrics, occlusion
 from tasks.evaluate.backbones import Embedder, MobileNetV2Features, load_embedder, mobilenetv2_embedder
 from tasks.params import EvaluateParams
@@ -64,12 +64,6 @@ class EvalConfig:
 def sample_seed(seed: int, sample_id: str) -> int:
     """A per-sample seed that does not depend on batching, actors or order."""
     return (seed + int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16)) % (2**31)
-
-
-def png_bytes(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def _unit(img: np.ndarray) -> torch.Tensor:

@@ -8,16 +8,15 @@
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from pics_model.layout import Element, Placement, greedy_pack, make_element, pack
 from pics_model.layout.metrics import evaluate
 from tasks import atomic
+from tasks.codec import png_bytes
 from tasks.layout.draw import draw_collage
 from tasks.layout.io import element_files, read_element, read_target
 from tasks.params import LayoutParams
@@ -25,12 +24,6 @@ from tasks.shards import check_output_owner, claim_output
 
 STAGE = "layout"
 OUTPUTS = {"layout.json", "masks", "collage.png", "metrics.json"}
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def lay_out(elements: list[Element], target: np.ndarray, p: LayoutParams, method: str | None = None,

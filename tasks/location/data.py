@@ -20,6 +20,7 @@ import pyarrow as pa
 from PIL import Image
 
 from tasks import atomic, quarantine, sharded_stage
+from tasks.codec import png_bytes
 from tasks.quarantine import QuarantineRecord
 from tasks.shards import content_hash, iter_rows
 
@@ -38,12 +39,6 @@ SCHEMA = pa.schema([
     ("negative_reasons", pa.list_(pa.string())),  # one per negative box
     ("negative_details", pa.list_(pa.string())),
 ])
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def row(query_id: str, source: str, split: str, background: str, category: str, width: int, height: int,

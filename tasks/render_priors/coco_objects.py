@@ -7,7 +7,6 @@ shapes render_priors sees in a run.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -18,6 +17,7 @@ import pyarrow as pa
 from PIL import Image
 
 from tasks import atomic
+from tasks.codec import png_bytes
 from tasks.schema import SAMPLE_SCHEMA
 
 
@@ -69,12 +69,6 @@ def load_objects(annotations: str | Path, image_dir: str | Path, size: int = 224
         out.append(dict(image_id=ann["image_id"], annotation_id=ann["id"], category_id=ann["category_id"],
                         image_path=str(path), patch=patch, mask=pmask, full_mask_rle=rle))
     return out
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def sample_row(sample_id: str, image_id: int, objects: list[dict], patches: list[bytes] | None = None,
