@@ -31,26 +31,24 @@ def occlusion_order_loss(records: list, visible: torch.Tensor, tau: float,
                          rows: torch.Tensor | None = None) -> torch.Tensor:
     """records: a RoutingContext score sink, [(hw, scores [B,N,T] with their graph, covers [B,N,T]
     bool)] per block; visible [B,N,R,R] in [0,1] on the square frame the token grids tile;
-    tau: the gate temperature; rows [B] bool or None -> scalar loss (0 with no weighted token)."""
-    losses = []
+    tau: the gate temperature; rows [B] bool or None -> scalar loss (0 with no weighted token).
+    Dense over every token (no host synchronisation): tokens outside the overlaps weigh 0."""
+    if not records:
+        return visible.new_zeros((), dtype=torch.float32)
+    sums, weights = [], []
     for (hh, ww), scores, covers in records:
         v = F.adaptive_avg_pool2d(visible.to(scores.device, torch.float32), (hh, ww)).flatten(2)  # [B,N,T]
-        overlap = covers.sum(1) >= 2  # [B,T]
+        overlap = covers.sum(1, keepdim=True) >= 2  # [B,1,T]
         if rows is not None:
-            overlap = overlap & rows.to(overlap.device)[:, None]
-        b_idx, t_idx = overlap.nonzero(as_tuple=True)
-        if b_idx.numel() == 0:
-            continue
-        cov = covers[b_idx, :, t_idx]  # [K,N]
-        shown = v[b_idx, :, t_idx] * cov  # [K,N]
-        weight = shown.sum(1)  # [K]
-        if float(weight.sum()) <= 0.0:
-            continue
-        target = shown / weight.clamp_min(1e-8)[:, None]
-        logits = (scores[b_idx, :, t_idx].float() / tau).masked_fill(~cov, float("-inf"))
-        log_alpha = torch.log_softmax(logits, dim=1).masked_fill(~cov, 0.0)
-        ce = -(target * log_alpha).sum(1)
-        losses.append((weight * ce).sum() / weight.sum())
-    if not losses:
-        return visible.new_zeros((), dtype=torch.float32)
-    return torch.stack(losses).mean()
+            overlap = overlap & rows.to(overlap.device).view(-1, 1, 1)
+        shown = v * (covers & overlap)  # [B,N,T]
+        weight = shown.sum(1)  # [B,T]
+        target = shown / weight.clamp_min(1e-8).unsqueeze(1)
+        # a finite floor instead of -inf for objects not covering the token: no NaN on empty tokens
+        logits = torch.where(covers, scores.float() / tau, torch.full_like(scores, -1e4, dtype=torch.float32))
+        ce = -(target * torch.log_softmax(logits, dim=1)).sum(1)  # [B,T]
+        sums.append((weight * ce).sum())
+        weights.append(weight.sum())
+    sums, weights = torch.stack(sums), torch.stack(weights)
+    counted = (weights > 0).float()  # blocks with any weighted token
+    return (sums / weights.clamp_min(1e-8) * counted).sum() / counted.sum().clamp_min(1.0)
