@@ -37,17 +37,17 @@ def test_the_target_is_the_visible_share_among_covering_objects_only():
     s, records = _one_block([0.0, 0.0, 5.0], [True, True, False])
     visible = torch.tensor([0.2, 0.6, 0.2]).view(1, 3, 1, 1)
     loss = occlusion_order_loss(records, visible, tau=1.0)
-    assert math.isclose(float(loss), -(0.25 * math.log(0.5) + 0.75 * math.log(0.5)), rel_tol=1e-6)
+    assert math.isclose(float(loss.detach()), -(0.25 * math.log(0.5) + 0.75 * math.log(0.5)), rel_tol=1e-6)
 
 
 def test_background_only_tokens_dropped_rows_and_single_cover_tokens_do_not_count():
     _, records = _one_block([1.0, -1.0], [True, True])
     nothing_shows = torch.zeros(1, 2, 1, 1)
-    assert float(occlusion_order_loss(records, nothing_shows, tau=0.5)) == 0.0
+    assert float(occlusion_order_loss(records, nothing_shows, tau=0.5).detach()) == 0.0
     shows = torch.tensor([0.0, 1.0]).view(1, 2, 1, 1)
-    assert float(occlusion_order_loss(records, shows, tau=0.5, rows=torch.tensor([False]))) == 0.0
+    assert float(occlusion_order_loss(records, shows, tau=0.5, rows=torch.tensor([False])).detach()) == 0.0
     _, exclusive = _one_block([1.0, 0.0], [True, False])
-    assert float(occlusion_order_loss(exclusive, shows, tau=0.5)) == 0.0
+    assert float(occlusion_order_loss(exclusive, shows, tau=0.5).detach()) == 0.0
 
 
 def test_visible_masks_are_pooled_onto_each_block_grid():
@@ -60,7 +60,7 @@ def test_visible_masks_are_pooled_onto_each_block_grid():
     covers[0, :, 0] = True  # the top-left token is the only overlap
     loss = occlusion_order_loss([((2, 2), s, covers)], visible, tau=1.0)
     loss.backward()
-    assert math.isclose(float(loss), math.log(2), rel_tol=1e-6)
+    assert math.isclose(float(loss.detach()), math.log(2), rel_tol=1e-6)
     assert s.grad[0, 0, 0] < 0 < s.grad[0, 1, 0] and (s.grad[:, :, 1:] == 0).all()
 
 
