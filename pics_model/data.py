@@ -336,7 +336,7 @@ def build_item(sample: dict, resolution: int, rng: np.random.Generator | None,
     hint_rgb = target * torch.from_numpy(1.0 - union)[None]
     hint = [hint_rgb, torch.from_numpy(mask_ch)[None]]
     if collage:  # from the patches as given, before augmentation (module doc)
-        hint = _with_collage(hint, sample, pmasks, patches, left, top, scale, r, source)
+        hint = _with_collage(hint, sample, pmasks, patches, left, top, s, r, source)
     hint = torch.cat(hint, 0)
 
     size = object_size or patches.shape[1]
@@ -379,19 +379,30 @@ def _visible_masks(masks, n: int, h: int, w: int, s: int, top: int, left: int, r
 
 
 def _with_collage(hint: list[torch.Tensor], sample: dict, pmasks, patches: np.ndarray, left: int, top: int,
-                  scale: float, r: int, source: str | None) -> list[torch.Tensor]:
-    """[masked RGB, mask] -> [RGB with the collage's mean colours where it covers, mask, coverage]."""
+                  s: int, r: int, source: str | None) -> list[torch.Tensor]:
+    """[masked RGB, mask] -> [RGB with the collage's mean colours where it covers, mask, coverage].
+
+    The collage is drawn at the source's resolution (on the S x S square frame) and area-averaged
+    down to R, like the target: drawn at R instead, a silhouette on a box a dozen pixels wide is
+    cut to whole pixels, shifts by up to half a pixel and loses its anti-aliased edge, which cost
+    about 2 dB inside the overlaps before the network even ran (docs/fidelity_log.md). The RGB is
+    the silhouettes' mean colour over their covered part of each pixel (not premultiplied), the
+    coverage channel the area-averaged count of silhouettes: a fraction at an edge, 2 where two
+    overlap fully."""
     n = len(patches)
     _check(pmasks is not None, source, "patch_masks", "the collage hint needs each object's patch mask")
     tight = sample.get("boxes_tight")
     tight = None if tight is None else np.asarray(tight, np.float32)
     _check(tight is not None and tight.shape == (n, 4) and bool(np.isfinite(tight).all()), source, "boxes_tight",
            f"the collage hint needs finite [N={n},4] xyxy tight boxes, got {getattr(tight, 'shape', None)}")
-    boxes_r = (tight + np.array([left, top, left, top], np.float32)) * scale
-    rgb, coverage = collage_layer(patches, pmasks, boxes_r, r)
-    covered = torch.from_numpy(coverage > 0)[None]
-    hint_rgb = torch.where(covered, torch.from_numpy(rgb).permute(2, 0, 1) * 2.0 - 1.0, hint[0])
-    return [hint_rgb, hint[1], torch.from_numpy(coverage)[None]]
+    rgb, count = collage_layer(patches, pmasks, tight + np.array([left, top, left, top], np.float32), s)
+    covered = torch.from_numpy(count > 0).float()[None]
+    premultiplied = torch.from_numpy(rgb).permute(2, 0, 1) * covered
+    fraction = F.adaptive_avg_pool2d(covered[None], r)[0]
+    rgb_r = F.adaptive_avg_pool2d(premultiplied[None], r)[0] / fraction.clamp_min(1e-6)
+    coverage = F.adaptive_avg_pool2d(torch.from_numpy(count)[None, None], r)[0]
+    hint_rgb = torch.where(fraction > 0, rgb_r * 2.0 - 1.0, hint[0])
+    return [hint_rgb, hint[1], coverage]
 
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

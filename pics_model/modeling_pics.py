@@ -214,9 +214,10 @@ class PICSModel(nn.Module):
         """collage hint [B,5,R,R] -> the residual's starting point as scaled latents [B,lc,h,h] (the
         encoder's mean): the hint's RGB with the box pixels no silhouette covers (mask channel 1,
         coverage 0) filled from their surroundings, so the network starts from the background there
-        rather than from grey."""
+        rather than from grey; a pixel a silhouette covers in part (coverage < 1 at its edge) blends
+        the silhouette's colour over that fill by its coverage."""
         rgb = hint[:, :3].float()
-        known = ((hint[:, 3:4] < 0.5) | (hint[:, 4:5] > 0)).float()
+        known = torch.where(hint[:, 3:4] < 0.5, 1.0, hint[:, 4:5].float().clamp(0, 1))
         start = push_pull_fill(rgb, known).to(self.vae.dtype)
         return self.vae.encode(start).latent_dist.mean * self.config.vae.scaling_factor
 
