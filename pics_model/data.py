@@ -31,7 +31,7 @@ from PIL import Image
 __all__ = [
     "AugmentConfig", "rotate_object", "augment_object", "expand_boxes", "tight_box_from_mask",
     "square_geometry", "to_square_frame", "content_window", "box_masks", "region_map", "rasterize_boxes",
-    "silhouette_on_box", "silhouette_from_white", "collage_layer", "hint_channels", "build_item", "collate",
+    "silhouette_on_box", "silhouette_from_white", "collage_layer", "collage_start", "hint_channels", "build_item", "collate",
 ]
 
 
@@ -252,6 +252,15 @@ def push_pull_fill(rgb: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
         up = F.interpolate(fill, size=x.shape[-2:], mode="bilinear", align_corners=False)
         fill = x + (1 - w) * up  # x is premultiplied by w: known pixels keep their colour
     return fill
+
+
+def collage_start(hint: torch.Tensor) -> torch.Tensor:
+    """collage hint [B,5,R,R] -> the collage residual's starting point [B,3,R,R] in [-1,1]: the hint's
+    RGB with the box pixels no silhouette covers (mask channel 1, coverage 0) filled from their
+    surroundings (`push_pull_fill`), and a pixel a silhouette covers in part (coverage < 1 at its
+    edge) blending the silhouette's colour over that fill by its coverage."""
+    known = torch.where(hint[:, 3:4] < 0.5, 1.0, hint[:, 4:5].float().clamp(0, 1))
+    return push_pull_fill(hint[:, :3].float(), known)
 
 
 def hint_channels(collage: bool) -> int:

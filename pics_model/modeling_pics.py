@@ -27,7 +27,7 @@ from .config import PICSConfig, UNetConfig, VAEConfig
 from .file_hashes import CONFIG_NAME, HASHES_NAME, WEIGHTS_NAME, mismatch, save_model_folder
 from .interaction_block import ROUTING_KEY, InteractionTransformerBlock, RoutingContext, convert_to_itb, itb_blocks
 from .gate_loss import occlusion_order_loss
-from .data import push_pull_fill
+from .data import collage_start
 from .object_encoder import ObjectEncoder
 from .pixel_autoencoder import PixelShuffleAutoencoder
 from .shape_encoder import ShapeEncoder
@@ -211,14 +211,11 @@ class PICSModel(nn.Module):
         return out
 
     def hint_latents(self, hint: torch.Tensor) -> torch.Tensor:
-        """collage hint [B,5,R,R] -> the residual's starting point as scaled latents [B,lc,h,h] (the
-        encoder's mean): the hint's RGB with the box pixels no silhouette covers (mask channel 1,
-        coverage 0) filled from their surroundings, so the network starts from the background there
-        rather than from grey; a pixel a silhouette covers in part (coverage < 1 at its edge) blends
-        the silhouette's colour over that fill by its coverage."""
-        rgb = hint[:, :3].float()
-        known = torch.where(hint[:, 3:4] < 0.5, 1.0, hint[:, 4:5].float().clamp(0, 1))
-        start = push_pull_fill(rgb, known).to(self.vae.dtype)
+        """collage hint [B,5,R,R] -> the residual's starting point (`data.collage_start`: the background
+        outside the boxes, the collage, the boxes' uncovered pixels filled from their surroundings)
+        as scaled latents [B,lc,h,h] (the encoder's mean), so the network starts from the background
+        there rather than from grey."""
+        start = collage_start(hint).to(self.vae.dtype)
         return self.vae.encode(start).latent_dist.mean * self.config.vae.scaling_factor
 
     # ------------------------------------------------------------------------------------------

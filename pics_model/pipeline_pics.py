@@ -6,6 +6,14 @@ the training range U[1.1, 1.2)). Classifier-free guidance runs the unconditional
 codes of zero images, as the reference) and the conditional branch in one batched pass per step;
 routing plans are built once per composite. The decoded frame is pasted back only inside the
 union of the expanded boxes.
+
+With the collage residual (the tiny preset) the frame is R px for the whole image, five times
+coarser than a 320 px scene. There the composite is taken at the source's resolution: the
+residual's starting point drawn at full resolution (`data.collage_start` of the full-resolution
+hint: sharp silhouettes, the filled background) plus the network's change to it, upsampled
+(decoded frame minus the area-averaged start). What the network changes is kept, at R px; what
+it leaves alone stays sharp (docs/fidelity_log.md, fourth round). `full_resolution=False` pastes
+the upsampled frame alone.
 """
 from __future__ import annotations
 
@@ -17,7 +25,9 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 
-from .data import build_item, collate, expand_boxes, silhouette_from_white, tight_box_from_mask
+from .data import (
+    build_item, collage_start, collate, expand_boxes, silhouette_from_white, square_geometry, tight_box_from_mask,
+)
 from .modeling_pics import PICSModel
 
 SCHEDULERS = ("ddim", "dpmsolver++")
@@ -91,11 +101,14 @@ def _rgb_uint8(img, what: str) -> np.ndarray:
 
 
 class PICSPipeline:
-    def __init__(self, model: PICSModel, scheduler_name: str = "ddim", box_expand: float | None = None):
+    def __init__(self, model: PICSModel, scheduler_name: str = "ddim", box_expand: float | None = None,
+                 full_resolution: bool = True):
         self.model = model
         self.scheduler_name = scheduler_name
         self.scheduler = make_scheduler(scheduler_name, model)
         self.box_expand = model.config.box_expand if box_expand is None else float(box_expand)
+        # only a collage-residual model has a starting point to take at full resolution (module doc)
+        self.full_resolution = bool(full_resolution) and model.config.collage_residual
 
     def prepare(self, background, objects, masks=None, boxes=None, priors: np.ndarray | None = None,
                 box_expand: float | None = None, patch_masks=None) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -132,6 +145,10 @@ class PICSPipeline:
                   "patch_masks": np.stack(pmasks), "priors": None if priors is None else np.asarray(priors)}
         batch = collate([build_item(sample, cfg.resolution, None, None, object_size=cfg.object_encoder.image_size,
                                     source="PICSPipeline input", collage=cfg.collage_hint)])
+        if self.full_resolution:  # the collage hint at the source's square size S (module doc)
+            s = square_geometry(h, w)[0]
+            batch["hint_full"] = build_item(sample, s, None, None, source="PICSPipeline input",
+                                            collage=True)["hint"][None]
         return batch, expanded, bg
 
     @torch.no_grad()
@@ -189,11 +206,20 @@ class PICSPipeline:
         check_finite(latents, "the denoised latents")
         frame = model.decode_latents(latents, clamp=False)[0].float()  # clamped below, once checked
         check_finite(frame, "the decoded image")
-        frame = frame.add(1).div(2).clamp(0, 1)  # [3,R,R]
+        frame = frame.clamp(-1, 1)
         x0, y0, x1, y1 = [int(round(v)) for v in batch["crop"][0].tolist()]
-        frame = frame[:, y0:y1, x0:x1]
-        frame = F.interpolate(frame[None], size=(h, w), mode="bicubic", align_corners=False)[0].clamp(0, 1)
-        gen = frame.permute(1, 2, 0).cpu().numpy()
+
+        def upsample(img_r: torch.Tensor) -> torch.Tensor:  # [3,R,R] frame -> [3,H,W] image window
+            return F.interpolate(img_r[None, :, y0:y1, x0:x1], size=(h, w), mode="bicubic", align_corners=False)[0]
+
+        if self.full_resolution:
+            start = collage_start(batch["hint_full"]).to(frame)[0]  # [3,S,S] in [-1,1]
+            _, top, left = square_geometry(h, w)
+            change = frame - F.adaptive_avg_pool2d(start[None], cfg.resolution)[0]
+            frame = start[:, top:top + h, left:left + w] + upsample(change)
+        else:
+            frame = upsample(frame)
+        gen = frame.add(1).div(2).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
         union = self._union_src(expanded, h, w)
         comp = np.where(union[..., None], gen, bg.astype(np.float32) / 255.0)
         if output_type == "pil":

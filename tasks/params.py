@@ -243,6 +243,7 @@ class EvaluateParams(Section):
     steps: int = Field(2, ge=1)  # fewer scored higher mPSNR on the tiny preset (README)
     guidance: float = Field(1.0, ge=0.0)  # 1: no classifier-free guidance (scored higher than 3 on tiny)
     scheduler: Literal["ddim", "dpmsolver++"] = "ddim"
+    full_resolution: bool = True  # collage-residual models: composite at the source's resolution (PICSPipeline)
     seed: int = 0
     samples: str = "data/decomposed"  # decompose output; its test split is evaluated
     priors: str | None = "data/priors"  # render_priors output, used when the model has a shape encoder

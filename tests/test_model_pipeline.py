@@ -150,3 +150,30 @@ def test_pipeline_hint_is_the_training_hint(model):
     # without patch masks the pipeline takes the non-white pixels: these patches are on white
     guessed, _, _ = PICSPipeline(model).prepare(s["image"], list(s["patches"]), boxes=s["boxes_tight"])
     assert torch.equal(guessed["hint"], batch["hint"])
+
+
+def test_full_resolution_composite_keeps_the_sharp_collage_where_the_network_changes_nothing():
+    """A collage-residual model whose network outputs zero: at full resolution the composite is the
+    full-resolution start (sharp silhouettes) up to the small gap between the two starts' fills;
+    the 64 px frame upsampled 5x is blurred. An ordinary model has no start and ignores the flag."""
+    from pics_model.data import build_item, collage_start, square_geometry
+    from pics_model.testing import synthetic_sample
+
+    torch.manual_seed(0)
+    model = PICSModel(ModelParams(collage_residual=True).pics_config()).eval()
+    torch.nn.init.zeros_(model.unet.conv_out.weight)
+    torch.nn.init.zeros_(model.unet.conv_out.bias)
+    h, w = 192, 320
+    s = synthetic_sample(np.random.default_rng(0), n=2, height=h, width=w, views=None,
+                         boxes=np.array([[60, 40, 180, 170], [130, 50, 260, 180]], np.float32))
+    kw = dict(boxes=s["boxes_tight"], patch_masks=s["patch_masks"], num_inference_steps=2, guidance_scale=1.0,
+              output_type="np", seed=0)
+    sharp = PICSPipeline(model)(s["image"], list(s["patches"]), **kw).generated[0]
+    coarse = PICSPipeline(model, full_resolution=False)(s["image"], list(s["patches"]), **kw).generated[0]
+    size, top, _ = square_geometry(h, w)
+    s["boxes_expanded"] = expand_boxes(s["boxes_tight"], model.config.box_expand, w, h)
+    start = collage_start(build_item(s, size, None, collage=True)["hint"][None])[0, :, top:top + h]
+    start = start.add(1).div(2).clamp(0, 1).permute(1, 2, 0).numpy()
+    err_sharp, err_coarse = np.abs(sharp - start).mean(), np.abs(coarse - start).mean()
+    assert err_sharp < 0.03 and err_coarse > 5 * err_sharp  # the patches are noise: blurring costs
+    assert not PICSPipeline(PICSModel(get_preset("tiny")).eval()).full_resolution

@@ -102,11 +102,12 @@ class Evaluator:
                                    ("cpu" if dev == "auto" else dev))
         need_model = {"pics", "sequential"} & set(p.methods)
         self.model = PICSModel.from_pretrained(cfg.checkpoint).to(self.device).eval() if need_model else None
-        self.pipe = PICSPipeline(self.model, p.scheduler) if self.model is not None else None
+        self.pipe = (PICSPipeline(self.model, p.scheduler, full_resolution=p.full_resolution)
+                     if self.model is not None else None)
         self.untrained_pipe = None
         if "untrained" in p.methods and cfg.untrained:
             m0 = PICSModel.from_pretrained(cfg.untrained).to(self.device).eval()
-            self.untrained_pipe = PICSPipeline(m0, p.scheduler)
+            self.untrained_pipe = PICSPipeline(m0, p.scheduler, full_resolution=p.full_resolution)
         cfg_model = (self.model or getattr(self.untrained_pipe, "model", None))
         self.box_expand = cfg_model.config.box_expand if cfg_model is not None else 1.15
         self.use_priors = bool(cfg.priors) and cfg_model is not None and cfg_model.config.shape_encoder.enabled
