@@ -9,7 +9,9 @@ composites that need no trained model:
 * ``start_pics``: the collage residual's starting point at R px (`data.collage_start` of
   `build_item`'s hint), i.e. what a network that outputs zero composites in one pass (with
   `evaluate.full_resolution` false: the R px frame upsampled);
-* ``start_sequential``: the same zero network run as the sequential baseline, one object per call.
+* ``start_sequential``: the same zero network run as the sequential baseline, one object per call;
+* ``..._full_resolution``: the same two at the source's resolution (the pipeline's default composite
+  where the network changes nothing).
 
     python docs/collage_probe.py data/decomposed [--resolution 64]
 """
@@ -43,17 +45,20 @@ def through_frame(image: np.ndarray, resolution: int) -> torch.Tensor:
 
 
 class ZeroNetwork:
-    """A `PICSPipeline` stand-in whose network outputs zero: the composite is the residual's start."""
+    """A `PICSPipeline` stand-in whose network outputs zero: the composite is the residual's start,
+    at R px upsampled, or at the source's resolution (``full_resolution``: what the pipeline's
+    full-resolution composite is where the network changes nothing)."""
 
-    def __init__(self, resolution: int):
-        self.resolution = resolution
+    def __init__(self, resolution: int, full_resolution: bool = False):
+        self.resolution, self.full_resolution = resolution, full_resolution
 
     def __call__(self, background, objects, boxes, patch_masks, **_):
         h, w = background.shape[:2]
         expanded = expand_boxes(boxes, BOX_EXPAND, w, h)
+        size = square_geometry(h, w)[0] if self.full_resolution else self.resolution
         item = build_item({"image": background, "boxes_expanded": expanded, "boxes_tight": np.asarray(boxes),
                            "patches": np.asarray(objects), "patch_masks": np.asarray(patch_masks)},
-                          self.resolution, None, collage=True)
+                          size, None, collage=True)
         frame = collage_start(item["hint"][None])[0].add(1).div(2).clamp(0, 1)
         x0, y0, x1, y1 = (int(round(v)) for v in item["crop"].tolist())
         frame = F.interpolate(frame[None, :, y0:y1, x0:x1], size=(h, w), mode="bicubic", align_corners=False)[0]
@@ -67,7 +72,7 @@ def main() -> None:
     ap.add_argument("samples")
     ap.add_argument("--resolution", type=int, default=64)
     args = ap.parse_args()
-    zero = ZeroNetwork(args.resolution)
+    zero, zero_full = ZeroNetwork(args.resolution), ZeroNetwork(args.resolution, full_resolution=True)
     scores: dict[str, list[float]] = {}
     for s in iter_samples(args.samples, split="test"):
         h, w = s["image"].shape[:2]
@@ -84,6 +89,10 @@ def main() -> None:
             "start_pics": np.asarray(zero(s["image"], s["patches"], s["boxes_tight"], s["patch_masks"]).images[0]),
             "start_sequential": baselines.sequential(zero, s, expanded, steps=1, guidance=1.0, seed=0,
                                                      background=inpainted),
+            "start_pics_full_resolution": np.asarray(
+                zero_full(s["image"], s["patches"], s["boxes_tight"], s["patch_masks"]).images[0]),
+            "start_sequential_full_resolution": baselines.sequential(zero_full, s, expanded, steps=1, guidance=1.0,
+                                                                     seed=0, background=inpainted),
         }
         for name, img in images.items():
             if isinstance(img, np.ndarray):
@@ -92,9 +101,10 @@ def main() -> None:
     n = len(scores.get("copy_paste", []))
     print(f"mPSNR over {n} test samples with overlapping boxes ({args.samples}):")
     for name, v in scores.items():
-        print(f"  {name:24s} {np.mean(v):6.2f} dB")
-    d = np.array(scores["start_pics"]) - np.array(scores["start_sequential"])
-    print(f"  start_pics - start_sequential: {d.mean():+.2f} dB, better on {(d > 0).sum()}/{n}")
+        print(f"  {name:34s} {np.mean(v):6.2f} dB")
+    for suffix in ("", "_full_resolution"):
+        d = np.array(scores[f"start_pics{suffix}"]) - np.array(scores[f"start_sequential{suffix}"])
+        print(f"  start_pics{suffix} - start_sequential{suffix}: {d.mean():+.2f} dB, better on {(d > 0).sum()}/{n}")
 
 
 if __name__ == "__main__":

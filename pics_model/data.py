@@ -255,12 +255,17 @@ def push_pull_fill(rgb: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
 
 
 def collage_start(hint: torch.Tensor) -> torch.Tensor:
-    """collage hint [B,5,R,R] -> the collage residual's starting point [B,3,R,R] in [-1,1]: the hint's
-    RGB with the box pixels no silhouette covers (mask channel 1, coverage 0) filled from their
-    surroundings (`push_pull_fill`), and a pixel a silhouette covers in part (coverage < 1 at its
-    edge) blending the silhouette's colour over that fill by its coverage."""
-    known = torch.where(hint[:, 3:4] < 0.5, 1.0, hint[:, 4:5].float().clamp(0, 1))
-    return push_pull_fill(hint[:, :3].float(), known)
+    """collage hint [B,5,R,R] -> the collage residual's starting point [B,3,R,R] in [-1,1]: inside the
+    boxes (mask channel 1) the collage over the background filled in from the image outside the
+    boxes (mask 0; `push_pull_fill`), each pixel blending the silhouettes' colour over that fill by its coverage
+    (1 inside a silhouette, a fraction at its edge, 0 where none covers); outside, the hint's RGB.
+    The fill reads only the background: filled from the silhouettes too, the objects' colours
+    bled into the boxes' background (2 dB of mPSNR, docs/fidelity_log.md)."""
+    rgb, mask = hint[:, :3].float(), hint[:, 3:4]
+    inside = mask >= 0.5
+    background = push_pull_fill(rgb, (mask.abs() < 0.5).float())  # not the square padding (-1) either
+    cover = hint[:, 4:5].float().clamp(0, 1)
+    return torch.where(inside, cover * rgb + (1 - cover) * background, rgb)
 
 
 def hint_channels(collage: bool) -> int:
