@@ -5,7 +5,8 @@ composites that need no trained model:
 
 * ``ground_truth@R``: the target itself through the square R px frame and back (the pipeline's
   resize and paste-back): the ceiling of a perfect model at that resolution;
-* ``copy_paste``: the evaluation's copy-paste baseline (full resolution);
+* ``copy_paste``: the evaluation's copy-paste baseline (full resolution, the sample's object order),
+  and ``copy_paste_far_to_near``: the same pasted in the true depth order;
 * ``start_pics``: the collage residual's starting point at R px (`data.collage_start` of
   `build_item`'s hint), i.e. what a network that outputs zero composites in one pass (with
   `evaluate.full_resolution` false: the R px frame upsampled);
@@ -86,6 +87,10 @@ def main() -> None:
         images = {
             f"ground_truth@{args.resolution}": torch.where(union, through_frame(s["image"], args.resolution), gt),
             "copy_paste": baselines.copy_paste(s, expanded, inpainted),
+            "copy_paste_far_to_near": baselines.copy_paste(
+                {**s, **{k: [s[k][i] for i in baselines.far_to_near(s)] for k in ("patches", "patch_masks",
+                                                                                   "boxes_tight")}},
+                expanded, inpainted),
             "start_pics": np.asarray(zero(s["image"], s["patches"], s["boxes_tight"], s["patch_masks"]).images[0]),
             "start_sequential": baselines.sequential(zero, s, expanded, steps=1, guidance=1.0, seed=0,
                                                      background=inpainted),
