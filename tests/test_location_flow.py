@@ -43,6 +43,24 @@ def test_paired_interval_of_identical_methods_is_zero_and_a_better_one_is_below(
     assert set(m["tpr_at_k"]) == {"random", "class_prior", "stage1", "dpo"} and len(m["fpr_at_k"]["dpo"]) == 2
 
 
+def test_baselines_are_the_mean_of_their_draws_and_models_one_draw():
+    from tasks.location.evaluate import evaluate, prior_boxes, random_boxes
+
+    q = {"category": "ball", "width": 100, "height": 100, "image": np.zeros((100, 100, 3), np.uint8),
+         "positives": np.array([[0, 0, 60, 60], [40, 40, 100, 100]], np.float32),
+         "negatives": np.array([[0, 50, 50, 100]], np.float32)}
+    ks = [5, 20]
+    out = evaluate({}, [q], [q], ks, 0.3, 1.0, 1.0, seed=4, baseline_draws=7)
+    rng = np.random.default_rng([4, 0])  # the query's generator: 7 random draws, then 7 prior draws
+    pos, neg = q["positives"] / 100, q["negatives"] / 100
+    want_random = np.mean([hits(random_boxes(20, rng), pos, neg, ks, 0.3) for _ in range(7)], 0)
+    sizes = np.array([[0.6, 0.6], [0.6, 0.6]])
+    want_prior = np.mean([hits(prior_boxes(20, sizes, rng), pos, neg, ks, 0.3) for _ in range(7)], 0)
+    np.testing.assert_allclose(out["hits"]["random"][0], want_random)
+    np.testing.assert_allclose(out["hits"]["class_prior"][0], want_prior)
+    assert not np.allclose(want_random, np.round(want_random))  # a mean, not one draw's counts
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)

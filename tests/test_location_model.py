@@ -126,3 +126,103 @@ def test_a_model_saved_before_box_tokens_loads_as_xyxy(model, tmp_path):
     assert LocationModel.from_pretrained(tmp_path / "old").cfg.box_tokens == "xyxy"
     with pytest.raises(ValueError, match="box_tokens"):
         LocationConfig(class_names=CLASSES, box_tokens="yxyx")
+
+
+def test_smoothed_targets_are_distributions_peaked_at_the_token_and_one_hot_at_zero_sigma():
+    from pics_model.location_model import smoothed_targets
+
+    tok = torch.tensor([[0, 5, 15, 9]])
+    t = smoothed_targets(tok, 16, 1.5)
+    assert t.shape == (1, 4, 16)
+    torch.testing.assert_close(t.sum(-1), torch.ones(1, 4))
+    assert torch.equal(t.argmax(-1), tok)
+    assert t[0, 1, 4] == t[0, 1, 6] and t[0, 1, 6] > t[0, 1, 8] > 0  # symmetric, falling with distance
+    assert torch.equal(smoothed_targets(tok, 16, 0.0), torch.nn.functional.one_hot(tok, 16).float())
+
+
+def test_smoothed_mle_calls_a_near_miss_better_than_a_far_one(model):
+    prefix = _prefix(model)
+    target = torch.tensor([[8, 8, 8, 8]])
+    logits = torch.full((1, 4, 16), -5.0)
+
+    def loss_with_mass_at(b, sigma):
+        lg = logits.clone()
+        lg[..., b] = 5.0
+        m = model.logits  # the loss reads the model's logits: replace them with a fixed guess
+        model.logits = lambda p, t: lg
+        try:
+            return mle_loss(model, prefix, target, sigma).item()
+        finally:
+            model.logits = m
+
+    assert loss_with_mass_at(9, 1.5) < loss_with_mass_at(14, 1.5)
+    assert loss_with_mass_at(9, 0.0) == pytest.approx(loss_with_mass_at(14, 0.0))  # hard targets: no difference
+
+
+@pytest.fixture(scope="module")
+def frozen_model():
+    """The frozen ImageNet MobileNetV2 cut after 7 blocks (32 channels, stride 8), pooled by 2,
+    with Fourier position/value features: the default configuration's kind, at a small size."""
+    torch.manual_seed(0)
+    cfg = LocationConfig(class_names=CLASSES, bins=16, image_size=64, d_model=32, layers=1, heads=4,
+                         encoder={"kind": "mobilenetv2", "feature_blocks": 7}, token_pool=2, feature_norm=True,
+                         fourier=4)
+    return LocationModel(cfg).eval()
+
+
+def test_frozen_encoder_features_computed_once_give_the_same_prefix(frozen_model):
+    m = frozen_model
+    assert m.frozen_encoder and m.map_side == 4  # 64 px / 8 (stride) / 2 (pool)
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    feats = m.image_features(images)
+    assert feats.shape == (3, 1 + 16, 32)
+    cls = torch.tensor([0, 1, 2])
+    torch.testing.assert_close(m.condition(images, cls, features=feats), m.condition(images, cls))
+    # the pooled map tokens are the mean of 2 x 2 cells of the unpooled map, row-major
+    full = m.encoder.backbone_tokens(images)[:, 1:].reshape(3, 8, 8, 32)
+    torch.testing.assert_close(feats[:, 1 + 4 * 1 + 2], full[:, 2:4, 4:6].mean((1, 2)))
+    # the frozen backbone is not a trainable parameter; the projection and positions are
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("encoder.backbone") for n in trainable)
+    assert {"position_proj.weight", "value_proj.weight", "feature_norm.weight"} <= trainable
+
+
+def test_fourier_model_samples_the_same_with_and_without_the_cache(frozen_model):
+    prefix = frozen_model.condition(torch.rand(1, 3, 64, 64), torch.tensor([1]))
+    t1, lp1 = frozen_model.sample(prefix, 8, generator=torch.Generator().manual_seed(3))
+    t2, lp2 = frozen_model.sample(prefix, 8, use_cache=False, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(t1, t2)
+    torch.testing.assert_close(lp1, frozen_model.box_logprob(prefix.expand(8, -1, -1), t1), rtol=1e-5, atol=1e-5)
+
+
+def test_default_options_keep_the_encoder_forward_of_models_saved_before(model):
+    """token_pool 1, no feature norm, no Fourier features: the prefix's image part is the encoder's
+    own forward plus the position embedding, as before these options existed."""
+    img = torch.rand(2, 3, 32, 32)
+    prefix = model.condition(img, torch.tensor([0, 1]))
+    torch.testing.assert_close(prefix[:, :-2], model.encoder(img) + model.image_pos)
+
+
+def test_feature_cache_holds_plain_and_mirrored_features_of_a_frozen_encoder(frozen_model, model):
+    from tasks.location.train import FeatureCache
+
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    cache = FeatureCache(frozen_model, images, chunk=3)
+    q, mirror = torch.tensor([2, 0, 2]), torch.tensor([False, True, True])
+    got = cache.get(q, mirror)
+    torch.testing.assert_close(got[0], frozen_model.image_features(images[2:3])[0])
+    torch.testing.assert_close(got[1:], frozen_model.image_features(images[[0, 2]].flip(-1)))
+    assert FeatureCache(model, torch.rand(2, 3, 32, 32)).get(q, mirror) is None  # a trainable encoder: none
+
+
+def test_mobilenet_feature_blocks_cut_the_backbone():
+    from pydantic import ValidationError
+
+    from pics_model.config import ObjectEncoderConfig
+    from pics_model.object_encoder import ObjectEncoder
+
+    enc = ObjectEncoder(ObjectEncoderConfig(kind="mobilenetv2", image_size=64, feature_blocks=14), 8,
+                        load_weights=False)
+    assert enc.backbone_dim == 96 and enc.backbone_tokens(torch.rand(1, 3, 64, 64)).shape == (1, 1 + 16, 96)
+    with pytest.raises(ValidationError, match="feature_blocks"):
+        ObjectEncoderConfig(kind="small", feature_blocks=7)

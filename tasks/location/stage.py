@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pics_model.location_model import LocationConfig
 from tasks import atomic
@@ -36,9 +37,10 @@ class LocationInputError(ValueError):
 
 def model_config(p, class_names: list[str]) -> LocationConfig:
     encoder = ({"kind": "small", "small_channels": list(p.small_channels)} if p.encoder == "small"
-               else {"kind": "mobilenetv2", "appearance_grid": 6})
+               else {"kind": "mobilenetv2", "feature_blocks": p.feature_blocks})
     return LocationConfig(class_names=class_names, bins=p.bins, box_tokens=p.box_tokens, image_size=p.image_size,
-                          d_model=p.d_model, layers=p.layers, heads=p.heads, encoder=encoder)
+                          d_model=p.d_model, layers=p.layers, heads=p.heads, encoder=encoder,
+                          token_pool=p.token_pool, feature_norm=p.feature_norm, fourier=p.fourier)
 
 
 def claim(out: Path) -> None:
@@ -80,11 +82,23 @@ def run(p, out: str | Path, log=print, manifest: dict | None = None, t_data: flo
     log(f"location data: {len(train_q)} train / {len(test_q)} test queries, {manifest['positives']} positives, "
         f"negatives {manifest['negatives_by_reason']} ({t_data:.0f} s)")
 
+    threads = torch.get_num_threads()
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    try:
+        m = _train_and_evaluate(p, out, train_q, test_q, manifest, t_data, log)
+    finally:
+        torch.set_num_threads(threads)
+    return m
+
+
+def _train_and_evaluate(p, out: Path, train_q: list[dict], test_q: list[dict], manifest: dict, t_data: float,
+                        log) -> dict:
     cfg = model_config(p, class_names(p, train_q + test_q))
     data = to_tensors(train_q, cfg.class_names, cfg.image_size)
     curve: list[dict] = []
     t1 = time.perf_counter()
-    stage1 = train_mle(cfg, data, p.mle_steps, p.batch_size, p.lr, p.seed, curve)
+    stage1 = train_mle(cfg, data, p.mle_steps, p.batch_size, p.lr, p.seed, curve, p.label_sigma)
     stage1.save_pretrained(out / "stage1")
     final = train_dpo(stage1, data, p.dpo_steps, p.batch_size, p.dpo_lr, p.beta, p.seed, curve)
     final.save_pretrained(out / "final")
@@ -92,7 +106,8 @@ def run(p, out: str | Path, log=print, manifest: dict | None = None, t_data: flo
     log(f"location training: {p.mle_steps} MLE + {p.dpo_steps} DPO steps in {t_train:.0f} s")
 
     t2 = time.perf_counter()
-    result = ev.evaluate({"stage1": stage1, "dpo": final}, test_q, train_q, p.ks, p.iou, p.temperature, p.top_p, p.seed)
+    result = ev.evaluate({"stage1": stage1, "dpo": final}, test_q, train_q, p.ks, p.iou, p.temperature, p.top_p, p.seed,
+                         p.baseline_draws)
     m = ev.metrics(result, p.ks, p.iou, p.bootstrap, p.seed)
     m.update(seconds={"data": round(t_data, 1), "train": round(t_train, 1), "evaluate": round(time.perf_counter() - t2, 1)},
              train_queries=len(train_q), train_pairs=int(len(data.pairs)), data_manifest=manifest["content_hash"])

@@ -70,12 +70,31 @@ def flip(images: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor) -> tuple
     return images, torch.where(mask[:, None], mirrored, boxes)
 
 
+class FeatureCache:
+    """A frozen encoder's features of every training image and of its mirror, computed once
+    (the encoder is the costly part of a step); None for a trainable encoder."""
+
+    def __init__(self, model: LocationModel, images: torch.Tensor, chunk: int = 64):
+        self.plain = self.mirrored = None
+        if model.frozen_encoder:
+            with torch.no_grad():
+                enc = lambda x: torch.cat([model.image_features(x[i:i + chunk]) for i in range(0, len(x), chunk)])  # noqa: E731
+                self.plain, self.mirrored = enc(images), enc(images.flip(-1))
+
+    def get(self, query: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor | None:
+        """Features of images ``query`` [B], mirrored where ``mirrored`` [B] is True."""
+        if self.plain is None:
+            return None
+        return torch.where(mirrored[:, None, None], self.mirrored[query], self.plain[query])
+
+
 def train_mle(cfg: LocationConfig, data: Batchable, steps: int, batch_size: int, lr: float, seed: int,
-              curve: list[dict]) -> LocationModel:
-    """Stage 1: a fresh model fitted to the positives."""
+              curve: list[dict], label_sigma: float = 0.0) -> LocationModel:
+    """Stage 1: a fresh model fitted to the positives (targets smoothed over ``label_sigma`` bins)."""
     torch.manual_seed(seed)
     model = LocationModel(cfg)
     model.train()
+    cache = FeatureCache(model, data.images)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
@@ -83,8 +102,10 @@ def train_mle(cfg: LocationConfig, data: Batchable, steps: int, batch_size: int,
     for step in range(steps):
         idx = torch.randint(len(data.pos_box), (batch_size,), generator=g)
         q = data.pos_query[idx]
-        images, boxes = flip(data.images[q], data.pos_box[idx], torch.rand(batch_size, generator=g) < 0.5)
-        loss = mle_loss(model, model.condition(images, data.classes[q]), model.tokens_of(boxes))
+        mirror = torch.rand(batch_size, generator=g) < 0.5
+        images, boxes = flip(data.images[q], data.pos_box[idx], mirror)
+        prefix = model.condition(images, data.classes[q], features=cache.get(q, mirror))
+        loss = mle_loss(model, prefix, model.tokens_of(boxes), label_sigma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -97,13 +118,13 @@ def train_mle(cfg: LocationConfig, data: Batchable, steps: int, batch_size: int,
 
 
 def pair_logprobs(model: LocationModel, data: Batchable, idx: torch.Tensor,
-                  flip_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  flip_mask: torch.Tensor, cache: FeatureCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log p of the positive and negative box of pairs ``idx`` [B] -> ([B], [B])."""
     pi, ni = data.pairs[idx, 0], data.pairs[idx, 1]
     q = data.pos_query[pi]
     images, pos = flip(data.images[q], data.pos_box[pi], flip_mask)
     _, neg = flip(data.images[q], data.neg_box[ni], flip_mask)
-    prefix = model.condition(images, data.classes[q])
+    prefix = model.condition(images, data.classes[q], features=None if cache is None else cache.get(q, flip_mask))
     both = model.box_logprob(torch.cat([prefix, prefix]), model.tokens_of(torch.cat([pos, neg])))
     return both[:len(idx)], both[len(idx):]
 
@@ -116,6 +137,7 @@ def train_dpo(stage1: LocationModel, data: Batchable, steps: int, batch_size: in
         return copy.deepcopy(stage1)
     policy = copy.deepcopy(stage1).train()
     reference = stage1.eval().requires_grad_(False)
+    cache = FeatureCache(reference, data.images)  # a frozen encoder is the same in both models
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed + 1)
     t0 = time.perf_counter()
@@ -123,8 +145,8 @@ def train_dpo(stage1: LocationModel, data: Batchable, steps: int, batch_size: in
         idx = torch.randint(len(data.pairs), (batch_size,), generator=g)
         fl = torch.rand(batch_size, generator=g) < 0.5
         with torch.no_grad():
-            ref_w, ref_l = pair_logprobs(reference, data, idx, fl)
-        pol_w, pol_l = pair_logprobs(policy, data, idx, fl)
+            ref_w, ref_l = pair_logprobs(reference, data, idx, fl, cache)
+        pol_w, pol_l = pair_logprobs(policy, data, idx, fl, cache)
         loss = dpo_loss(pol_w, pol_l, ref_w, ref_l, beta)
         opt.zero_grad(set_to_none=True)
         loss.backward()
