@@ -233,6 +233,22 @@ def test_pair_is_put_back_where_it_was_resting_on_its_support(stacked):
     assert tr.support_in(new, 3) == 0
 
 
+def test_support_check_stands_a_floor_object_on_the_floor(stacked):
+    """An inserted object that stood on the floor is not balanced on what its drop point holds."""
+    from pics_model.scene_map import Similarity
+    from tasks.make_sample.renderer import get_renderer
+
+    spec, _ = stacked
+    renderer = get_renderer(64, 64)
+    same = Similarity(torch.eye(3), 1.0, torch.zeros(3))
+    dropped, where = tr._inserted(spec.objects[0], same, tr.height_field(spec, renderer), renderer)
+    assert dropped.pose[2, 3] > tr.LIFTED and "slid" not in where  # onto the object already there
+    placed, where = tr._inserted(spec.objects[0], same, tr.height_field(spec, renderer), renderer, on_floor=True)
+    assert placed.pose[2, 3] < tr.LIFTED and where["slid"] > 0  # beside it, on the floor
+    gap = np.linalg.norm(placed.pose[:2, 3] - spec.objects[0].pose[:2, 3])
+    assert abs(gap - where["slid"]) < 0.01 and gap < 0.6
+
+
 def test_pics_analogy_renders_a_transfer_in_make_sample_format(stacked, tmp_path):
     from typer.testing import CliRunner
 
