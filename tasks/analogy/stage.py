@@ -32,7 +32,8 @@ OWNED = {SCENES, FINAL, METRICS, LOSS, TRANSFER, TRANSFER_PNG, REPORT, ".gitigno
 
 
 def field_config(p: AnalogyParams) -> FieldConfig:
-    return FieldConfig(radius=p.radius, max_neighbours=p.max_neighbours, width=p.width, layers=p.layers,
+    return FieldConfig(radius=p.radius, max_neighbours=p.max_neighbours,
+                       ball_tokens=p.ball_tokens, width=p.width, layers=p.layers,
                        heads=p.heads, feature_dim=p.feature_dim)
 
 
@@ -120,8 +121,26 @@ def evaluate_field(p: AnalogyParams, field: ContextDescriptorField, train: list[
                            eval_pairs(p, train, heldout, hard=True), size, log, cycle=False)  # forward maps: time
         metrics["hard"] = {"methods": hard["methods"], "pairs": hard["pairs"], "shift": p.hard_shift,
                            "yaw_deg": p.hard_yaw_deg, "pcp@0.25_over_untrained": round(
-                               hard["methods"]["ours"]["pcp@0.25"] - hard["methods"]["untrained"]["pcp@0.25"], 4)}
+                               hard["methods"]["ours"]["pcp@0.25"] - hard["methods"]["untrained"]["pcp@0.25"], 4),
+                           "trained_vs_untrained": {
+                               part: {key: paired(hard["rows"][ours], hard["rows"][base], key)
+                                       for key in ("pcp@0.25", "pcp@0.5")}
+                               for part, ours, base in (("full", "ours", "untrained"),
+                                                         ("coarse_only", "ours_coarse_only", "untrained_coarse_only"))}}
     return metrics
+
+
+def paired(rows: list[dict], base: list[dict], key: str, level: float = 0.95) -> dict:
+    """The per-pair difference ``rows`` - ``base`` in ``key`` over the same pairs: its mean, the
+    ``level`` Student-t interval of the mean, and how many pairs it is above / below zero (by more
+    than 0.005)."""
+    from scipy import stats
+
+    d = np.array([r[key] - b[key] for r, b in zip(rows, base)])
+    mean = float(d.mean())
+    half = float(stats.t.ppf((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"mean": round(mean, 4), "ci95": [round(mean - half, 4), round(mean + half, 4)], "pairs": len(d),
+            "wins": int((d > 0.005).sum()), "losses": int((d < -0.005).sum())}
 
 
 def pick_transfers(p: AnalogyParams, heldout: list[Scene], spec_of) -> list[tuple[int, int, tuple[int, int]]]:
@@ -195,6 +214,14 @@ def report(metrics: dict) -> str:
                       f"turned (std {h['yaw_deg']} deg); an untrained field of the same shape for comparison; "
                       "forward maps only (no bi-PCP)", ""]
         lines += table(h["methods"])
+        if "trained_vs_untrained" in h:
+            lines += ["", "Trained minus untrained field on the same hard pairs (mean per-pair difference, 95% paired "
+                          "t interval, pairs better / worse):", "",
+                      "| map | PCP@0.25 | PCP@0.5 |", "|---|---|---|"]
+            for part, cmp in h["trained_vs_untrained"].items():
+                lines.append(f"| {part} | " + " | ".join(
+                    f"{c['mean']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}], {c['wins']}/{c['losses']}"
+                    for c in (cmp["pcp@0.25"], cmp["pcp@0.5"])) + " |")
     t = metrics.get("transfer", {})
     if t.get("samples"):
         kept = "no source pair rested one on the other" if t["relation_kept"] is None else \
