@@ -368,6 +368,7 @@ class AnalogyParams(Section):
     # descriptor field
     radius: float = Field(0.35, gt=0.0)  # scene units
     max_neighbours: int = Field(24, ge=4)
+    ball_tokens: int = Field(0, ge=0)  # of the neighbours, drawn across the radius (the context), not nearest
     width: int = Field(64, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
@@ -405,6 +406,8 @@ class AnalogyParams(Section):
             raise ValueError("max_objects must be >= min_objects")
         if self.heldout_scenes >= self.num_scenes:
             raise ValueError("heldout_scenes must be fewer than num_scenes")
+        if self.ball_tokens > self.max_neighbours:
+            raise ValueError("ball_tokens must be at most max_neighbours (they are drawn among them)")
         return self
 
 
