@@ -379,7 +379,7 @@ class AnalogyParams(Section):
     queries: int = Field(48, ge=2)
     lr: float = Field(1e-3, gt=0.0)
     temperature: float = Field(0.2, gt=0.0)
-    threads: int = Field(2, ge=1)  # torch CPU threads
+    threads: int = Field(1, ge=1)  # torch CPU threads (small tensors: more spin-wait on a busy box)
     # scene map
     num_yaws: int = Field(4, ge=1)
     flips: bool = True

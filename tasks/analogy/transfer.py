@@ -113,28 +113,31 @@ def identified_with(mapped: np.ndarray, label: int, target: Scene, threshold: fl
     return best if target.object_label(best) == label and (hit == best).sum() >= len(mapped) / 2 else -1
 
 
-def floor_cell(field, cell: np.ndarray, bottom: np.ndarray, reach: int = 120, step: int = 4) -> np.ndarray | None:
+def floor_cell(field, cell: np.ndarray, bottom: np.ndarray, companion=None, reach: int = 120,
+               step: int = 4) -> np.ndarray | None:
     """The cell nearest ``cell`` (on a ``step`` grid, within ``reach`` cells) where an object with
-    this bottom map rests on the floor, not on something placed; None: no such cell."""
+    this bottom map rests on the floor, not on something placed, and where ``companion`` (cell
+    offset, bottom map: the item it carries) finds the floor clear too, so that it will rest on
+    this object and nothing else; None: no such cell."""
     r = np.arange(-reach, reach + 1, step)
     offsets = np.stack(np.meshgrid(r, r, indexing="ij"), -1).reshape(-1, 2)
     offsets = offsets[np.argsort(np.linalg.norm(offsets, axis=1), kind="stable")]
     for o in offsets[np.linalg.norm(offsets, axis=1) <= reach]:
         c = field.clamp(cell + o)
-        if field.rest(c, bottom) < LIFTED:
+        if field.rest(c, bottom) < LIFTED and (companion is None or clear(field, c, companion)):
             return c
     return None
 
 
-def _inserted(placed, fit, field, renderer, on_floor: bool = False, offset: np.ndarray | None = None):
-    """A copy of a source object (make_sample ``Placed``) turned and moved by ``fit`` (yaw +
-    translation; then by ``offset`` in xy), dropped onto ``field`` (a make_sample HeightField)
-    where it lands. ``on_floor``: it stood on the floor in the source, so it must here too (the
-    support check): where the drop would rest it on a target object (a book on a lying bottle), it
-    slides to the nearest place where it stands on the floor. Returns the placed object and a record
-    (``slid``: how far it moved, scene units)."""
-    from tasks.make_sample.layout import CONTACT_GAP, LOCAL_CELLS, PITCH, WORLD_CELLS, Placed, _translation
-    from tasks.make_sample.shapes import Shape
+def clear(field, cell: np.ndarray, companion) -> bool:
+    """Whether the companion (cell offset from ``cell``, bottom map) would rest on the floor."""
+    return field.rest(field.clamp(cell + companion[0]), companion[1]) < LIFTED
+
+
+def footprint(placed, fit, renderer, offset: np.ndarray | None = None):
+    """A source object (make_sample ``Placed``) turned and moved by ``fit`` (yaw + translation;
+    then by ``offset`` in xy): (mesh, top and bottom height maps, origin, world cell)."""
+    from tasks.make_sample.layout import LOCAL_CELLS, PITCH, WORLD_CELLS
 
     turn = np.eye(4)
     turn[:3, :3] = fit.rotation.double().numpy()
@@ -144,10 +147,26 @@ def _inserted(placed, fit, field, renderer, on_floor: bool = False, offset: np.n
     if offset is not None:
         origin[:2] += offset
     top, bottom = renderer.heightmaps(mesh, LOCAL_CELLS, PITCH)
-    cell = field.clamp(origin[1::-1] / PITCH + WORLD_CELLS / 2)  # (x, y) -> (row = y, col = x)
+    return mesh, top, bottom, origin, np.round(origin[1::-1] / PITCH + WORLD_CELLS / 2).astype(int)  # (row = y, col = x)
+
+
+def _inserted(placed, fit, field, renderer, on_floor: bool = False, offset: np.ndarray | None = None,
+              companion=None):
+    """A copy of a source object (make_sample ``Placed``) turned and moved by ``fit`` (yaw +
+    translation; then by ``offset`` in xy), dropped onto ``field`` (a make_sample HeightField)
+    where it lands. ``on_floor``: it stood on the floor in the source, so it must here too (the
+    support check): where the drop would rest it on a target object (a book on a lying bottle), or
+    where ``companion`` (the item it carries: cell offset, bottom map) would not find the floor
+    clear under it, it slides to the nearest place where both hold. Returns the placed object and a
+    record (``slid``: how far it moved, scene units)."""
+    from tasks.make_sample.layout import CONTACT_GAP, PITCH, Placed, _translation
+    from tasks.make_sample.shapes import Shape
+
+    mesh, top, bottom, origin, cell = footprint(placed, fit, renderer, offset)
+    cell = field.clamp(cell)
     record = {"mapped_origin": [round(float(v), 4) for v in origin]}
-    if on_floor and field.rest(cell, bottom) >= LIFTED:
-        free = floor_cell(field, cell, bottom)
+    if on_floor and (field.rest(cell, bottom) >= LIFTED or (companion is not None and not clear(field, cell, companion))):
+        free = floor_cell(field, cell, bottom, companion)
         if free is not None:
             record["slid"] = round(float(np.linalg.norm(free - cell) * PITCH), 4)
             cell = free
@@ -187,6 +206,11 @@ def place_pair(field: ContextDescriptorField, cfg: MapConfig, source: Scene, sou
     heights = height_field(target_spec, renderer)
     objects, record = list(target_spec.objects), {"cost": round(float(m.cost), 4), "objects": []}
     slide = None  # xy the inserted support slid by (support check), which the item follows
+
+    def fit_of(k: int):  # yaw + translation of source object k onto its image (no mirror: meshes are not flipped)
+        pts = torch.from_numpy(source.object_points(k))
+        return procrustes_yaw(pts, m(pts), torch.ones(len(pts)), torch.eye(3), 1.0)
+
     for k in sorted(pair, key=lambda k: float(source.object_points(k)[:, 2].min())):  # supports first
         pts = torch.from_numpy(source.object_points(k))
         mapped = m(pts)
@@ -195,10 +219,14 @@ def place_pair(field: ContextDescriptorField, cfg: MapConfig, source: Scene, sou
         if same >= 0:
             record["objects"].append({**entry, "identified_with": same})
             continue
-        fit = procrustes_yaw(pts, mapped, torch.ones(len(pts)), torch.eye(3), 1.0)
+        fit = fit_of(k)
         on_floor = source_spec.objects[k].pose[2, 3] < LIFTED
+        companion = None
+        if k == pair[0] and source_spec.objects[pair[1]].pose[2, 3] >= LIFTED:  # its item rests on it
+            _, _, bottom, _, cell = footprint(source_spec.objects[pair[1]], fit_of(pair[1]), renderer)
+            companion = (cell - footprint(source_spec.objects[k], fit, renderer)[4], bottom)
         placed, where = _inserted(source_spec.objects[k], fit, heights, renderer, on_floor,
-                                  None if k == pair[0] else slide)
+                                  None if k == pair[0] else slide, companion)
         if k == pair[0] and "slid" in where:  # the item goes where its support went
             slide = placed.pose[:2, 3] - np.asarray(where["mapped_origin"][:2])
         record["objects"].append({**entry, "inserted_as": len(objects), **where})
