@@ -222,7 +222,7 @@ def swap_instances(objects: list[Obj], library: dict[int, list[np.ndarray]], rng
 def triplet(scene: Scene, library: dict[int, list[np.ndarray]], rng: np.random.Generator, num_queries: int,
             yaw_noise_deg: float = 90.0, shift_noise: float = 0.15, drop: float = 0.0,
             distractors: tuple[int, int] = (0, 0), jitter_shift: float = 0.0, jitter_yaw_deg: float = 0.0,
-            negative_min_yaw_deg: float = 0.0) -> Triplet:
+            negative_min_yaw_deg: float = 0.0, negative_pivot: bool = False) -> Triplet:
     """Anchor = ``scene``; positive = instances swapped (then, beyond the paper, each other object
     dropped with probability ``drop`` and a few distractors added, so the context learnt survives
     the evaluation pairs' edits); negative = per-object yaw ~ N(0, yaw_noise) and xy ~ N(0, shift_noise).
@@ -230,7 +230,9 @@ def triplet(scene: Scene, library: dict[int, list[np.ndarray]], rng: np.random.G
     Beyond the paper: ``jitter_shift`` / ``jitter_yaw_deg``, each positive object is also moved on
     the floor by N(0, shift) and turned about its own axis by N(0, yaw) (the same context, laid out
     a little differently: ``positive_at`` follows each query's object); ``negative_min_yaw_deg``,
-    each negative object turns by at least this much (a barely disturbed object is no negative)."""
+    each negative object turns by at least this much (a barely disturbed object is no negative);
+    ``negative_pivot``, one kept object stays put in the negative, so that its queries' negatives
+    differ from the anchor by their context only (hard negatives: not by their own object's turn)."""
     objects = split_objects(scene)
     swapped = swap_instances(objects, library, rng)
     jitter = [(yaw_matrix(np.deg2rad(rng.normal(0, jitter_yaw_deg))), np.array([*rng.normal(0, jitter_shift, 2), 0.0]))
@@ -248,6 +250,8 @@ def triplet(scene: Scene, library: dict[int, list[np.ndarray]], rng: np.random.G
             angle = np.sign(angle or 1.0) * max(abs(angle), negative_min_yaw_deg)
         turn = yaw_matrix(np.deg2rad(angle))
         moved.append((turn, np.array([*rng.normal(0, shift_noise, 2), 0.0])))
+    if negative_pivot:
+        moved[keep[int(rng.integers(len(keep)))]] = (np.eye(3), np.zeros(3))
     negative = assemble([Obj(o.label, o.local @ r.T, o.position + t) for o, (r, t) in zip(objects, moved)])
 
     which = np.concatenate([np.full(len(o.local), k) for k, o in enumerate(objects)])

@@ -138,9 +138,9 @@ def paired(rows: list[dict], base: list[dict], key: str, level: float = 0.95) ->
 
     d = np.array([r[key] - b[key] for r, b in zip(rows, base)])
     mean = float(d.mean())
-    half = float(stats.t.ppf((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return {"mean": round(mean, 4), "ci95": [round(mean - half, 4), round(mean + half, 4)], "pairs": len(d),
-            "wins": int((d > 0.005).sum()), "losses": int((d < -0.005).sum())}
+    half = float(stats.t.ppf((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
+    return {"mean": round(mean, 4), "ci95": None if half is None else [round(mean - half, 4), round(mean + half, 4)],
+            "pairs": len(d), "wins": int((d > 0.005).sum()), "losses": int((d < -0.005).sum())}
 
 
 def pick_transfers(p: AnalogyParams, heldout: list[Scene], spec_of) -> list[tuple[int, int, tuple[int, int]]]:
@@ -220,7 +220,8 @@ def report(metrics: dict) -> str:
                       "| map | PCP@0.25 | PCP@0.5 |", "|---|---|---|"]
             for part, cmp in h["trained_vs_untrained"].items():
                 lines.append(f"| {part} | " + " | ".join(
-                    f"{c['mean']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}], {c['wins']}/{c['losses']}"
+                    f"{c['mean']:+.3f} " + (f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" if c["ci95"] else "(one pair)")
+                    + f", {c['wins']}/{c['losses']}"
                     for c in (cmp["pcp@0.25"], cmp["pcp@0.5"])) + " |")
     t = metrics.get("transfer", {})
     if t.get("samples"):

@@ -34,6 +34,7 @@ class TrainConfig:
     jitter_shift: float = 0.0  # positive: each object also moved by N(0, this) on the floor
     jitter_yaw_deg: float = 0.0  # and turned by N(0, this)
     negative_min_yaw_deg: float = 0.0  # negative: each object turned by at least this
+    negative_pivot: bool = False  # negative: one kept object stays, its queries' negatives differ by context only
     near: float = 0.0  # scene units: queries of one scene this close are not each other's negatives
     frame_negatives: bool = False  # also the positive at each query's wrong-candidate image (turned, flipped)
     num_yaws: int = 4
@@ -96,7 +97,8 @@ def train_field(scenes: list[Scene], field_cfg: FieldConfig, cfg: TrainConfig, l
     curve, t0 = [], time.perf_counter()
     for step in range(1, cfg.steps + 1):
         batch = [triplet(scenes[i], library, rng, cfg.queries, cfg.yaw_noise_deg, cfg.shift_noise, cfg.drop,
-                         cfg.distractors, cfg.jitter_shift, cfg.jitter_yaw_deg, cfg.negative_min_yaw_deg) for i in rng.integers(len(scenes), size=cfg.batch_scenes)]
+                         cfg.distractors, cfg.jitter_shift, cfg.jitter_yaw_deg, cfg.negative_min_yaw_deg,
+                         cfg.negative_pivot) for i in rng.integers(len(scenes), size=cfg.batch_scenes)]
         loss = triplet_loss(field, batch, cfg, rng)
         opt.zero_grad()
         loss.backward()
