@@ -1,7 +1,7 @@
 """Training variants of the contextual descriptor field, each scored against an untrained field of
 the same shape on the stage's hard pairs (other instances, each object shifted and turned):
 
-    python benchmarks/analogy_variants.py [--run DIR] [--pairs 16] [--set analogy.key=value ...] [train.key=value ...]
+    python benchmarks/analogy_variants.py [--run DIR] [--pairs 16] [--kind hard|rigid] [--set analogy.key=value ...] [train.key=value ...]
 
 ``--set analogy.*`` changes the stage's parameters (field shape, steps, ...); ``train.KEY=VALUE``
 sets a `tasks.analogy.train.TrainConfig` field the stage does not expose (e.g. ``train.near=0.1``,
@@ -41,11 +41,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default="data/analogy")
     ap.add_argument("--pairs", type=int, default=16)
+    ap.add_argument("--kind", choices=("hard", "rigid"), default="hard", help="the stage's hard or rigid pairs")
     ap.add_argument("--set", action="append", default=[], dest="sets")
     ap.add_argument("train", nargs="*", help="train.KEY=VALUE (TrainConfig fields)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    p = load_params(None, [f"analogy.hard_pairs={args.pairs}", "analogy.threads=1", *args.sets]).analogy
+    p = load_params(None, [f"analogy.hard_pairs={args.pairs}", f"analogy.eval_pairs={args.pairs}", "analogy.threads=1", *args.sets]).analogy
     tc = stage.train_config(p)
     for item in args.train:
         key, value = item.removeprefix("train.").split("=", 1)
@@ -62,7 +63,7 @@ def main() -> None:
     fields = {"trained": field, "untrained": ContextDescriptorField(field.config).eval()}
     size = field.config.typical_object_size
     rows = {name: [] for name in fields}
-    for pair in stage.eval_pairs(p, train, heldout, hard=True):
+    for pair in stage.eval_pairs(p, train, heldout, hard=args.kind == "hard"):
         q = pair.source.points[pair.query].astype(np.float64)
         for name, f in fields.items():
             full, coarse = ev.ours(f, stage.map_config(p))
