@@ -215,6 +215,23 @@ def test_wrong_frames_are_the_coarse_stage_wrong_candidates(scenes):
     assert np.allclose(np.linalg.norm(at - t.centre, axis=1), np.linalg.norm(t.queries - t.centre, axis=1), atol=1e-5)
 
 
+def test_triplet_options_follow_the_objects(scenes):
+    lib = object_library(scenes)
+    plain = triplet(scenes[0], lib, np.random.default_rng(3), 64)
+    assert np.array_equal(plain.positive_at, plain.queries)
+    moved = triplet(scenes[0], lib, np.random.default_rng(3), 64, jitter_shift=0.05, jitter_yaw_deg=20.0)
+    step = np.linalg.norm(moved.positive_at - moved.queries, axis=1)
+    assert step.max() > 0.01 and step.max() < 0.5  # each query follows its object's small move
+    pivot = triplet(scenes[0], lib, np.random.default_rng(3), 64, negative_pivot=True)
+    still = np.all(np.isclose(pivot.negative_at, pivot.queries, atol=1e-6), axis=1)
+    assert 0 < still.sum() < len(still)  # one object's queries keep their place, the others move
+    turned = triplet(scenes[0], lib, np.random.default_rng(3), 64, yaw_noise_deg=1.0, shift_noise=0.0,
+                     negative_min_yaw_deg=45.0)
+    radius = np.linalg.norm((turned.queries - turned.centre)[:, :2], axis=1)
+    chord = np.linalg.norm(turned.negative_at - turned.queries, axis=1)
+    assert np.all(chord >= 2 * radius * np.sin(np.deg2rad(45.0) / 2) - 1e-4)  # at least 45 degrees about its centre
+
+
 def test_saved_field_is_checked_before_loading(tmp_path):
     field = ContextDescriptorField(SMALL)
     d = field.save(tmp_path / "f")
