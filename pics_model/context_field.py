@@ -2,8 +2,12 @@
 Contextual Scene Maps", ICCV 2025): a unit vector for any point in space that describes what lies
 around it, so that points with the same spatial context in two scenes get close descriptors.
 
-For a query point q, the scene points within ``radius`` of it (at most ``max_neighbours``, the
-nearest) each become a token: an MLP of the offset (p - q) / radius, concatenated with a learnt
+For a query point q, up to ``max_neighbours`` scene points within ``radius`` of it each become a
+token: the ``max_neighbours - ball_tokens`` nearest, and ``ball_tokens`` drawn across the rest of
+the ball (by a fixed per-point priority, like pytorch3d's ball query over shuffled points, which
+the paper's code uses). The nearest alone see mostly the query's own object (on the embedded
+scenes 15% of the 24 nearest lie on other objects, 47% of the ball): the context is the ball.
+Each token is an MLP of the offset (p - q) / radius, concatenated with a learnt
 embedding of the point's semantic label (floor included). A small transformer reads the tokens
 after a learnt summary token; the summary token's output, projected and L2-normalised, is the
 descriptor. Nothing here is rotation invariant: a descriptor is taken in a *frame* (rotation R,
@@ -32,6 +36,7 @@ from .file_hashes import CONFIG_NAME, HASHES_NAME, WEIGHTS_NAME, mismatch, save_
 class FieldConfig:
     radius: float = 0.35  # scene units: the context a descriptor sees
     max_neighbours: int = 32
+    ball_tokens: int = 0  # of those, drawn across the ball rather than nearest (0: the nearest only)
     width: int = 64  # transformer width (position 32 + semantic 32 per token)
     layers: int = 2
     heads: int = 4
@@ -72,8 +77,8 @@ class ContextDescriptorField(nn.Module):
         scale = torch.as_tensor(scale, dtype=q.dtype, device=q.device).reshape(-1)
         scale = scale.expand(b) if scale.numel() == 1 else scale.reshape(b)
         k = min(cfg.max_neighbours, len(points))
-        dist, idx = torch.cdist(q.reshape(-1, 3), points).topk(k, largest=False)  # [B*Q, k]
         reach = (cfg.radius * scale).repeat_interleave(nq)[:, None]
+        dist, idx = self.neighbours(torch.cdist(q.reshape(-1, 3), points), reach, k)  # [B*Q, k]
         offset = (points[idx] - q.reshape(-1, 1, 3)).reshape(b, nq * k, 3)
         offset = (offset @ frame).reshape(b * nq, k, 3) / reach[..., None]  # R^T (p - q) as rows
         tokens = torch.cat([self.position(offset), self.semantic(labels[idx].long() + 1)], -1)
@@ -82,6 +87,21 @@ class ContextDescriptorField(nn.Module):
         pad = torch.cat([torch.zeros_like(far[:, :1]), far], 1)
         out = self.encoder(x, src_key_padding_mask=pad)[:, 0]
         return F.normalize(self.head(out), dim=-1).reshape(*lead, nq, cfg.feature_dim)
+
+    def neighbours(self, dist: torch.Tensor, reach: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distance, index) [N, k] of the tokens of each row of ``dist`` [N, P]: the nearest
+        ``k - ball_tokens``, then ``ball_tokens`` of the other points within ``reach`` [N, 1] in the
+        order of a fixed low-discrepancy priority per point index (fewer in the ball: the nearest
+        outside, masked later as out of reach)."""
+        ball = min(self.config.ball_tokens, k)
+        near_d, near_i = dist.topk(k - ball, largest=False)
+        if not ball:
+            return near_d, near_i
+        priority = torch.frac(torch.arange(dist.shape[1], device=dist.device, dtype=dist.dtype) * 0.6180339887)
+        score = torch.where(dist <= reach, 1.0 + priority, -dist)
+        score = score.scatter(1, near_i, float("-inf"))  # not twice
+        idx = torch.cat([near_i, score.topk(ball).indices], 1)
+        return dist.gather(1, idx), idx
 
     # ------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -115,12 +135,18 @@ class ContextDescriptorField(nn.Module):
 
 
 def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None = None,
-             temperature: float = 0.2) -> torch.Tensor:
+             temperature: float = 0.2, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE over corresponding rows: ``anchor`` [N, D] row i should match ``positive`` row i
     rather than any other positive row or any row of ``negative`` [M, D] (the same points in a
-    scene whose context was disturbed); symmetric in anchor and positive. Inputs are unit vectors."""
+    scene whose context was disturbed); symmetric in anchor and positive. Inputs are unit vectors.
+    ``exclude`` [N, N] bool: pairs (i, j), j != i, left out as negatives of each other (places so
+    close that they share their context: no negatives, the false negatives of the loss)."""
     others = positive if negative is None else torch.cat([positive, negative])
     target = torch.arange(len(anchor), device=anchor.device)
-    forward = F.cross_entropy(anchor @ others.T / temperature, target)
-    backward = F.cross_entropy(positive @ anchor.T / temperature, target)
-    return (forward + backward) / 2
+    forward = anchor @ others.T / temperature
+    backward = positive @ anchor.T / temperature
+    if exclude is not None:
+        off = exclude & ~torch.eye(len(anchor), dtype=torch.bool, device=anchor.device)
+        forward = torch.cat([forward[:, :len(anchor)].masked_fill(off, float("-inf")), forward[:, len(anchor):]], 1)
+        backward = backward.masked_fill(off.T, float("-inf"))
+    return (F.cross_entropy(forward, target) + F.cross_entropy(backward, target)) / 2

@@ -376,6 +376,7 @@ class AnalogyParams(Section):
     # descriptor field
     radius: float = Field(0.35, gt=0.0)  # scene units
     max_neighbours: int = Field(24, ge=4)
+    ball_tokens: int = Field(0, ge=0)  # of the neighbours, drawn across the radius (the context), not nearest
     width: int = Field(64, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
@@ -386,7 +387,7 @@ class AnalogyParams(Section):
     queries: int = Field(48, ge=2)
     lr: float = Field(1e-3, gt=0.0)
     temperature: float = Field(0.2, gt=0.0)
-    threads: int = Field(2, ge=1)  # torch CPU threads
+    threads: int = Field(1, ge=1)  # torch CPU threads (small tensors: more spin-wait on a busy box)
     # scene map
     num_yaws: int = Field(4, ge=1)
     flips: bool = True
@@ -413,6 +414,8 @@ class AnalogyParams(Section):
             raise ValueError("max_objects must be >= min_objects")
         if self.heldout_scenes >= self.num_scenes:
             raise ValueError("heldout_scenes must be fewer than num_scenes")
+        if self.ball_tokens > self.max_neighbours:
+            raise ValueError("ball_tokens must be at most max_neighbours (they are drawn among them)")
         return self
 
 

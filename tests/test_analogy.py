@@ -157,6 +157,81 @@ def test_perturbed_eval_pairs_move_each_object_on_its_own(scenes):
     assert d.max() < 0.02  # resampling noise only
 
 
+def test_paired_difference_and_its_interval():
+    from scipy import stats
+
+    from tasks.analogy.stage import paired
+
+    rows, base = [{"k": v} for v in (0.5, 0.9, 1.0, 0.4)], [{"k": v} for v in (0.4, 0.6, 1.0, 0.45)]
+    c = paired(rows, base, "k")
+    d = np.array([0.1, 0.3, 0.0, -0.05])
+    half = stats.t.ppf(0.975, 3) * d.std(ddof=1) / 2
+    assert c["mean"] == pytest.approx(0.0875, abs=1e-4) and c["pairs"] == 4
+    assert c["ci95"] == pytest.approx([0.0875 - half, 0.0875 + half], abs=1e-4)
+    assert (c["wins"], c["losses"]) == (2, 1)  # 0.0 is a tie
+    assert paired(rows[:1], base[:1], "k")["ci95"] is None
+
+
+def test_info_nce_leaves_out_the_excluded_negatives():
+    from pics_model.context_field import info_nce
+
+    torch.manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    p = torch.nn.functional.normalize(a + 0.3 * torch.randn(6, 8), dim=-1)
+    full = info_nce(a, p)
+    assert info_nce(a, p, exclude=torch.zeros(6, 6, dtype=torch.bool)) == pytest.approx(float(full))
+    assert float(info_nce(a, p, exclude=torch.ones(6, 6, dtype=torch.bool))) == pytest.approx(0.0, abs=1e-6)
+    some = torch.zeros(6, 6, dtype=torch.bool)
+    some[0, 1] = some[1, 0] = True
+    assert float(info_nce(a, p, exclude=some)) < float(full)
+
+
+def test_ball_tokens_reach_across_the_radius():
+    # points on a line at 0.01 spacing: the 8 nearest of the origin lie within 0.04 of it
+    points = torch.stack([torch.arange(60) * 0.01 - 0.3, torch.zeros(60), torch.zeros(60)], -1)
+    labels = torch.zeros(60, dtype=torch.long)
+    near = ContextDescriptorField(FieldConfig(radius=0.25, max_neighbours=8, width=16, heads=2, feature_dim=8))
+    ball = ContextDescriptorField(FieldConfig(radius=0.25, max_neighbours=8, ball_tokens=5, width=16, heads=2,
+                                              feature_dim=8))
+    dist = torch.cdist(torch.zeros(1, 3), points)
+    d_near, _ = near.neighbours(dist, torch.tensor([[0.25]]), 8)
+    d_ball, idx = ball.neighbours(dist, torch.tensor([[0.25]]), 8)
+    assert float(d_near.max()) <= 0.045 and float(d_ball.max()) > 0.1  # context beyond the nearest
+    assert float(d_ball.max()) <= 0.25 and len(set(idx[0].tolist())) == 8  # in the ball, no point twice
+    assert torch.equal(torch.sort(d_ball[0, :3]).values, torch.sort(d_near[0]).values[:3])  # nearest kept first
+    out = ball(torch.zeros(2, 3), points, labels)
+    assert out.shape == (2, 8) and torch.allclose(out.norm(dim=-1), torch.ones(2))
+
+
+def test_wrong_frames_are_the_coarse_stage_wrong_candidates(scenes):
+    from tasks.analogy.train import TrainConfig, wrong_frames
+
+    rng = np.random.default_rng(0)
+    t = triplet(scenes[0], object_library(scenes), rng, 32)
+    at, frames = wrong_frames(t, TrainConfig(frame_noise_deg=0.0), rng)
+    r = frames.numpy()
+    assert np.allclose(at, np.einsum("qij,qj->qi", r, t.queries - t.centre) + t.centre, atol=1e-5)
+    assert all(not np.allclose(x, np.eye(3), atol=1e-4) for x in r)  # never the right one
+    assert np.allclose(np.linalg.norm(at - t.centre, axis=1), np.linalg.norm(t.queries - t.centre, axis=1), atol=1e-5)
+
+
+def test_triplet_options_follow_the_objects(scenes):
+    lib = object_library(scenes)
+    plain = triplet(scenes[0], lib, np.random.default_rng(3), 64)
+    assert np.array_equal(plain.positive_at, plain.queries)
+    moved = triplet(scenes[0], lib, np.random.default_rng(3), 64, jitter_shift=0.05, jitter_yaw_deg=20.0)
+    step = np.linalg.norm(moved.positive_at - moved.queries, axis=1)
+    assert step.max() > 0.01 and step.max() < 0.5  # each query follows its object's small move
+    pivot = triplet(scenes[0], lib, np.random.default_rng(3), 64, negative_pivot=True)
+    still = np.all(np.isclose(pivot.negative_at, pivot.queries, atol=1e-6), axis=1)
+    assert 0 < still.sum() < len(still)  # one object's queries keep their place, the others move
+    turned = triplet(scenes[0], lib, np.random.default_rng(3), 64, yaw_noise_deg=1.0, shift_noise=0.0,
+                     negative_min_yaw_deg=45.0)
+    radius = np.linalg.norm((turned.queries - turned.centre)[:, :2], axis=1)
+    chord = np.linalg.norm(turned.negative_at - turned.queries, axis=1)
+    assert np.all(chord >= 2 * radius * np.sin(np.deg2rad(45.0) / 2) - 1e-4)  # at least 45 degrees about its centre
+
+
 def test_saved_field_is_checked_before_loading(tmp_path):
     field = ContextDescriptorField(SMALL)
     d = field.save(tmp_path / "f")
@@ -233,6 +308,22 @@ def test_pair_is_put_back_where_it_was_resting_on_its_support(stacked):
     assert tr.support_in(new, 3) == 0
 
 
+def test_support_check_stands_a_floor_object_on_the_floor(stacked):
+    """An inserted object that stood on the floor is not balanced on what its drop point holds."""
+    from pics_model.scene_map import Similarity
+    from tasks.make_sample.renderer import get_renderer
+
+    spec, _ = stacked
+    renderer = get_renderer(64, 64)
+    same = Similarity(torch.eye(3), 1.0, torch.zeros(3))
+    dropped, where = tr._inserted(spec.objects[0], same, tr.height_field(spec, renderer), renderer)
+    assert dropped.pose[2, 3] > tr.LIFTED and "slid" not in where  # onto the object already there
+    placed, where = tr._inserted(spec.objects[0], same, tr.height_field(spec, renderer), renderer, on_floor=True)
+    assert placed.pose[2, 3] < tr.LIFTED and where["slid"] > 0  # beside it, on the floor
+    gap = np.linalg.norm(placed.pose[:2, 3] - spec.objects[0].pose[:2, 3])
+    assert abs(gap - where["slid"]) < 0.01 and gap < 0.6
+
+
 def test_pics_analogy_renders_a_transfer_in_make_sample_format(stacked, tmp_path):
     from typer.testing import CliRunner
 
@@ -293,7 +384,7 @@ def test_flow_leaves_scenes_field_and_metrics(prefect_harness, tmp_path):
 
     # held out: generator scenes 1-3; in 3 a can rests on a cube, 1 has a cube too: one transfer
     sets = [f"analogy.out={tmp_path / 'analogy'}", "analogy.num_scenes=4", "analogy.heldout_scenes=3",
-            "analogy.steps=3", "analogy.eval_pairs=2", "analogy.hard_pairs=1", "analogy.min_objects=3",
+            "analogy.steps=3", "analogy.eval_pairs=2", "analogy.hard_pairs=2", "analogy.min_objects=3",
             "analogy.max_objects=4", "analogy.points_per_object=16", "analogy.threads=1", "analogy.topk=1",
             "analogy.transfer_samples=1", "make_sample.width=96", "make_sample.height=72"]
     metrics = analogy_flow(overrides=sets)
@@ -306,6 +397,11 @@ def test_flow_leaves_scenes_field_and_metrics(prefect_harness, tmp_path):
         assert {"pcp@0.25", "pcp@0.5", "bipcp@0.25", "chamfer@0.25"} <= m.keys()
     assert saved["train"]["steps"] == 3 and (out / "loss.csv").read_text().count("\n") == 4
     assert {"ours", "ours_coarse_only", "untrained", "untrained_coarse_only"} <= saved["hard"]["methods"].keys()
+    cmp = saved["hard"]["trained_vs_untrained"]["full"]["pcp@0.25"]
+    assert cmp["pairs"] == 2 and cmp["ci95"][0] <= cmp["mean"] <= cmp["ci95"][1]
+    assert saved["untrained"]["trained_vs_untrained"]["coarse_only"]["pcp@0.5"]["pairs"] == 2
+    assert {"untrained", "untrained_coarse_only"} == saved["untrained"]["methods"].keys()
+    assert (out / "report.md").read_text().count("Trained minus untrained") == 2
     assert saved["transfer"]["samples"] == 1
     row = json.loads((out / "transfer" / "transfer.json").read_text())["samples"][0]
     assert (row["source"], row["target"], row["pair"]) == ("scene-00003.npz", "scene-00001.npz", [0, 1])

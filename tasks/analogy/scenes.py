@@ -205,6 +205,7 @@ class Triplet:
     queries: np.ndarray  # [Q, 3] points of the anchor
     positive_at: np.ndarray  # [Q, 3] where each query's context is found in the positive
     negative_at: np.ndarray  # [Q, 3] the same object point in the negative (its context changed)
+    centre: np.ndarray | None = None  # [Q, 3] the footprint centre (z = 0) of each query's object
 
 
 def swap_instances(objects: list[Obj], library: dict[int, list[np.ndarray]], rng: np.random.Generator) -> list[Obj]:
@@ -220,13 +221,23 @@ def swap_instances(objects: list[Obj], library: dict[int, list[np.ndarray]], rng
 
 def triplet(scene: Scene, library: dict[int, list[np.ndarray]], rng: np.random.Generator, num_queries: int,
             yaw_noise_deg: float = 90.0, shift_noise: float = 0.15, drop: float = 0.0,
-            distractors: tuple[int, int] = (0, 0)) -> Triplet:
+            distractors: tuple[int, int] = (0, 0), jitter_shift: float = 0.0, jitter_yaw_deg: float = 0.0,
+            negative_min_yaw_deg: float = 0.0, negative_pivot: bool = False) -> Triplet:
     """Anchor = ``scene``; positive = instances swapped (then, beyond the paper, each other object
     dropped with probability ``drop`` and a few distractors added, so the context learnt survives
     the evaluation pairs' edits); negative = per-object yaw ~ N(0, yaw_noise) and xy ~ N(0, shift_noise).
-    Queries are anchor object points whose object stays in the positive."""
+    Queries are anchor object points whose object stays in the positive.
+    Beyond the paper: ``jitter_shift`` / ``jitter_yaw_deg``, each positive object is also moved on
+    the floor by N(0, shift) and turned about its own axis by N(0, yaw) (the same context, laid out
+    a little differently: ``positive_at`` follows each query's object); ``negative_min_yaw_deg``,
+    each negative object turns by at least this much (a barely disturbed object is no negative);
+    ``negative_pivot``, one kept object stays put in the negative, so that its queries' negatives
+    differ from the anchor by their context only (hard negatives: not by their own object's turn)."""
     objects = split_objects(scene)
     swapped = swap_instances(objects, library, rng)
+    jitter = [(yaw_matrix(np.deg2rad(rng.normal(0, jitter_yaw_deg))), np.array([*rng.normal(0, jitter_shift, 2), 0.0]))
+              if jitter_shift or jitter_yaw_deg else (np.eye(3), np.zeros(3)) for _ in objects]
+    swapped = [Obj(o.label, o.local @ r.T, o.position + t) for o, (r, t) in zip(swapped, jitter)]
     keep = [k for k in range(len(objects)) if rng.uniform() >= drop]
     if not keep:
         keep = [int(rng.integers(len(objects)))]
@@ -234,18 +245,26 @@ def triplet(scene: Scene, library: dict[int, list[np.ndarray]], rng: np.random.G
     positive = assemble(add_distractors([swapped[k] for k in keep], library, rng, extra))
     moved = []
     for o in objects:
-        turn = yaw_matrix(np.deg2rad(rng.normal(0, yaw_noise_deg)))
+        angle = rng.normal(0, yaw_noise_deg)
+        if negative_min_yaw_deg:
+            angle = np.sign(angle or 1.0) * max(abs(angle), negative_min_yaw_deg)
+        turn = yaw_matrix(np.deg2rad(angle))
         moved.append((turn, np.array([*rng.normal(0, shift_noise, 2), 0.0])))
+    if negative_pivot:
+        moved[keep[int(rng.integers(len(keep)))]] = (np.eye(3), np.zeros(3))
     negative = assemble([Obj(o.label, o.local @ r.T, o.position + t) for o, (r, t) in zip(objects, moved)])
 
     which = np.concatenate([np.full(len(o.local), k) for k, o in enumerate(objects)])
     local = np.concatenate([o.local for o in objects])
     pick = rng.choice(np.flatnonzero(np.isin(which, keep)), size=num_queries)
     queries = np.stack([local[i] + objects[which[i]].position for i in pick])
+    positive_at = np.stack([local[i] @ jitter[which[i]][0].T + objects[which[i]].position + jitter[which[i]][1]
+                            for i in pick])
     negative_at = np.stack([local[i] @ moved[which[i]][0].T + objects[which[i]].position + moved[which[i]][1]
                             for i in pick])
-    return Triplet(assemble(objects), positive, negative, queries.astype(np.float32), queries.astype(np.float32),
-                   negative_at.astype(np.float32))
+    centre = np.stack([objects[which[i]].position * [1, 1, 0] for i in pick])
+    return Triplet(assemble(objects), positive, negative, queries.astype(np.float32), positive_at.astype(np.float32),
+                   negative_at.astype(np.float32), centre.astype(np.float32))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ OWNED = {SCENES, FINAL, METRICS, LOSS, TRANSFER, TRANSFER_PNG, REPORT, ".gitigno
 
 
 def field_config(p: AnalogyParams) -> FieldConfig:
-    return FieldConfig(radius=p.radius, max_neighbours=p.max_neighbours, width=p.width, layers=p.layers,
+    return FieldConfig(radius=p.radius, max_neighbours=p.max_neighbours,
+                       ball_tokens=p.ball_tokens, width=p.width, layers=p.layers,
                        heads=p.heads, feature_dim=p.feature_dim)
 
 
@@ -102,26 +103,53 @@ def train_and_save(p: AnalogyParams, out: Path, train: list[Scene], log=print) -
 def evaluate_field(p: AnalogyParams, field: ContextDescriptorField, train: list[Scene], heldout: list[Scene],
                    log=print) -> dict:
     """Scores on the paper's pairs (``methods``) and, when ``hard_pairs``, on the harder pairs
-    (``hard``), where an untrained field of the same shape (seeded) is scored too."""
+    (``hard``). An untrained field of the same shape (seeded) is scored on both, on the same pairs
+    (forward maps only): ``untrained`` (the rigid pairs) and ``hard``, each with the paired
+    difference trained - untrained (``trained_vs_untrained``)."""
     torch.set_num_threads(p.threads)
     size = field.config.typical_object_size
     full, coarse = ev.ours(field, map_config(p))
     methods = {"ours": full, "ours_coarse_only": coarse, "icp": ev.icp_baseline, "centroid": ev.centroid_baseline}
-    result = ev.evaluate(methods, eval_pairs(p, train, heldout), size, log)
+    pairs = eval_pairs(p, train, heldout)
+    result = ev.evaluate(methods, pairs, size, log)
     summary = result["methods"]
     best_baseline = max(summary[b]["pcp@0.25"] for b in ("icp", "centroid"))
     metrics = {"methods": summary, "pairs": result["pairs"], "typical_object_size": round(size, 4),
                "pcp@0.25_over_best_baseline": round(summary["ours"]["pcp@0.25"] - best_baseline, 4)}
+    torch.manual_seed(p.seed + 1)
+    untrained = ContextDescriptorField(field.config).eval()
+    u_full, u_coarse = ev.ours(untrained, map_config(p))
+    rigid = ev.evaluate({"untrained": u_full, "untrained_coarse_only": u_coarse}, pairs, size, log, cycle=False)
+    metrics["untrained"] = {"methods": rigid["methods"],
+                            "trained_vs_untrained": comparison({**result["rows"], **rigid["rows"]})}
     if p.hard_pairs:
-        torch.manual_seed(p.seed + 1)
-        untrained = ContextDescriptorField(field.config).eval()
-        u_full, u_coarse = ev.ours(untrained, map_config(p))
         hard = ev.evaluate({**methods, "untrained": u_full, "untrained_coarse_only": u_coarse},
                            eval_pairs(p, train, heldout, hard=True), size, log, cycle=False)  # forward maps: time
         metrics["hard"] = {"methods": hard["methods"], "pairs": hard["pairs"], "shift": p.hard_shift,
                            "yaw_deg": p.hard_yaw_deg, "pcp@0.25_over_untrained": round(
-                               hard["methods"]["ours"]["pcp@0.25"] - hard["methods"]["untrained"]["pcp@0.25"], 4)}
+                               hard["methods"]["ours"]["pcp@0.25"] - hard["methods"]["untrained"]["pcp@0.25"], 4),
+                           "trained_vs_untrained": comparison(hard["rows"])}
     return metrics
+
+
+def comparison(rows: dict[str, list[dict]]) -> dict:
+    """``paired`` trained - untrained, for the full map and the coarse-only ablation, PCP@0.25 and @0.5."""
+    return {part: {key: paired(rows[ours], rows[base], key) for key in ("pcp@0.25", "pcp@0.5")}
+            for part, ours, base in (("full", "ours", "untrained"),
+                                     ("coarse_only", "ours_coarse_only", "untrained_coarse_only"))}
+
+
+def paired(rows: list[dict], base: list[dict], key: str, level: float = 0.95) -> dict:
+    """The per-pair difference ``rows`` - ``base`` in ``key`` over the same pairs: its mean, the
+    ``level`` Student-t interval of the mean, and how many pairs it is above / below zero (by more
+    than 0.005)."""
+    from scipy import stats
+
+    d = np.array([r[key] - b[key] for r, b in zip(rows, base)])
+    mean = float(d.mean())
+    half = float(stats.t.ppf((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
+    return {"mean": round(mean, 4), "ci95": None if half is None else [round(mean - half, 4), round(mean + half, 4)],
+            "pairs": len(d), "wins": int((d > 0.005).sum()), "losses": int((d < -0.005).sum())}
 
 
 def pick_transfers(p: AnalogyParams, heldout: list[Scene], spec_of) -> list[tuple[int, int, tuple[int, int]]]:
@@ -187,14 +215,27 @@ def report(metrics: dict) -> str:
         return rows + [f"| {n} | " + " | ".join(cell(m, k) for k in ("pcp@0.25", "pcp@0.5", "bipcp@0.25", "chamfer@0.25"))
                        + " |" for n, m in methods.items()]
 
+    def versus(cmp: dict, which: str) -> list[str]:
+        rows = ["", f"Trained minus untrained field on the same {which} (mean per-pair difference, 95% paired "
+                    "t interval, pairs better / worse):", "", "| map | PCP@0.25 | PCP@0.5 |", "|---|---|---|"]
+        return rows + [f"| {part} | " + " | ".join(
+            f"{c['mean']:+.3f} " + (f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" if c["ci95"] else "(one pair)")
+            + f", {c['wins']}/{c['losses']}" for c in (m["pcp@0.25"], m["pcp@0.5"])) + " |" for part, m in cmp.items()]
+
     lines = [f"# analogy: {metrics['pairs']} held-out pairs (rigid: turned, resampled, distractors)", ""]
-    lines += table(metrics["methods"])
+    u = metrics.get("untrained", {})
+    lines += table({**metrics["methods"], **u.get("methods", {})})
+    if u:
+        lines[0] += "; the untrained field (a random-weight field of the same shape): forward maps only"
+        lines += versus(u["trained_vs_untrained"], "rigid pairs")
     if "hard" in metrics:
         h = metrics["hard"]
         lines += ["", f"## {h['pairs']} hard pairs: other instances, each object shifted (std {h['shift']}) and "
                       f"turned (std {h['yaw_deg']} deg); an untrained field of the same shape for comparison; "
                       "forward maps only (no bi-PCP)", ""]
         lines += table(h["methods"])
+        if "trained_vs_untrained" in h:
+            lines += versus(h["trained_vs_untrained"], "hard pairs")
     t = metrics.get("transfer", {})
     if t.get("samples"):
         kept = "no source pair rested one on the other" if t["relation_kept"] is None else \

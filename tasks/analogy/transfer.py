@@ -7,8 +7,10 @@ meshes are not flipped) of its source points onto their images. A support whose 
 target object of its own class is *identified* with it (the target already has it there: nothing
 is added); the item, and a support that is not identified, are *inserted*: the source's mesh at
 the fitted yaw and floor position, dropped onto the target's height field (make_sample's
-placement) so that it rests on what lies under it, support first. The camera is reframed on the
-grown cluster from the target's side.
+placement) so that it rests on what lies under it, support first. Support check: an inserted
+object that stood on the floor in the source stands on the floor here too (where the drop would
+rest it on a target object, it slides to the nearest free floor place, and the item with it): no
+book balanced on a lying bottle. The camera is reframed on the grown cluster from the target's side.
 
 Meshes are rebuilt from the generator: a scene file written by the analogy stage carries a
 ``generator`` field (seed, index, min_objects, max_objects of `scenes.generate_spec`).
@@ -111,26 +113,70 @@ def identified_with(mapped: np.ndarray, label: int, target: Scene, threshold: fl
     return best if target.object_label(best) == label and (hit == best).sum() >= len(mapped) / 2 else -1
 
 
-def _inserted(placed, fit, field, renderer):
-    """A copy of a source object (make_sample ``Placed``) turned and moved by ``fit`` (yaw +
-    translation), dropped onto ``field`` (a make_sample HeightField) where it lands."""
-    from tasks.make_sample.layout import CONTACT_GAP, LOCAL_CELLS, PITCH, WORLD_CELLS, Placed, _translation
-    from tasks.make_sample.shapes import Shape
+def floor_cell(field, cell: np.ndarray, bottom: np.ndarray, companion=None, reach: int = 120,
+               step: int = 4) -> np.ndarray | None:
+    """The cell nearest ``cell`` (on a ``step`` grid, within ``reach`` cells) where an object with
+    this bottom map rests on the floor, not on something placed, and where ``companion`` (cell
+    offset, bottom map: the item it carries) finds the floor clear too, so that it will rest on
+    this object and nothing else; None: no such cell."""
+    r = np.arange(-reach, reach + 1, step)
+    offsets = np.stack(np.meshgrid(r, r, indexing="ij"), -1).reshape(-1, 2)
+    offsets = offsets[np.argsort(np.linalg.norm(offsets, axis=1), kind="stable")]
+    for o in offsets[np.linalg.norm(offsets, axis=1) <= reach]:
+        c = field.clamp(cell + o)
+        if field.rest(c, bottom) < LIFTED and (companion is None or clear(field, c, companion)):
+            return c
+    return None
+
+
+def clear(field, cell: np.ndarray, companion) -> bool:
+    """Whether the companion (cell offset from ``cell``, bottom map) would rest on the floor."""
+    return field.rest(field.clamp(cell + companion[0]), companion[1]) < LIFTED
+
+
+def footprint(placed, fit, renderer, offset: np.ndarray | None = None):
+    """A source object (make_sample ``Placed``) turned and moved by ``fit`` (yaw + translation;
+    then by ``offset`` in xy): (mesh, top and bottom height maps, origin, world cell)."""
+    from tasks.make_sample.layout import LOCAL_CELLS, PITCH, WORLD_CELLS
 
     turn = np.eye(4)
     turn[:3, :3] = fit.rotation.double().numpy()
     mesh = placed.shape.mesh.copy()
     mesh.apply_transform(turn)  # about its own vertical axis: still centred, still on z = 0
     origin = fit.apply(torch.as_tensor(placed.pose[:3, 3], dtype=torch.float32)[None])[0].double().numpy()
+    if offset is not None:
+        origin[:2] += offset
     top, bottom = renderer.heightmaps(mesh, LOCAL_CELLS, PITCH)
-    cell = field.clamp(origin[1::-1] / PITCH + WORLD_CELLS / 2)  # (x, y) -> (row = y, col = x)
+    return mesh, top, bottom, origin, np.round(origin[1::-1] / PITCH + WORLD_CELLS / 2).astype(int)  # (row = y, col = x)
+
+
+def _inserted(placed, fit, field, renderer, on_floor: bool = False, offset: np.ndarray | None = None,
+              companion=None):
+    """A copy of a source object (make_sample ``Placed``) turned and moved by ``fit`` (yaw +
+    translation; then by ``offset`` in xy), dropped onto ``field`` (a make_sample HeightField)
+    where it lands. ``on_floor``: it stood on the floor in the source, so it must here too (the
+    support check): where the drop would rest it on a target object (a book on a lying bottle), or
+    where ``companion`` (the item it carries: cell offset, bottom map) would not find the floor
+    clear under it, it slides to the nearest place where both hold. Returns the placed object and a
+    record (``slid``: how far it moved, scene units)."""
+    from tasks.make_sample.layout import CONTACT_GAP, PITCH, Placed, _translation
+    from tasks.make_sample.shapes import Shape
+
+    mesh, top, bottom, origin, cell = footprint(placed, fit, renderer, offset)
+    cell = field.clamp(cell)
+    record = {"mapped_origin": [round(float(v), 4) for v in origin]}
+    if on_floor and (field.rest(cell, bottom) >= LIFTED or (companion is not None and not clear(field, cell, companion))):
+        free = floor_cell(field, cell, bottom, companion)
+        if free is not None:
+            record["slid"] = round(float(np.linalg.norm(free - cell) * PITCH), 4)
+            cell = free
     z = field.rest(cell, bottom) + CONTACT_GAP
     field.add(cell, top, bottom, z)
     pose = np.eye(4)
     pose[:2, 3], pose[2, 3] = _translation(cell), z
     shape = Shape(mesh, placed.shape.colors, placed.shape.metallic, placed.shape.roughness, placed.shape.smooth)
     moved = Placed(placed.category, shape, pose, cell.astype(float), placed.radius, placed.flat_top, "transferred")
-    return moved, {"mapped_origin": [round(float(v), 4) for v in origin], "rest_height": round(float(z), 4)}
+    return moved, {**record, "rest_height": round(float(z), 4)}
 
 
 def height_field(spec, renderer):
@@ -159,6 +205,12 @@ def place_pair(field: ContextDescriptorField, cfg: MapConfig, source: Scene, sou
     renderer = get_renderer(64, 64)
     heights = height_field(target_spec, renderer)
     objects, record = list(target_spec.objects), {"cost": round(float(m.cost), 4), "objects": []}
+    slide = None  # xy the inserted support slid by (support check), which the item follows
+
+    def fit_of(k: int):  # yaw + translation of source object k onto its image (no mirror: meshes are not flipped)
+        pts = torch.from_numpy(source.object_points(k))
+        return procrustes_yaw(pts, m(pts), torch.ones(len(pts)), torch.eye(3), 1.0)
+
     for k in sorted(pair, key=lambda k: float(source.object_points(k)[:, 2].min())):  # supports first
         pts = torch.from_numpy(source.object_points(k))
         mapped = m(pts)
@@ -167,8 +219,16 @@ def place_pair(field: ContextDescriptorField, cfg: MapConfig, source: Scene, sou
         if same >= 0:
             record["objects"].append({**entry, "identified_with": same})
             continue
-        fit = procrustes_yaw(pts, mapped, torch.ones(len(pts)), torch.eye(3), 1.0)
-        placed, where = _inserted(source_spec.objects[k], fit, heights, renderer)
+        fit = fit_of(k)
+        on_floor = source_spec.objects[k].pose[2, 3] < LIFTED
+        companion = None
+        if k == pair[0] and source_spec.objects[pair[1]].pose[2, 3] >= LIFTED:  # its item rests on it
+            _, _, bottom, _, cell = footprint(source_spec.objects[pair[1]], fit_of(pair[1]), renderer)
+            companion = (cell - footprint(source_spec.objects[k], fit, renderer)[4], bottom)
+        placed, where = _inserted(source_spec.objects[k], fit, heights, renderer, on_floor,
+                                  None if k == pair[0] else slide, companion)
+        if k == pair[0] and "slid" in where:  # the item goes where its support went
+            slide = placed.pose[:2, 3] - np.asarray(where["mapped_origin"][:2])
         record["objects"].append({**entry, "inserted_as": len(objects), **where})
         objects.append(placed)
     view_dir = target_spec.info["view_dir"]
