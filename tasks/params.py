@@ -401,7 +401,7 @@ class AnalogyParams(Section):
     eval_swap_instances: bool = False  # true: kept objects become other instances of their class (harder)
     # harder held-out pairs (instances swapped, layout perturbed per object), scored for the trained
     # field and an untrained one of the same shape: what training adds
-    hard_pairs: int = Field(6, ge=0)
+    hard_pairs: int = Field(12, ge=0)
     hard_shift: float = Field(0.05, ge=0.0)  # per-object floor shift, scene units (std)
     hard_yaw_deg: float = Field(20.0, ge=0.0)  # per-object turn about its own axis (std)
     # arrangement transfer: held-out interacting pairs carried into other held-out scenes, rendered
