@@ -35,7 +35,7 @@ check-system-packages:
 run: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pics repro
 
-# The longer profile (about an hour on 2 cores): three times the images, five times the steps, a
+# The longer profile (about 45 min on 2 cores, README): three times the images, 15 times the steps, a
 # cosine schedule. It runs as the DVC experiment "long" in a temporary copy (the workspace and its
 # data/ are left alone): `dvc exp show` lists its metrics; `dvc exp apply long && dvc checkout`
 # brings its outputs (data/evaluate/report/) into the workspace.
