@@ -411,9 +411,9 @@ def _with_collage(hint: list[torch.Tensor], sample: dict, pmasks, patches: np.nd
            f"the collage hint needs finite [N={n},4] xyxy tight boxes, got {getattr(tight, 'shape', None)}")
     rgb, count = collage_layer(patches, pmasks, tight + np.array([left, top, left, top], np.float32), s)
     covered = torch.from_numpy(count > 0).float()[None]
-    premultiplied = torch.from_numpy(rgb).permute(2, 0, 1) * covered
     fraction = F.adaptive_avg_pool2d(covered[None], r)[0]
-    rgb_r = F.adaptive_avg_pool2d(premultiplied[None], r)[0] / fraction.clamp_min(1e-6)
+    # rgb is 0 where no silhouette covers, so its area average is premultiplied by the coverage
+    rgb_r = F.adaptive_avg_pool2d(torch.from_numpy(rgb).permute(2, 0, 1)[None], r)[0] / fraction.clamp_min(1e-6)
     coverage = F.adaptive_avg_pool2d(torch.from_numpy(count)[None, None], r)[0]
     hint_rgb = torch.where(fraction > 0, rgb_r * 2.0 - 1.0, hint[0])
     return [hint_rgb, hint[1], coverage]
