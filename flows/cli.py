@@ -396,6 +396,8 @@ def results(
     readme: Optional[Path] = typer.Option(None, help="README to rewrite (default: the repository's)."),
     out: Optional[Path] = typer.Option(None, help="Snapshot folder in git (default: docs/results)."),
     check: bool = typer.Option(False, "--check", help="Only check that the README matches the snapshot."),
+    block: str = typer.Option("results", help="README block to write: <!-- BLOCK:begin --> ... <!-- BLOCK:end --> "
+                                              "(the longer profile's: results-long, --out docs/results/long)."),
     set_: Optional[list[str]] = SetOpt,
     params: Optional[Path] = ParamsOpt,
 ):
@@ -407,7 +409,7 @@ def results(
     out = (out or REPO_ROOT / "docs" / "results").resolve()
     try:
         if check:
-            problem = res.check_readme(readme, out)
+            problem = res.check_readme(readme, out, block)
             if problem:
                 _fail(res.ResultsError(problem))
             typer.echo(f"{readme}: results section matches {out}")
@@ -418,7 +420,7 @@ def results(
         res.snapshot(ev, (train or tr_dir / "metrics.json").resolve(), tr_dir / "occlusion.csv", out)
         for fig in res.draw_figures(out):
             typer.echo(str(fig))
-        res.write_readme(readme, out)
+        res.write_readme(readme, out, block)
     except res.ResultsError as e:
         _fail(e)
     typer.echo(str(readme))

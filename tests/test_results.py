@@ -76,5 +76,23 @@ def test_results_command_names_a_missing_metrics_file(tmp_path):
     assert res.exit_code == 2 and "none.json" in res.output and "pics evaluate" in res.output
 
 
+def test_a_second_block_has_its_own_markers_and_snapshot(tmp_path):
+    """`--block results-long` writes its own block from its own snapshot and leaves the main one."""
+    readme = tmp_path / "README.md"
+    begin, end = results.markers("results-long")
+    readme.write_text(f"{results.BEGIN}\nmain\n{results.END}\n\n{begin}\nhand-typed\n{end}\n")
+    res, _ = _run(tmp_path, "--block", "results-long")
+    assert res.exit_code == 0, res.output
+    text = readme.read_text()
+    assert f"{results.BEGIN}\nmain\n{results.END}" in text and "hand-typed" not in text
+    assert "| PICS | 13.70 |" in results.current_block(readme, "results-long")
+    snap = str(tmp_path / "docs" / "results")
+    check = ["results", "--check", "--readme", str(readme), "--out", snap]
+    assert CliRunner().invoke(app, check + ["--block", "results-long"]).exit_code == 0
+    assert CliRunner().invoke(app, check).exit_code == 2  # the main block is still hand-typed
+
+
 def test_repository_readme_is_what_its_results_snapshot_generates():
     assert results.check_readme(REPO_ROOT / "README.md", REPO_ROOT / "docs" / "results") is None
+    assert results.check_readme(REPO_ROOT / "README.md", REPO_ROOT / "docs" / "results" / "long",
+                                "results-long") is None
