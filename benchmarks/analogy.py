@@ -1,8 +1,11 @@
 """Scene-map computation time: ours (coarse, coarse + fine) against the ICP and centroid
-baselines on the same augmented pairs, plus descriptor-field throughput.
+baselines on the same augmented pairs, plus descriptor-field throughput, and the same pairs with
+both scenes sampled ``--dense`` times more densely: the map as the stage computes it (thinned to the
+training density, `pics_model.context_field.thin_scene`) against reading the dense scenes as they
+are (the baseline), time and PCP@0.25.
 
     python benchmarks/analogy.py [--checkpoint data/analogy/final] [--scenes data/analogy/scenes]
-                                 [--pairs 8] [--threads 2]
+                                 [--pairs 8] [--threads 2] [--dense 20]
 
 Scenes come from the stage's ``scenes/`` when it exists, else a few are generated; the field is
 the trained one when ``--checkpoint`` exists, else an untrained one of the default size (timing
@@ -13,6 +16,7 @@ printed beside them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -29,7 +33,8 @@ import torch  # noqa: E402
 
 from pics_model.context_field import ContextDescriptorField  # noqa: E402
 from tasks.analogy import evaluate as ev  # noqa: E402
-from tasks.analogy.scenes import eval_pair, generate_scene, load_scene, object_library  # noqa: E402
+from tasks.analogy.scenes import (Scene, eval_pair, generate_scene, load_scene, object_library,  # noqa: E402
+                                  point_spacing)
 from tasks.analogy.stage import field_config, map_config  # noqa: E402
 from tasks.params import AnalogyParams  # noqa: E402
 
@@ -48,6 +53,7 @@ def main() -> None:
     ap.add_argument("--scenes", default="data/analogy/scenes")
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dense", type=int, default=20, help="copies of every point, jittered (0: skip)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     p = AnalogyParams()
@@ -74,6 +80,36 @@ def main() -> None:
         field(q, q, torch.from_numpy(s.label))
         dt = time.perf_counter() - t0
     print(f"descriptor field: {len(q) / dt:,.0f} descriptors/s ({len(q)} points)")
+    if args.dense:
+        dense_scenes(field, scenes, pairs, args.dense, p)
+
+
+def _denser(scene: Scene, copies: int, rng: np.random.Generator) -> Scene:
+    pts = np.concatenate([scene.points + rng.normal(0, 0.006, scene.points.shape) for _ in range(copies)])
+    return Scene(pts.astype(np.float32), np.tile(scene.instance, copies), np.tile(scene.label, copies))
+
+
+def dense_scenes(field: ContextDescriptorField, scenes: list[Scene], pairs, copies: int, p: AnalogyParams) -> None:
+    cfg = field.config
+    if not cfg.object_spacing:  # a field saved before spacings were recorded
+        cfg = dataclasses.replace(cfg, **dict(zip(("object_spacing", "floor_spacing"), point_spacing(scenes))))
+    thinned, as_is = (ContextDescriptorField(c).eval() for c in (cfg, dataclasses.replace(cfg, object_spacing=0.0,
+                                                                                          floor_spacing=0.0)))
+    for f in (thinned, as_is):
+        f.load_state_dict(field.state_dict())
+    rng = np.random.default_rng(1)
+    dense = [(_denser(pair.source, copies, rng), _denser(pair.target, copies, rng)) for pair in pairs]
+    size = cfg.typical_object_size
+    print(f"{copies}x denser scenes ({len(dense[0][0].points)} source points in the first pair):")
+    seconds = {}
+    for name, f in (("thinned (the stage)", thinned), ("read as they are", as_is)):
+        full, _ = ev.ours(f, map_config(p, fine=True))
+        t0, scores = time.perf_counter(), []
+        for pair, (src, tgt) in zip(pairs, dense):
+            scores.append(ev.pcp(full(src, tgt, pair.source.points[pair.query]), pair.truth, 0.25 * size))
+        seconds[name] = (time.perf_counter() - t0) / len(pairs)
+        print(f"  {name:20s} {seconds[name]:7.3f} s/pair wall  PCP@0.25 {np.mean(scores):.3f}")
+    print(f"  thinning: {seconds['read as they are'] / seconds['thinned (the stage)']:.1f}x faster")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,11 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
+from scipy.spatial import cKDTree
 from safetensors.torch import load_file
 from torch import nn
 
@@ -43,6 +45,13 @@ class FieldConfig:
     feature_dim: int = 64  # descriptor size
     num_labels: int = 1204  # LVIS v1 category ids 1..1203; -1 (floor) is embedded too
     typical_object_size: float = 0.4  # the unit of the PCP thresholds; set from the training scenes
+    # the training scenes' sampling (median nearest-neighbour distance of object and floor points):
+    # a scene sampled much more densely is thinned to it (`thin_scene`); 0: never thinned
+    object_spacing: float = 0.0
+    floor_spacing: float = 0.0
+
+
+MAX_DISTANCES = 1 << 22  # query-to-point distances held at once (16 MiB of float32)
 
 
 class FieldFileError(ValueError):
@@ -66,27 +75,39 @@ class ContextDescriptorField(nn.Module):
                 frame: torch.Tensor | None = None, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
         """Descriptors [..., Q, D] of ``queries`` [..., Q, 3] in one scene (``points`` [P, 3],
         ``labels`` [P] int, -1 floor), each batch entry read in its frame: ``frame`` [..., 3, 3]
-        (rotation, possibly with a flip; default identity) and ``scale`` [...] or a float."""
+        (rotation, possibly with a flip; default identity) and ``scale`` [...] or a float.
+        Rows are described in chunks of at most ``MAX_DISTANCES / P`` queries, so that a scene of
+        any size fits in memory (every query is described on its own: chunks change nothing)."""
         cfg = self.config
         lead = queries.shape[:-2]
         q = queries.reshape(-1, queries.shape[-2], 3)  # [B, Q, 3]
         b, nq = q.shape[:2]
         if frame is None:
             frame = torch.eye(3, dtype=q.dtype, device=q.device).expand(b, 3, 3)
-        frame = frame.reshape(b, 3, 3)
+        frame = frame.reshape(b, 3, 3).repeat_interleave(nq, 0)  # [B*Q, 3, 3]
         scale = torch.as_tensor(scale, dtype=q.dtype, device=q.device).reshape(-1)
         scale = scale.expand(b) if scale.numel() == 1 else scale.reshape(b)
-        k = min(cfg.max_neighbours, len(points))
-        reach = (cfg.radius * scale).repeat_interleave(nq)[:, None]
-        dist, idx = self.neighbours(torch.cdist(q.reshape(-1, 3), points), reach, k)  # [B*Q, k]
-        offset = (points[idx] - q.reshape(-1, 1, 3)).reshape(b, nq * k, 3)
-        offset = (offset @ frame).reshape(b * nq, k, 3) / reach[..., None]  # R^T (p - q) as rows
+        reach = (cfg.radius * scale).repeat_interleave(nq)  # [B*Q]
+        rows = q.reshape(-1, 3)
+        step = max(1, MAX_DISTANCES // max(len(points), 1))
+        out = [self.describe(rows[i:i + step], frame[i:i + step], reach[i:i + step], points, labels)
+               for i in range(0, len(rows), step)]
+        return torch.cat(out).reshape(*lead, nq, cfg.feature_dim)
+
+    def describe(self, q: torch.Tensor, frame: torch.Tensor, reach: torch.Tensor, points: torch.Tensor,
+                 labels: torch.Tensor) -> torch.Tensor:
+        """Descriptors [N, D] of the points ``q`` [N, 3], each read in its ``frame`` [N, 3, 3]
+        within its ``reach`` [N] (the radius times the frame's scale)."""
+        k = min(self.config.max_neighbours, len(points))
+        reach = reach[:, None]
+        dist, idx = self.neighbours(torch.cdist(q, points), reach, k)  # [N, k]
+        offset = (points[idx] - q[:, None]) @ frame / reach[..., None]  # R^T (p - q) as rows
         tokens = torch.cat([self.position(offset), self.semantic(labels[idx].long() + 1)], -1)
-        far = dist > reach  # [B*Q, k]
+        far = dist > reach  # [N, k]
         x = torch.cat([self.summary.expand(len(tokens), 1, -1), tokens], 1)
         pad = torch.cat([torch.zeros_like(far[:, :1]), far], 1)
         out = self.encoder(x, src_key_padding_mask=pad)[:, 0]
-        return F.normalize(self.head(out), dim=-1).reshape(*lead, nq, cfg.feature_dim)
+        return F.normalize(self.head(out), dim=-1)
 
     def neighbours(self, dist: torch.Tensor, reach: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(distance, index) [N, k] of the tokens of each row of ``dist`` [N, P]: the nearest
@@ -132,6 +153,59 @@ class ContextDescriptorField(nn.Module):
         except (SafetensorError, RuntimeError) as e:
             raise FieldFileError(f"{d / WEIGHTS_NAME}: does not hold this config's weights ({e})") from None
         return field.eval()
+
+
+SPACING_NEIGHBOUR = 8  # the density measure: median distance to a point's 8th nearest neighbour
+
+
+def median_spacing(points: np.ndarray) -> float:
+    """Median distance from each point [N, 3] to its ``SPACING_NEIGHBOUR``-th nearest other point
+    (to the farthest where there are fewer; 0 for fewer than 2 points): how densely a surface is
+    sampled, steadier than the nearest neighbour, which random sampling makes very close."""
+    if len(points) < 2:
+        return 0.0
+    k = min(SPACING_NEIGHBOUR, len(points) - 1)
+    d, _ = cKDTree(points).query(points, k=k + 1)
+    return float(np.median(d[:, k]))
+
+
+def _voxel_means(points: torch.Tensor, instance: torch.Tensor, size: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One point per (instance, voxel of ``size``): the mean of its points [V, 3], and the index of
+    its first point [V] (whose label and instance it keeps)."""
+    cells = torch.cat([instance[:, None].long(), torch.floor(points / size).long()], 1)
+    _, group = torch.unique(cells, dim=0, return_inverse=True)
+    n = int(group.max()) + 1
+    first = torch.full((n,), len(points)).scatter_reduce(0, group, torch.arange(len(points)), "amin")
+    mean = torch.zeros(n, 3, dtype=points.dtype).index_add(0, group, points)
+    return mean / torch.bincount(group, minlength=n)[:, None].to(points.dtype), first
+
+
+def thin_scene(points: torch.Tensor, labels: torch.Tensor, instance: torch.Tensor,
+               config: FieldConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scene as the field was trained to read it: a descriptor is made of the nearest points,
+    so a scene sampled far more densely than the training scenes shows each one a smaller
+    neighbourhood. Its object points (per object) and its floor points, when their
+    `median_spacing` is under half the field's ``object_spacing`` / ``floor_spacing``, become one
+    point per voxel (the mean of its points), the voxel size found by bisection so that the
+    spacing comes back to the field's (within 10 %). Others are left as they are. Returns
+    (points, labels, instance)."""
+    out = []
+    for part, spacing in ((instance >= 0, config.object_spacing), (instance < 0, config.floor_spacing)):
+        pts, lab, ins = points[part], labels[part], instance[part]
+        if spacing > 0 and median_spacing(pts.double().numpy()) < spacing / 2:
+            lo, hi = 0.0, 2.0 * spacing  # voxel sizes: too fine (or none), coarse enough
+            for _ in range(12):
+                mid = (lo + hi) / 2
+                if median_spacing(_voxel_means(pts, ins, mid)[0].double().numpy()) < spacing:
+                    lo = mid
+                else:
+                    hi = mid
+                if hi - lo < 0.05 * spacing:
+                    break
+            mean, first = _voxel_means(pts, ins, hi)
+            pts, lab, ins = mean, lab[first], ins[first]
+        out.append((pts, lab, ins))
+    return tuple(torch.cat(parts) for parts in zip(*out))
 
 
 def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None = None,

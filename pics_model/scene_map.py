@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from scipy.interpolate import RBFInterpolator
 
-from .context_field import ContextDescriptorField
+from .context_field import MAX_DISTANCES, ContextDescriptorField, thin_scene
 
 
 @dataclass
@@ -39,6 +39,7 @@ class MapConfig:
     match_temperature: float = 0.05  # confidence exp(-squared descriptor distance / temperature)
     fine: bool = True  # False: the coarse-only ablation
     rbf_smoothing: float = 0.5
+    fine_queries: int = 1024  # query points the fine stage's spline is fitted on (a fixed random subset)
     seed: int = 0
 
 
@@ -126,16 +127,26 @@ def matches(field: ContextDescriptorField, query: torch.Tensor, query_desc: torc
             t: Similarity, cfg: MapConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query point's descriptor match among the target points near its image: the matched
     position [Q, 3] (its own image where nothing is near) and a confidence [Q] in (0, 1],
-    exp(-squared descriptor distance / temperature); 0 where nothing is near."""
+    exp(-squared descriptor distance / temperature); 0 where nothing is near. Query rows go in
+    chunks that hold at most ``MAX_DISTANCES`` descriptor-dimension entries (any scene size)."""
     image = t.apply(query)
-    near = torch.cdist(image, target["points"]) <= cfg.match_radius * field.config.radius * t.scale
-    used = near.any(0)  # only the target points some image can reach need descriptors
-    pts = target["points"][used]
-    tgt_desc = field(pts, target["points"], target["labels"], t.rotation, t.scale)
-    dist = ((query_desc[:, None] - tgt_desc[None]) ** 2).sum(-1).masked_fill(~near[:, used], float("inf"))
-    best, idx = dist.min(1) if len(pts) else (torch.full((len(query),), float("inf")), None)
+    reach = cfg.match_radius * field.config.radius * t.scale
+    points = target["points"]
+    step = max(1, MAX_DISTANCES // max(len(points), 1))
+    used = torch.zeros(len(points), dtype=torch.bool)  # only the target points some image can reach need descriptors
+    for i in range(0, len(image), step):
+        used |= (torch.cdist(image[i:i + step], points) <= reach).any(0)
+    pts = points[used]
+    best, idx = torch.full((len(query),), float("inf")), torch.zeros(len(query), dtype=torch.long)
+    if len(pts):
+        tgt_desc = field(pts, points, target["labels"], t.rotation, t.scale)
+        step = max(1, MAX_DISTANCES // (len(pts) * tgt_desc.shape[1]))
+        for i in range(0, len(image), step):
+            near = torch.cdist(image[i:i + step], pts) <= reach
+            dist = ((query_desc[i:i + step, None] - tgt_desc[None]) ** 2).sum(-1).masked_fill(~near, float("inf"))
+            best[i:i + step], idx[i:i + step] = dist.min(1)
     has = torch.isfinite(best)
-    matched = torch.where(has[:, None], pts[idx.clamp_min(0)] if idx is not None else image, image)
+    matched = torch.where(has[:, None], pts[idx] if len(pts) else image, image)
     return matched, torch.where(has, torch.exp(-best.clamp(max=1e4) / cfg.match_temperature), torch.zeros_like(best))
 
 
@@ -178,7 +189,10 @@ def scene_tensors(points, labels, instance) -> dict:
 def compute_map(field: ContextDescriptorField, source: dict, target: dict, query: torch.Tensor,
                 cfg: MapConfig) -> SceneMap:
     """The map from ``source`` to ``target`` (dicts of `scene_tensors`) for the region around
-    ``query`` [Q, 3] (source points to carry over)."""
+    ``query`` [Q, 3] (source points to carry over). Scenes sampled far more densely than the
+    field's training scenes are read thinned to their density (`thin_scene`)."""
+    source, target = (dict(zip(("points", "labels", "instance"),
+                                thin_scene(s["points"], s["labels"], s["instance"], field.config))) for s in (source, target))
     g = torch.Generator().manual_seed(cfg.seed)
     sub = query[torch.randperm(len(query), generator=g)[:cfg.coarse_queries]]
     sub_desc = field(sub, source["points"], source["labels"])
@@ -193,14 +207,16 @@ def compute_map(field: ContextDescriptorField, source: dict, target: dict, query
         if best is None or cost < best.cost:
             best = SceneMap(t, cost)
     if cfg.fine:
-        best.displacement = fine_displacements(field, query, source, target, best.transform, cfg)
+        fit = query if len(query) <= cfg.fine_queries else query[torch.randperm(len(query), generator=g)[:cfg.fine_queries]]
+        best.displacement = fine_displacements(field, fit, source, target, best.transform, cfg)
     return best
 
 
 def fine_displacements(field: ContextDescriptorField, query: torch.Tensor, source: dict, target: dict,
                        t: Similarity, cfg: MapConfig) -> RBFInterpolator:
     """Per-point displacements towards each query point's descriptor match (confidence-weighted:
-    an unsure point keeps its coarse image), smoothed by a thin-plate-spline RBF."""
+    an unsure point keeps its coarse image), smoothed by a thin-plate-spline RBF fitted on
+    ``query`` (the map evaluates it anywhere)."""
     desc = field(query, source["points"], source["labels"])
     matched, conf = matches(field, query, desc, target, t, cfg)
     shift = (matched - t.apply(query)) * conf[:, None]

@@ -93,6 +93,77 @@ def test_coarse_stage_recovers_a_known_rotation(scenes):
     assert ev.pcp(m(query).numpy(), truth, 0.02) > 0.95
 
 
+def test_descriptors_and_matches_do_not_depend_on_the_chunk_size(scenes, monkeypatch):
+    import pics_model.context_field as cf
+    import pics_model.scene_map as sm
+
+    torch.manual_seed(0)
+    field = ContextDescriptorField(SMALL).eval()
+    s = scenes[0]
+    pts, lab = torch.from_numpy(s.points), torch.from_numpy(s.label)
+    q = torch.from_numpy(s.points[s.instance >= 0][::3])
+    frames = torch.stack([yaw(0.3), yaw(2.0, True)])
+    tgt = scene_tensors(s.points, s.label, s.instance)
+    t = sm.Similarity(yaw(0.0), 1.0, torch.zeros(3))
+    with torch.no_grad():
+        whole = field(q.expand(2, -1, -1), pts, lab, frames, torch.tensor([1.0, 1.3]))
+        matched, conf = sm.matches(field, q, field(q, pts, lab), tgt, t, FAST)
+        monkeypatch.setattr(cf, "MAX_DISTANCES", 3 * len(pts))  # three queries a chunk
+        monkeypatch.setattr(sm, "MAX_DISTANCES", 5 * len(pts) * SMALL.feature_dim)
+        chunked = field(q.expand(2, -1, -1), pts, lab, frames, torch.tensor([1.0, 1.3]))
+        matched_c, conf_c = sm.matches(field, q, field(q, pts, lab), tgt, t, FAST)
+    assert torch.allclose(whole, chunked, atol=1e-6)
+    assert torch.equal(matched, matched_c) and torch.allclose(conf, conf_c, atol=1e-6)
+
+
+def _denser(scene: Scene, copies: int, seed: int = 0) -> Scene:
+    """Every point ``copies`` times, jittered by a quarter of the object point spacing."""
+    r = np.random.default_rng(seed)
+    pts = np.concatenate([scene.points + r.normal(0, 0.006, scene.points.shape) for _ in range(copies)])
+    return Scene(pts.astype(np.float32), np.tile(scene.instance, copies), np.tile(scene.label, copies))
+
+
+def test_a_denser_scene_is_thinned_to_the_training_density(scenes):
+    from pics_model.context_field import thin_scene
+    from tasks.analogy.scenes import point_spacing
+
+    s = scenes[0]
+    cfg = FieldConfig(**{**SMALL.__dict__})
+    cfg.object_spacing, cfg.floor_spacing = point_spacing(scenes)
+    as_trained = thin_scene(*scene_tensors(s.points, s.label, s.instance).values(), cfg)
+    assert torch.equal(as_trained[0], torch.from_numpy(s.points))  # sampled like the training scenes: untouched
+    d = _denser(s, 20)
+    pts, lab, ins = thin_scene(*scene_tensors(d.points, d.label, d.instance).values(), cfg)
+    for k in np.unique(s.instance):  # each object (and the floor) back to about its own count
+        n, m = int((ins == int(k)).sum()), int((s.instance == k).sum())
+        assert 0.5 * m <= n <= 2.5 * m, (k, n, m)
+        assert set(lab[ins == int(k)].tolist()) == {int(s.label[s.instance == k][0])}
+        # thinned points stay on their object: within a voxel of its original points
+        orig = torch.from_numpy(s.points[s.instance == k])
+        reach = cfg.object_spacing if k >= 0 else cfg.floor_spacing
+        assert float(torch.cdist(pts[ins == int(k)], orig).min(1).values.max()) < 1.8 * reach
+    no_spacing = thin_scene(*scene_tensors(d.points, d.label, d.instance).values(), SMALL)
+    assert len(no_spacing[0]) == len(d.points)  # a field saved without spacings reads scenes as they are
+
+
+def test_a_scene_sampled_twenty_times_denser_maps_as_the_sparse_one(scenes):
+    from tasks.analogy.scenes import point_spacing
+
+    torch.manual_seed(0)
+    cfg = FieldConfig(**{**SMALL.__dict__})
+    cfg.object_spacing, cfg.floor_spacing = point_spacing(scenes)
+    field = ContextDescriptorField(cfg).eval()
+    s = scenes[1]
+    angle, shift = np.pi / 2, np.array([1.5, 0.2, 0.0])
+    target = _turned(s, angle, shift)
+    query = torch.from_numpy(s.points[s.instance >= 0])
+    truth = query.numpy() @ yaw_matrix(angle).T + shift
+    dense_s, dense_t = _denser(s, 20, 1), _denser(target, 20, 2)
+    m = compute_map(field, scene_tensors(dense_s.points, dense_s.label, dense_s.instance),
+                    scene_tensors(dense_t.points, dense_t.label, dense_t.instance), query, FAST)
+    assert ev.pcp(m(query).numpy(), truth, 0.05) > 0.95
+
+
 def test_metric_definitions():
     truth = np.zeros((4, 3))
     mapped = np.array([[0.05, 0, 0], [0.2, 0, 0], [0, 0.09, 0], [0, 0, 1.0]])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pics_model.context_field import median_spacing
 from tasks import atomic
 from tasks.make_sample.layout import floor_grid
 
@@ -151,6 +152,13 @@ def object_size(local: np.ndarray) -> float:
 def typical_object_size(scenes: list[Scene]) -> float:
     """Median bounding-box diagonal over every object: the unit of the PCP thresholds."""
     return float(np.median([object_size(o.local) for s in scenes for o in split_objects(s)]))
+
+
+def point_spacing(scenes: list[Scene]) -> tuple[float, float]:
+    """(object, floor) median nearest-neighbour distance over the scenes: how densely they are sampled."""
+    objects = [median_spacing(s.points[s.instance >= 0].astype(np.float64)) for s in scenes]
+    floors = [median_spacing(s.points[s.instance < 0].astype(np.float64)) for s in scenes]
+    return float(np.median(objects)), float(np.median(floors))
 
 
 def yaw_matrix(angle: float) -> np.ndarray:

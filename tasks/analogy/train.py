@@ -16,7 +16,7 @@ import torch
 
 from pics_model.context_field import ContextDescriptorField, FieldConfig, info_nce
 from pics_model.scene_map import yaw
-from tasks.analogy.scenes import Scene, Triplet, object_library, triplet, typical_object_size
+from tasks.analogy.scenes import Scene, Triplet, object_library, point_spacing, triplet, typical_object_size
 
 
 @dataclass
@@ -90,6 +90,7 @@ def train_field(scenes: list[Scene], field_cfg: FieldConfig, cfg: TrainConfig, l
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     field_cfg.typical_object_size = typical_object_size(scenes)
+    field_cfg.object_spacing, field_cfg.floor_spacing = point_spacing(scenes)
     field = ContextDescriptorField(field_cfg)
     library = object_library(scenes)
     opt = torch.optim.Adam(field.parameters(), lr=cfg.lr)
