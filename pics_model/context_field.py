@@ -192,7 +192,7 @@ def thin_scene(points: torch.Tensor, labels: torch.Tensor, instance: torch.Tenso
     out = []
     for part, spacing in ((instance >= 0, config.object_spacing), (instance < 0, config.floor_spacing)):
         pts, lab, ins = points[part], labels[part], instance[part]
-        if spacing > 0 and median_spacing(pts.double().numpy()) < spacing / 2:
+        if spacing > 0 and len(pts) > SPACING_NEIGHBOUR and median_spacing(pts.double().numpy()) < spacing / 2:
             lo, hi = 0.0, 2.0 * spacing  # voxel sizes: too fine (or none), coarse enough
             for _ in range(12):
                 mid = (lo + hi) / 2

@@ -144,6 +144,9 @@ def test_a_denser_scene_is_thinned_to_the_training_density(scenes):
         assert float(torch.cdist(pts[ins == int(k)], orig).min(1).values.max()) < 1.8 * reach
     no_spacing = thin_scene(*scene_tensors(d.points, d.label, d.instance).values(), SMALL)
     assert len(no_spacing[0]) == len(d.points)  # a field saved without spacings reads scenes as they are
+    objects_only = thin_scene(*scene_tensors(d.points[d.instance >= 0], d.label[d.instance >= 0],
+                                             d.instance[d.instance >= 0]).values(), cfg)
+    assert (objects_only[2] >= 0).all() and len(objects_only[0]) < 3 * (s.instance >= 0).sum()  # no floor: no error
 
 
 def test_a_scene_sampled_twenty_times_denser_maps_as_the_sparse_one(scenes):
