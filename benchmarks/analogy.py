@@ -1,8 +1,9 @@
 """Scene-map computation time: ours (coarse, coarse + fine) against the ICP and centroid
 baselines on the same augmented pairs, plus descriptor-field throughput, and the same pairs with
-both scenes sampled ``--dense`` times more densely: the map as the stage computes it (thinned to the
-training density, `pics_model.context_field.thin_scene`) against reading the dense scenes as they
-are (the baseline), time and PCP@0.25.
+both scenes sampled ``--dense`` times more densely, rigid and hard pairs of the held-out scenes: the
+map reading the dense scenes as they are (the stage's default, the baseline) against reading them
+thinned to the training density (``analogy.thin_dense``, `pics_model.context_field.thin_scene`),
+time and PCP@0.25.
 
     python benchmarks/analogy.py [--checkpoint data/analogy/final] [--scenes data/analogy/scenes]
                                  [--pairs 8] [--threads 2] [--dense 20]
@@ -81,7 +82,7 @@ def main() -> None:
         dt = time.perf_counter() - t0
     print(f"descriptor field: {len(q) / dt:,.0f} descriptors/s ({len(q)} points)")
     if args.dense:
-        dense_scenes(field, scenes, pairs, args.dense, p)
+        dense_scenes(field, scenes, args.dense, args.pairs, p)
 
 
 def _denser(scene: Scene, copies: int, rng: np.random.Generator) -> Scene:
@@ -89,27 +90,31 @@ def _denser(scene: Scene, copies: int, rng: np.random.Generator) -> Scene:
     return Scene(pts.astype(np.float32), np.tile(scene.instance, copies), np.tile(scene.label, copies))
 
 
-def dense_scenes(field: ContextDescriptorField, scenes: list[Scene], pairs, copies: int, p: AnalogyParams) -> None:
+def dense_scenes(field: ContextDescriptorField, scenes: list[Scene], copies: int, count: int, p: AnalogyParams) -> None:
+    """The map on rigid and on hard pairs (other instances, each object shifted and turned) whose
+    scenes are sampled ``copies`` times more densely: as they are (the default) and thinned."""
     cfg = field.config
     if not cfg.object_spacing:  # a field saved before spacings were recorded
         cfg = dataclasses.replace(cfg, **dict(zip(("object_spacing", "floor_spacing"), point_spacing(scenes))))
-    thinned, as_is = (ContextDescriptorField(c).eval() for c in (cfg, dataclasses.replace(cfg, object_spacing=0.0,
-                                                                                          floor_spacing=0.0)))
-    for f in (thinned, as_is):
-        f.load_state_dict(field.state_dict())
-    rng = np.random.default_rng(1)
-    dense = [(_denser(pair.source, copies, rng), _denser(pair.target, copies, rng)) for pair in pairs]
-    size = cfg.typical_object_size
-    print(f"{copies}x denser scenes ({len(dense[0][0].points)} source points in the first pair):")
-    seconds = {}
-    for name, f in (("thinned (the stage)", thinned), ("read as they are", as_is)):
-        full, _ = ev.ours(f, map_config(p, fine=True))
-        t0, scores = time.perf_counter(), []
-        for pair, (src, tgt) in zip(pairs, dense):
-            scores.append(ev.pcp(full(src, tgt, pair.source.points[pair.query]), pair.truth, 0.25 * size))
-        seconds[name] = (time.perf_counter() - t0) / len(pairs)
-        print(f"  {name:20s} {seconds[name]:7.3f} s/pair wall  PCP@0.25 {np.mean(scores):.3f}")
-    print(f"  thinning: {seconds['read as they are'] / seconds['thinned (the stage)']:.1f}x faster")
+    spaced = ContextDescriptorField(cfg).eval()
+    spaced.load_state_dict(field.state_dict())
+    size, rng, library = cfg.typical_object_size, np.random.default_rng(1), object_library(scenes)
+    held = scenes[-p.heldout_scenes:] if len(scenes) > p.heldout_scenes else scenes  # the stage's held-out scenes
+    for kind, extra in (("rigid", {}), ("hard", {"swap": True, "perturb_shift": p.hard_shift,
+                                                 "perturb_yaw_deg": p.hard_yaw_deg})):
+        pairs = [eval_pair(held[i % len(held)], library, rng, **extra) for i in range(count)]
+        dense = [(_denser(pair.source, copies, rng), _denser(pair.target, copies, rng)) for pair in pairs]
+        print(f"{kind} pairs, {copies}x denser ({len(dense[0][0].points)} source points in the first pair):")
+        seconds = {}
+        for name, thin, inputs in (("as generated", False, [(x.source, x.target) for x in pairs]),
+                                   ("denser, as they are", False, dense), ("denser, thinned", True, dense)):
+            full, _ = ev.ours(spaced, dataclasses.replace(map_config(p, fine=True), thin_dense=thin))
+            t0 = time.perf_counter()
+            score = np.mean([ev.pcp(full(src, tgt, pair.source.points[pair.query]), pair.truth, 0.25 * size)
+                             for pair, (src, tgt) in zip(pairs, inputs)])
+            seconds[name] = (time.perf_counter() - t0) / len(pairs)
+            print(f"  {name:20s} {seconds[name]:7.3f} s/pair wall  PCP@0.25 {score:.3f}")
+        print(f"  thinning: {seconds['denser, as they are'] / seconds['denser, thinned']:.1f}x faster")
 
 
 if __name__ == "__main__":

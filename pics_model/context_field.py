@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from scipy.spatial import cKDTree
 from safetensors.torch import load_file
+from scipy.spatial import cKDTree
 from torch import nn
 
 from .file_hashes import CONFIG_NAME, HASHES_NAME, WEIGHTS_NAME, mismatch, save_model_folder
@@ -45,8 +45,8 @@ class FieldConfig:
     feature_dim: int = 64  # descriptor size
     num_labels: int = 1204  # LVIS v1 category ids 1..1203; -1 (floor) is embedded too
     typical_object_size: float = 0.4  # the unit of the PCP thresholds; set from the training scenes
-    # the training scenes' sampling (median nearest-neighbour distance of object and floor points):
-    # a scene sampled much more densely is thinned to it (`thin_scene`); 0: never thinned
+    # the training scenes' sampling (`median_spacing` of their object points and floor points): a
+    # scene sampled much more densely is thinned to it (`thin_scene`); 0: never thinned
     object_spacing: float = 0.0
     floor_spacing: float = 0.0
 

@@ -40,6 +40,7 @@ class MapConfig:
     fine: bool = True  # False: the coarse-only ablation
     rbf_smoothing: float = 0.5
     fine_queries: int = 1024  # query points the fine stage's spline is fitted on (a fixed random subset)
+    thin_dense: bool = False  # read a scene sampled far more densely than the field's training scenes thinned (`thin_scene`)
     seed: int = 0
 
 
@@ -189,10 +190,11 @@ def scene_tensors(points, labels, instance) -> dict:
 def compute_map(field: ContextDescriptorField, source: dict, target: dict, query: torch.Tensor,
                 cfg: MapConfig) -> SceneMap:
     """The map from ``source`` to ``target`` (dicts of `scene_tensors`) for the region around
-    ``query`` [Q, 3] (source points to carry over). Scenes sampled far more densely than the
-    field's training scenes are read thinned to their density (`thin_scene`)."""
-    source, target = (dict(zip(("points", "labels", "instance"),
-                                thin_scene(s["points"], s["labels"], s["instance"], field.config))) for s in (source, target))
+    ``query`` [Q, 3] (source points to carry over). With ``cfg.thin_dense``, scenes sampled far
+    more densely than the field's training scenes are read thinned to their density (`thin_scene`)."""
+    if cfg.thin_dense:
+        source, target = (dict(zip(("points", "labels", "instance"), thin_scene(s["points"], s["labels"], s["instance"],
+                                                                               field.config))) for s in (source, target))
     g = torch.Generator().manual_seed(cfg.seed)
     sub = query[torch.randperm(len(query), generator=g)[:cfg.coarse_queries]]
     sub_desc = field(sub, source["points"], source["labels"])

@@ -395,6 +395,7 @@ class AnalogyParams(Section):
     topk: int = Field(3, ge=1)
     refine_iters: int = Field(4, ge=0)
     rbf_smoothing: float = Field(0.5, ge=0.0)
+    thin_dense: bool = False  # true: scenes sampled far more densely than the training scenes are read thinned to it
     # evaluation pairs
     eval_pairs: int = Field(8, ge=1)
     yaw_jitter_deg: float = Field(10.0, ge=0.0, le=45.0)

@@ -2,6 +2,7 @@
 pair with a known answer, the metric and baseline definitions, the saved field and `pics analogy`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -149,7 +150,7 @@ def test_a_denser_scene_is_thinned_to_the_training_density(scenes):
     assert (objects_only[2] >= 0).all() and len(objects_only[0]) < 3 * (s.instance >= 0).sum()  # no floor: no error
 
 
-def test_a_scene_sampled_twenty_times_denser_maps_as_the_sparse_one(scenes):
+def test_thin_dense_maps_a_scene_sampled_twenty_times_denser_as_the_sparse_one(scenes):
     from tasks.analogy.scenes import point_spacing
 
     torch.manual_seed(0)
@@ -163,7 +164,8 @@ def test_a_scene_sampled_twenty_times_denser_maps_as_the_sparse_one(scenes):
     truth = query.numpy() @ yaw_matrix(angle).T + shift
     dense_s, dense_t = _denser(s, 20, 1), _denser(target, 20, 2)
     m = compute_map(field, scene_tensors(dense_s.points, dense_s.label, dense_s.instance),
-                    scene_tensors(dense_t.points, dense_t.label, dense_t.instance), query, FAST)
+                    scene_tensors(dense_t.points, dense_t.label, dense_t.instance), query,
+                    dataclasses.replace(FAST, thin_dense=True))
     assert ev.pcp(m(query).numpy(), truth, 0.05) > 0.95
 
 
@@ -359,8 +361,6 @@ def stacked():
 
 def _without(spec, scene: Scene, k: int):
     """The layout and points with object ``k`` taken away (later objects renumbered)."""
-    import dataclasses
-
     keep = scene.instance != k
     inst = scene.instance[keep]
     return (dataclasses.replace(spec, objects=[o for i, o in enumerate(spec.objects) if i != k]),

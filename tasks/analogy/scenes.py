@@ -155,7 +155,7 @@ def typical_object_size(scenes: list[Scene]) -> float:
 
 
 def point_spacing(scenes: list[Scene]) -> tuple[float, float]:
-    """(object, floor) median nearest-neighbour distance over the scenes: how densely they are sampled."""
+    """(object, floor) `median_spacing`, the median over the scenes: how densely they are sampled."""
     objects = [median_spacing(s.points[s.instance >= 0].astype(np.float64)) for s in scenes]
     floors = [median_spacing(s.points[s.instance < 0].astype(np.float64)) for s in scenes]
     return float(np.median(objects)), float(np.median(floors))

@@ -39,7 +39,8 @@ def field_config(p: AnalogyParams) -> FieldConfig:
 
 def map_config(p: AnalogyParams, fine: bool = True) -> MapConfig:
     return MapConfig(num_yaws=p.num_yaws, flips=p.flips, scales=tuple(p.scales), topk=p.topk,
-                     refine_iters=p.refine_iters, rbf_smoothing=p.rbf_smoothing, fine=fine, seed=p.seed)
+                     refine_iters=p.refine_iters, rbf_smoothing=p.rbf_smoothing, thin_dense=p.thin_dense, fine=fine,
+                     seed=p.seed)
 
 
 def train_config(p: AnalogyParams) -> TrainConfig:
