@@ -34,8 +34,8 @@ import torch  # noqa: E402
 
 from pics_model.context_field import ContextDescriptorField  # noqa: E402
 from tasks.analogy import evaluate as ev  # noqa: E402
-from tasks.analogy.scenes import (Scene, eval_pair, generate_scene, load_scene, object_library,  # noqa: E402
-                                  point_spacing)
+from tasks.analogy.scenes import (Scene, densified, eval_pair, generate_scene, load_scene,  # noqa: E402
+                                  object_library, point_spacing)
 from tasks.analogy.stage import field_config, map_config  # noqa: E402
 from tasks.params import AnalogyParams  # noqa: E402
 
@@ -85,11 +85,6 @@ def main() -> None:
         dense_scenes(field, scenes, args.dense, args.pairs, p)
 
 
-def _denser(scene: Scene, copies: int, rng: np.random.Generator) -> Scene:
-    pts = np.concatenate([scene.points + rng.normal(0, 0.006, scene.points.shape) for _ in range(copies)])
-    return Scene(pts.astype(np.float32), np.tile(scene.instance, copies), np.tile(scene.label, copies))
-
-
 def dense_scenes(field: ContextDescriptorField, scenes: list[Scene], copies: int, count: int, p: AnalogyParams) -> None:
     """The map on rigid and on hard pairs (other instances, each object shifted and turned) whose
     scenes are sampled ``copies`` times more densely: as they are (the default) and thinned."""
@@ -103,7 +98,7 @@ def dense_scenes(field: ContextDescriptorField, scenes: list[Scene], copies: int
     for kind, extra in (("rigid", {}), ("hard", {"swap": True, "perturb_shift": p.hard_shift,
                                                  "perturb_yaw_deg": p.hard_yaw_deg})):
         pairs = [eval_pair(held[i % len(held)], library, rng, **extra) for i in range(count)]
-        dense = [(_denser(pair.source, copies, rng), _denser(pair.target, copies, rng)) for pair in pairs]
+        dense = [(densified(pair.source, copies, rng), densified(pair.target, copies, rng)) for pair in pairs]
         print(f"{kind} pairs, {copies}x denser ({len(dense[0][0].points)} source points in the first pair):")
         seconds = {}
         for name, thin, inputs in (("as generated", False, [(x.source, x.target) for x in pairs]),

@@ -13,8 +13,8 @@ from pics_model.context_field import ContextDescriptorField, FieldConfig, FieldF
 from pics_model.scene_map import MapConfig, compute_map, scene_tensors, yaw
 from tasks.analogy import evaluate as ev
 from tasks.analogy import transfer as tr
-from tasks.analogy.scenes import (Scene, SceneError, eval_pair, generate_scene, generate_spec, load_scene,
-                                  object_library, save_scene, split_objects, triplet, yaw_matrix)
+from tasks.analogy.scenes import (Scene, SceneError, densified, eval_pair, generate_scene, generate_spec,
+                                  load_scene, object_library, save_scene, split_objects, triplet, yaw_matrix)
 from tasks.make_sample.shapes import CATEGORIES
 
 FAST = MapConfig(max_query_objects=1, topk=1, coarse_queries=48)  # fewer candidates, same code
@@ -117,13 +117,6 @@ def test_descriptors_and_matches_do_not_depend_on_the_chunk_size(scenes, monkeyp
     assert torch.equal(matched, matched_c) and torch.allclose(conf, conf_c, atol=1e-6)
 
 
-def _denser(scene: Scene, copies: int, seed: int = 0) -> Scene:
-    """Every point ``copies`` times, jittered by a quarter of the object point spacing."""
-    r = np.random.default_rng(seed)
-    pts = np.concatenate([scene.points + r.normal(0, 0.006, scene.points.shape) for _ in range(copies)])
-    return Scene(pts.astype(np.float32), np.tile(scene.instance, copies), np.tile(scene.label, copies))
-
-
 def test_a_denser_scene_is_thinned_to_the_training_density(scenes):
     from pics_model.context_field import thin_scene
     from tasks.analogy.scenes import point_spacing
@@ -133,7 +126,7 @@ def test_a_denser_scene_is_thinned_to_the_training_density(scenes):
     cfg.object_spacing, cfg.floor_spacing = point_spacing(scenes)
     as_trained = thin_scene(*scene_tensors(s.points, s.label, s.instance).values(), cfg)
     assert torch.equal(as_trained[0], torch.from_numpy(s.points))  # sampled like the training scenes: untouched
-    d = _denser(s, 20)
+    d = densified(s, 20, np.random.default_rng(0))
     pts, lab, ins = thin_scene(*scene_tensors(d.points, d.label, d.instance).values(), cfg)
     for k in np.unique(s.instance):  # each object (and the floor) back to about its own count
         n, m = int((ins == int(k)).sum()), int((s.instance == k).sum())
@@ -162,7 +155,7 @@ def test_thin_dense_maps_a_scene_sampled_twenty_times_denser_as_the_sparse_one(s
     target = _turned(s, angle, shift)
     query = torch.from_numpy(s.points[s.instance >= 0])
     truth = query.numpy() @ yaw_matrix(angle).T + shift
-    dense_s, dense_t = _denser(s, 20, 1), _denser(target, 20, 2)
+    dense_s, dense_t = densified(s, 20, np.random.default_rng(1)), densified(target, 20, np.random.default_rng(2))
     m = compute_map(field, scene_tensors(dense_s.points, dense_s.label, dense_s.instance),
                     scene_tensors(dense_t.points, dense_t.label, dense_t.instance), query,
                     dataclasses.replace(FAST, thin_dense=True))

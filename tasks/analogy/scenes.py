@@ -161,6 +161,13 @@ def point_spacing(scenes: list[Scene]) -> tuple[float, float]:
     return float(np.median(objects)), float(np.median(floors))
 
 
+def densified(scene: Scene, copies: int, rng: np.random.Generator, jitter: float = 0.006) -> Scene:
+    """The scene as a denser scan would sample it: every point ``copies`` times, each copy moved by
+    N(0, jitter) per axis (the tests' and benchmarks' stand-in for a user's dense scene)."""
+    pts = np.concatenate([scene.points + rng.normal(0, jitter, scene.points.shape) for _ in range(copies)])
+    return Scene(pts.astype(np.float32), np.tile(scene.instance, copies), np.tile(scene.label, copies))
+
+
 def yaw_matrix(angle: float) -> np.ndarray:
     c, s = np.cos(angle), np.sin(angle)
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
