@@ -2,7 +2,7 @@
 
 ``pics results`` copies the run's metrics (``data/evaluate/metrics.json``, ``data/train/metrics.json``
 and the held-out occlusion curve ``data/train/occlusion.csv``) into ``docs/results/`` (the snapshot
-that git keeps), draws the figures there and rewrites the README between ``BEGIN`` and ``END``
+that git keeps), draws the figures there and rewrites the README between the ``markers()`` comments
 from that snapshot alone. ``pics results --check`` (and tests/test_results.py) fail when the README
 block differs from what the snapshot generates, so the numbers cannot go stale. ``--block NAME``
 writes another block (``<!-- NAME:begin -->``) from its own snapshot: the longer profile's
@@ -26,7 +26,6 @@ def markers(block: str = BLOCK) -> tuple[str, str]:
     return f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
 
 
-BEGIN, END = markers()
 EVALUATE, TRAIN, CURVE = "evaluate_metrics.json", "train_metrics.json", "train_occlusion.csv"
 METHODS_PNG, CURVE_PNG = "methods.png", "occlusion_training.png"
 LABELS = {"pics": "PICS", "sequential": "sequential (painter)", "untrained": "untrained", "copy_paste": "copy-paste"}

@@ -9,6 +9,8 @@ from flows.cli import app
 from tasks import results
 from tasks.params import REPO_ROOT
 
+BEGIN, END = results.markers()
+
 EVALUATE = {
     "n_samples": 36, "n_failed": 0,
     "pics": {"n": 36, "mpsnr": 13.7012, "mssim": 0.41234, "mlpips_mobilenetv2_proxy": 0.2871, "psnr": 19.98,
@@ -39,7 +41,7 @@ def _run(tmp_path, *extra):
     (run / "train" / "occlusion.csv").write_text(CURVE)
     readme = tmp_path / "README.md"
     if not readme.exists():
-        readme.write_text(f"# x\n\n## Results\n\n{results.BEGIN}\nhand-typed 0.64\n{results.END}\n\n## After\n")
+        readme.write_text(f"# x\n\n## Results\n\n{BEGIN}\nhand-typed 0.64\n{END}\n\n## After\n")
     args = ["results", "--evaluate", str(run / "evaluate" / "metrics.json"), "--train",
             str(run / "train" / "metrics.json"), "--readme", str(readme), "--out", str(tmp_path / "docs" / "results")]
     return CliRunner().invoke(app, args + list(extra)), readme
@@ -70,7 +72,7 @@ def test_results_command_writes_the_block_and_figures_from_the_metrics(tmp_path)
 
 def test_results_command_names_a_missing_metrics_file(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"{results.BEGIN}\n{results.END}\n")
+    readme.write_text(f"{BEGIN}\n{END}\n")
     res = CliRunner().invoke(app, ["results", "--evaluate", str(tmp_path / "none.json"), "--readme", str(readme),
                                    "--out", str(tmp_path / "snap")])
     assert res.exit_code == 2 and "none.json" in res.output and "pics evaluate" in res.output
@@ -80,11 +82,11 @@ def test_a_second_block_has_its_own_markers_and_snapshot(tmp_path):
     """`--block results-long` writes its own block from its own snapshot and leaves the main one."""
     readme = tmp_path / "README.md"
     begin, end = results.markers("results-long")
-    readme.write_text(f"{results.BEGIN}\nmain\n{results.END}\n\n{begin}\nhand-typed\n{end}\n")
+    readme.write_text(f"{BEGIN}\nmain\n{END}\n\n{begin}\nhand-typed\n{end}\n")
     res, _ = _run(tmp_path, "--block", "results-long")
     assert res.exit_code == 0, res.output
     text = readme.read_text()
-    assert f"{results.BEGIN}\nmain\n{results.END}" in text and "hand-typed" not in text
+    assert f"{BEGIN}\nmain\n{END}" in text and "hand-typed" not in text
     assert "| PICS | 13.70 |" in results.current_block(readme, "results-long")
     snap = str(tmp_path / "docs" / "results")
     check = ["results", "--check", "--readme", str(readme), "--out", snap]
